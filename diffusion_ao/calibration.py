@@ -1,0 +1,193 @@
+"""Timestep-aware calibration data (Q-Diffusion, METHODS.md §2) and the calibration loop.
+
+`collect_calibration_data` runs the floating-point UNet with any diffusers scheduler from Gaussian noise and
+records what the network sees at every step: the scaled input x_t, the scheduler's real timestep value and the
+conditioning. Everything is keyed by that timestep value, so any scheduler and step count work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .export import CLASS_LABELS, ENCODER_HIDDEN_STATES, require_exported
+from .observers import TimestepActivationObserver, WeightObserver, timestep_context
+
+
+@dataclass
+class CalibrationStep:
+    """The UNet inputs recorded at one sampler step."""
+
+    timestep: float
+    sample: torch.Tensor
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationData:
+    """UNet inputs along FP sampling trajectories, one `CalibrationStep` per kept sampler step."""
+
+    steps: list[CalibrationStep]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def timesteps(self) -> list[float]:
+        return [s.timestep for s in self.steps]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(s.sample) for s in self.steps)
+
+    def validate(self) -> None:
+        """Raises ValueError if the data is empty or holds NaN/Inf."""
+        if not self.steps:
+            raise ValueError("The calibration data is empty: collect it with collect_calibration_data(...).")
+        for s in self.steps:
+            tensors = {"sample": s.sample, **s.conditioning}
+            for name, t in tensors.items():
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"The calibration data has NaN/Inf in '{name}' at timestep {s.timestep}: "
+                                     "the floating-point model or scheduler diverged; fix it before calibrating.")
+
+    def subset(self, samples_per_step: int) -> "CalibrationData":
+        """The first `samples_per_step` samples of every step (a cheaper calibration set)."""
+        return CalibrationData([CalibrationStep(s.timestep, s.sample[:samples_per_step],
+                                                {k: v[:samples_per_step] for k, v in s.conditioning.items()})
+                                for s in self.steps])
+
+
+def _fresh_scheduler(scheduler):
+    # Schedulers keep per-run state (step index, solver history); never mutate the caller's.
+    return scheduler.__class__.from_config(scheduler.config)
+
+
+@torch.no_grad()
+def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int = 64,
+                             num_inference_steps: int = 20, every_k_steps: int = 1,
+                             samples_per_step: Optional[int] = None, batch_size: int = 64, seed: int = 0,
+                             encoder_hidden_states: Optional[torch.Tensor] = None,
+                             class_labels: Optional[torch.Tensor] = None,
+                             progress: bool = True) -> CalibrationData:
+    """Runs the FP sampler and records the UNet inputs at its steps.
+
+    Args:
+        unet: the floating-point diffusers UNet.
+        scheduler: any diffusers scheduler (a fresh copy is used; yours is not modified).
+        num_samples: number of trajectories (seeds).
+        num_inference_steps: sampler steps per trajectory.
+        every_k_steps: keep every k-th step (Q-Diffusion's sampling rule); 1 keeps all.
+        samples_per_step: keep this many trajectories' inputs at each kept step (default: all), chosen at
+            random per step so that the steps do not all see the same trajectories.
+        batch_size: trajectories sampled at once.
+        seed: seed of the initial noise and of the per-step subsets.
+        encoder_hidden_states: (num_samples, seq, dim) text conditioning for UNet2DConditionModel.
+        class_labels: (num_samples,) labels for class-conditional UNets.
+        progress: show a progress bar.
+
+    Example:
+        >>> data = collect_calibration_data(unet, DDIMScheduler.from_config(cfg), num_samples=64,
+        ...                                 num_inference_steps=20)
+        >>> data.timesteps[:3]
+        [951.0, 901.0, 851.0]
+    """
+    if num_samples < 1 or num_inference_steps < 1 or every_k_steps < 1 or batch_size < 1:
+        raise ValueError("num_samples, num_inference_steps, every_k_steps and batch_size must be >= 1.")
+    if samples_per_step is not None and not 1 <= samples_per_step <= num_samples:
+        raise ValueError(f"samples_per_step must be in 1..num_samples ({num_samples}), got {samples_per_step}.")
+    conditioning = {}
+    for name, t in ((ENCODER_HIDDEN_STATES, encoder_hidden_states), (CLASS_LABELS, class_labels)):
+        if t is not None:
+            if len(t) != num_samples:
+                raise ValueError(f"{name} has {len(t)} rows; it needs one per sample ({num_samples}).")
+            conditioning[name] = t
+    param = next(unet.parameters())
+    cfg = unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else (
+        cfg.in_channels, *cfg.sample_size)
+    generator = torch.Generator().manual_seed(seed)
+    unet.eval()
+    recorded: dict[int, list] = {}
+    timesteps: list[float] = []
+    bar = tqdm(total=num_samples * num_inference_steps, desc="calibration trajectories", disable=not progress,
+               unit="unet call")
+    for start in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - start)
+        sched = _fresh_scheduler(scheduler)
+        sched.set_timesteps(num_inference_steps)
+        cond = {k: v[start:start + n].to(param.device) for k, v in conditioning.items()}
+        x = torch.randn((n,) + shape, generator=generator).to(param.device, param.dtype)
+        x = x * sched.init_noise_sigma
+        timesteps = [float(t) for t in sched.timesteps]
+        for i, t in enumerate(sched.timesteps):
+            model_input = sched.scale_model_input(x, t)
+            if i % every_k_steps == 0:
+                recorded.setdefault(i, []).append((model_input.cpu(), {k: v.cpu() for k, v in cond.items()}))
+            eps = unet(model_input, t, return_dict=False, **cond)[0]
+            x = sched.step(eps, t, x).prev_sample
+            bar.update(n)
+    bar.close()
+    steps = []
+    for i, chunks in sorted(recorded.items()):
+        sample = torch.cat([c[0] for c in chunks])
+        cond = {k: torch.cat([c[1][k] for c in chunks]) for k in conditioning}
+        if samples_per_step is not None:
+            keep = torch.randperm(len(sample), generator=generator)[:samples_per_step]
+            sample, cond = sample[keep], {k: v[keep] for k, v in cond.items()}
+        steps.append(CalibrationStep(timesteps[i], sample, cond))
+    data = CalibrationData(steps)
+    data.validate()
+    return data
+
+
+def label_observers(prepared: torch.fx.GraphModule) -> list[torch.nn.Module]:
+    """Names every diffusion-ao observer after the layer that consumes it (for error messages); returns them."""
+    from .passes.analysis import module_path
+
+    found = []
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        obs = prepared.get_submodule(node.target)
+        if not isinstance(obs, (TimestepActivationObserver, WeightObserver)):
+            continue
+        users = [u for u in node.users if u.op == "call_function"]
+        layer = module_path(users[0]) if users else ""
+        kind = "weight" if isinstance(obs, WeightObserver) else "input"
+        obs.label = f"the {kind} of '{layer or node.name}'"
+        found.append(obs)
+    return found
+
+
+@torch.no_grad()
+def calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, batch_size: int = 256,
+              progress: bool = True) -> None:
+    """Runs the prepared graph over the calibration data, telling observers which timestep they are at.
+
+    Args:
+        prepared: the result of `prepare_pt2e(graph, DiffusionQuantizer(...))`.
+        data: from `collect_calibration_data`.
+        batch_size: samples per forward.
+        progress: show a progress bar.
+    """
+    require_exported(prepared, "calibrate")
+    if not label_observers(prepared):
+        raise ValueError("calibrate found no diffusion-ao observers in this graph: prepare it first with "
+                         "`prepare_pt2e(graph, DiffusionQuantizer(config))` (and do not convert it before).")
+    if not isinstance(data, CalibrationData):
+        raise TypeError(f"calibrate needs CalibrationData from collect_calibration_data, got {type(data).__name__}.")
+    data.validate()
+    total = data.num_samples
+    bar = tqdm(total=total, desc="calibrating", disable=not progress, unit="sample")
+    for step in data.steps:
+        with timestep_context(step.timestep):
+            for start in range(0, len(step.sample), batch_size):
+                x = step.sample[start:start + batch_size]
+                t = torch.full((len(x),), step.timestep)
+                cond = {k: v[start:start + batch_size] for k, v in step.conditioning.items()}
+                prepared(x, t, **cond)
+                bar.update(len(x))
+    bar.close()

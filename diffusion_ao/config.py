@@ -1,0 +1,166 @@
+"""`QuantConfig`: what to quantize, to how many bits, and with which observers.
+
+Every scope choice that the seed papers make silently (METHODS.md §1) is an explicit field here, so two
+results are only compared when their scopes are printed next to them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+
+WEIGHT_BITS = range(2, 9)
+ACT_BITS = range(4, 9)
+OBSERVERS = ("minmax", "mse")
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+ACT_SCHEMES = ("affine", "symmetric")
+TIMESTEP_AGGREGATIONS = ("global", "weighted")
+
+
+def _check_bits(name: str, value: Optional[int], allowed: range, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        extra = " or None (weight-only)" if allow_none else ""
+        raise ValueError(f"{name}={value!r} is not supported: use an int in {allowed.start}..{allowed.stop - 1}{extra}.")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, allowed))}.")
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """Bit widths for one layer, used in `QuantConfig.module_name_overrides` / `module_type_overrides`.
+
+    Args:
+        weight_bits: 2..8.
+        act_bits: 4..8, or None to keep this layer's input activation in floating point.
+    """
+
+    weight_bits: int = 8
+    act_bits: Optional[int] = 8
+
+    def __post_init__(self) -> None:
+        _check_bits("weight_bits", self.weight_bits, WEIGHT_BITS, allow_none=False)
+        _check_bits("act_bits", self.act_bits, ACT_BITS, allow_none=True)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How `DiffusionQuantizer` quantizes a UNet.
+
+    Args:
+        weight_bits: bits of conv/linear weights, 2..8 (stored in int8 with a narrowed range below 8).
+        act_bits: bits of the activations entering quantized layers, 4..8, or None for weight-only.
+        weight_granularity: "per_channel" (symmetric, one scale per output channel) or "per_tensor".
+        act_scheme: "affine" (uint8 with a zero point, the CPU kernels' format) or "symmetric".
+        act_observer: "minmax" or "mse" (range searched to minimise quantization MSE).
+        weight_observer: "minmax" or "mse".
+        timestep_aggregation: how per-timestep activation statistics become one range: "global" (the union of
+            all ranges, timestep-agnostic) or "weighted" (each timestep's error weighted, uniform by default).
+        quantize_first_last: quantize the first conv (on the noisy input) and the last conv (the prediction).
+        quantize_time_embedding: quantize the layers that depend on the timestep but not on the sample
+            (the time MLP and every ResBlock's time projection).
+        quantize_attention_matmuls: quantize the inputs of the attention matmuls (Q, K, V). No CPU integer
+            kernel exists for these: they run as simulated q/dq around a floating-point attention.
+        quantize_skip_convs: quantize the 1x1 convs on ResBlock shortcuts.
+        reduce_range: "auto" picks a 7-bit activation range when 8-bit weights run on a CPU without VNNI
+            (the AVX2 int8 kernels overflow otherwise); True / False force it.
+        module_name_overrides: module path (as in `unet.named_modules()`, prefix match) -> `LayerQuant`, or
+            None to keep that module in floating point. Longest matching prefix wins.
+        module_type_overrides: module class (e.g. `torch.nn.Linear`) -> `LayerQuant` or None.
+        name: a label for reports; presets set it.
+
+    Example:
+        >>> cfg = QuantConfig(weight_bits=4, act_bits=8, module_name_overrides={"mid_block": None})
+        >>> QuantConfig.preset("w8a8").act_bits
+        8
+    """
+
+    weight_bits: int = 8
+    act_bits: Optional[int] = 8
+    weight_granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    act_scheme: Literal["affine", "symmetric"] = "affine"
+    act_observer: Literal["minmax", "mse"] = "mse"
+    weight_observer: Literal["minmax", "mse"] = "minmax"
+    timestep_aggregation: Literal["global", "weighted"] = "weighted"
+    quantize_first_last: bool = False
+    quantize_time_embedding: bool = True
+    quantize_attention_matmuls: bool = False
+    quantize_skip_convs: bool = True
+    reduce_range: bool | Literal["auto"] = "auto"
+    module_name_overrides: dict[str, Optional[LayerQuant]] = field(default_factory=dict)
+    module_type_overrides: dict[type, Optional[LayerQuant]] = field(default_factory=dict)
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        _check_bits("weight_bits", self.weight_bits, WEIGHT_BITS, allow_none=False)
+        _check_bits("act_bits", self.act_bits, ACT_BITS, allow_none=True)
+        _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        _check_choice("act_scheme", self.act_scheme, ACT_SCHEMES)
+        _check_choice("act_observer", self.act_observer, OBSERVERS)
+        _check_choice("weight_observer", self.weight_observer, OBSERVERS)
+        _check_choice("timestep_aggregation", self.timestep_aggregation, TIMESTEP_AGGREGATIONS)
+        if self.reduce_range not in (True, False, "auto"):
+            raise ValueError(f"reduce_range={self.reduce_range!r} is not supported: use 'auto', True or False.")
+        for key, value in self.module_name_overrides.items():
+            if not isinstance(key, str):
+                raise ValueError(f"module_name_overrides keys must be module paths (str), got {key!r}.")
+            if value is not None and not isinstance(value, LayerQuant):
+                raise ValueError(f"module_name_overrides[{key!r}] must be a LayerQuant or None, got {value!r}.")
+        for key, value in self.module_type_overrides.items():
+            if not (isinstance(key, type) and issubclass(key, torch.nn.Module)):
+                raise ValueError(f"module_type_overrides keys must be nn.Module classes, got {key!r}.")
+            if value is not None and not isinstance(value, LayerQuant):
+                raise ValueError(f"module_type_overrides[{key!r}] must be a LayerQuant or None, got {value!r}.")
+
+    @property
+    def default_layer(self) -> LayerQuant:
+        return LayerQuant(self.weight_bits, self.act_bits)
+
+    @property
+    def scope(self) -> str:
+        """A short, printable summary of what is quantized (METHODS.md §1)."""
+        parts = [
+            f"first/last:{'Q' if self.quantize_first_last else 'FP'}",
+            f"time-emb:{'Q' if self.quantize_time_embedding else 'FP'}",
+            f"skip-1x1:{'Q' if self.quantize_skip_convs else 'FP'}",
+            f"attn-matmul:{'Q' if self.quantize_attention_matmuls else 'FP'}",
+        ]
+        return " ".join(parts)
+
+    def replace(self, **changes) -> "QuantConfig":
+        """A copy with some fields changed (and validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str) -> "QuantConfig":
+        """A named configuration. See `PRESETS` for the list.
+
+        Args:
+            name: e.g. "w8a8", "w4a8", "w4a6", "w8a32", "w4a32", "qdiff-scope", "tfmq-scope", "dmq-scope".
+        """
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}.")
+        return cls(name=name, **PRESETS[name])
+
+
+# Bit-width presets keep the project's default scope (first/last layers in FP, everything else quantized).
+# The three *-scope presets reproduce each seed paper's scope at W4A8 (METHODS.md §1).
+PRESETS: dict[str, dict] = {
+    "w8a8": dict(weight_bits=8, act_bits=8),
+    "w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse"),
+    "w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse"),
+    "w8a32": dict(weight_bits=8, act_bits=None),
+    "w4a32": dict(weight_bits=4, act_bits=None, weight_observer="mse"),
+    "qdiff-scope": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=True,
+                        quantize_time_embedding=True, quantize_skip_convs=True, quantize_attention_matmuls=True),
+    "tfmq-scope": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=False,
+                       quantize_time_embedding=False, quantize_skip_convs=False, quantize_attention_matmuls=True),
+    "dmq-scope": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=False,
+                      quantize_time_embedding=False, quantize_skip_convs=True, quantize_attention_matmuls=False),
+}

@@ -1,0 +1,205 @@
+"""Activation observer that keeps statistics per denoising timestep.
+
+Activation ranges drift strongly with the timestep (METHODS.md §0). This observer records, for each timestep
+value set by `timestep_context`, the exact min/max, the mean square, and a bounded random subsample of the
+values. `calculate_qparams` then turns them into one range:
+
+* method "minmax", aggregation "global": the union of all ranges (what a timestep-agnostic observer does).
+* method "minmax", aggregation "weighted": the weighted mean of the per-timestep min and max.
+* method "mse", aggregation "global": the clipping range minimising the quantization MSE of all values pooled.
+  The MSE is estimated from a random subsample plus the exact k smallest and largest values, each counted with
+  the number of values it stands for, so that rare outliers are not clipped just because no sample saw them.
+* method "mse", aggregation "weighted": the range minimising sum_t w_t * MSE_t / E[x_t^2], so a quiet
+  timestep's relative error counts as much as a loud one's. Weights are uniform unless set with
+  `set_timestep_weights` (DMQ's adaptive weights plug in there).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
+
+from ..primitives import fake_quantize
+from .context import current_timestep
+
+METHODS = ("minmax", "mse")
+AGGREGATIONS = ("global", "weighted")
+
+
+def _normalised_weights(keys: list, weights: Optional[Mapping[float, float]]) -> torch.Tensor:
+    if weights is None:
+        return torch.full((len(keys),), 1.0 / len(keys))
+    missing = [k for k in keys if k not in weights]
+    if missing:
+        raise ValueError(f"timestep weights are missing for timesteps {missing[:5]}: give a weight for every "
+                         "calibrated timestep.")
+    w = torch.tensor([float(weights[k]) for k in keys])
+    if (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError("timestep weights must be finite, non-negative and not all zero.")
+    return w / w.sum()
+
+
+@dataclass
+class TimestepStats:
+    """What one timestep's activations looked like. `sample` holds every value while `count <= capacity`,
+    after that a random subsample; `low_tail` / `high_tail` always hold the exact extreme values."""
+
+    lo: float
+    hi: float
+    count: int
+    sumsq: float
+    sample: torch.Tensor
+    low_tail: torch.Tensor
+    high_tail: torch.Tensor
+
+    @property
+    def mean_square(self) -> float:
+        return self.sumsq / self.count
+
+
+class TimestepActivationObserver(UniformQuantizationObserverBase):
+    """Per-tensor activation observer with per-timestep statistics (see the module docstring).
+
+    Args:
+        dtype, qscheme, quant_min, quant_max: as for torchao observers (uint8 + per_tensor_affine on CPU).
+        method: "minmax" or "mse".
+        aggregation: "global" or "weighted".
+        samples_per_timestep: size of the random subsample kept per timestep for the MSE search.
+        tail: how many of the smallest and of the largest values are kept exactly per timestep.
+        grid: number of candidate clipping ratios per end of the range (grid x grid candidates).
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.uint8, qscheme: torch.qscheme = torch.per_tensor_affine,
+                 quant_min: int = 0, quant_max: int = 255, method: str = "mse", aggregation: str = "weighted",
+                 samples_per_timestep: int = 2048, tail: int = 64, grid: int = 20, seed: int = 0,
+                 **kwargs) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not supported: choose one of {METHODS}.")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={aggregation!r} is not supported: choose one of {AGGREGATIONS}.")
+        kwargs.pop("reduce_range", None)  # the range is given explicitly by quant_min/quant_max
+        super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
+        self.method, self.aggregation = method, aggregation
+        self.samples_per_timestep, self.tail, self.grid = samples_per_timestep, tail, grid
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.label = "activation"  # set by `calibrate` to the consuming layer's name, for error messages
+        self.stats: dict[Optional[float], TimestepStats] = {}
+        self._weights: Optional[dict] = None
+        self._generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x
+        flat = x.detach().reshape(-1).float()
+        lo, hi = (v.item() for v in torch.aminmax(flat))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"Non-finite values (NaN/Inf) reached the observer of {self.label}: check the "
+                             "calibration data and the floating-point model before calibrating.")
+        key = current_timestep()
+        sumsq = flat.double().pow(2).sum().item()
+        old = self.stats.get(key)
+        if old is None:
+            self.stats[key] = TimestepStats(lo, hi, flat.numel(), sumsq, *self._summarise(None, flat))
+        else:
+            self.stats[key] = TimestepStats(min(old.lo, lo), max(old.hi, hi), old.count + flat.numel(),
+                                            old.sumsq + sumsq, *self._summarise(old, flat))
+        self.min_val.fill_(min(self.min_val.item(), lo))
+        self.max_val.fill_(max(self.max_val.item(), hi))
+        return x
+
+    def _summarise(self, old: Optional[TimestepStats], new: torch.Tensor):
+        """(sample, low_tail, high_tail) of the old statistics merged with a new batch of values."""
+        if self.method != "mse":
+            empty = new[:0]
+            return empty, empty, empty
+        k, cap = self.tail, self.samples_per_timestep
+        old_sample = old.sample if old is not None else new[:0]
+        old_n = old.count if old is not None else 0
+        if old_n + new.numel() <= cap:  # small: keep every value
+            sample = torch.cat([old_sample, new])
+        else:  # each side in proportion to the number of values it stands for
+            take_new = min(new.numel(), max(1, round(cap * new.numel() / (old_n + new.numel()))))
+            picked = new[torch.randint(0, new.numel(), (take_new,), generator=self._generator)]
+            keep = torch.randperm(old_sample.numel(), generator=self._generator)[:cap - take_new]
+            sample = torch.cat([old_sample[keep], picked])
+        low = torch.cat([old.low_tail, new]) if old is not None else new
+        high = torch.cat([old.high_tail, new]) if old is not None else new
+        low_tail = -torch.topk(-low, min(k, low.numel())).values
+        high_tail = torch.topk(high, min(k, high.numel())).values
+        return sample, low_tail, high_tail
+
+    # --- statistics -------------------------------------------------------------------------------
+    def timesteps(self) -> list:
+        """The timestep values observed (None stands for data seen outside a `timestep_context`)."""
+        return list(self.stats)
+
+    def timestep_ranges(self) -> dict:
+        """{timestep: (min, max)} of everything observed at that timestep."""
+        return {k: (s.lo, s.hi) for k, s in self.stats.items()}
+
+    def set_timestep_weights(self, weights: Optional[Mapping[float, float]]) -> None:
+        """Weights for the "weighted" aggregation, keyed by timestep value; None restores uniform weights."""
+        self._weights = None if weights is None else dict(weights)
+
+    def _require_data(self) -> None:
+        if not self.stats:
+            raise RuntimeError(f"The observer of {self.label} saw no data: run `calibrate(prepared, data)` "
+                               "before `convert_pt2e`.")
+
+    def chosen_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) that the qparams are computed from."""
+        self._require_data()
+        keys = self.timesteps()
+        if self.method == "minmax":
+            if self.aggregation == "global":
+                return self.min_val.clone(), self.max_val.clone()
+            w = _normalised_weights(keys, self._weights).tolist()
+            lo = sum(wi * self.stats[k].lo for wi, k in zip(w, keys))
+            hi = sum(wi * self.stats[k].hi for wi, k in zip(w, keys))
+            return torch.tensor(lo), torch.tensor(hi)
+        return self._mse_range(keys)
+
+    def _mse_per_candidate(self, stats: TimestepStats, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        def sq_err(x: torch.Tensor) -> torch.Tensor:
+            x = x.view(1, -1)
+            return (fake_quantize(x, scale, zp, self.quant_min, self.quant_max) - x).pow(2).sum(dim=1)
+
+        if stats.count <= self.samples_per_timestep:
+            return sq_err(stats.sample) / stats.count
+        tails = stats.low_tail.numel() + stats.high_tail.numel()
+        rest_weight = max(stats.count - tails, 0) / stats.sample.numel()
+        return (sq_err(stats.low_tail) + sq_err(stats.high_tail) + rest_weight * sq_err(stats.sample)) / stats.count
+
+    def _mse_range(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+        ratios = torch.linspace(1.0 / self.grid, 1.0, self.grid)
+        lo_c = (self.min_val * ratios).repeat_interleave(self.grid)
+        hi_c = (self.max_val * ratios).repeat(self.grid)
+        scale, zp = self._calculate_qparams(lo_c, hi_c)
+        scale, zp = scale.view(-1, 1), zp.view(-1, 1).float()
+        if self.aggregation == "global":
+            w = torch.tensor([float(self.stats[k].count) for k in keys])
+            w = w / w.sum()
+        else:
+            w = _normalised_weights(keys, self._weights)
+        loss = torch.zeros(len(lo_c))
+        for wk, k in zip(w.tolist(), keys):
+            err = self._mse_per_candidate(self.stats[k], scale, zp)
+            if self.aggregation == "weighted":
+                err = err / (self.stats[k].mean_square + 1e-12)
+            loss += wk * err
+        best = int(torch.argmin(loss))
+        return lo_c[best], hi_c[best]
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.chosen_range()
+        return self._calculate_qparams(lo.reshape(()), hi.reshape(()))
+
+    def extra_repr(self) -> str:
+        return (f"method={self.method}, aggregation={self.aggregation}, quant_range=({self.quant_min}, "
+                f"{self.quant_max}), timesteps={len(self.stats)}")

@@ -1,0 +1,123 @@
+"""Read-only facts about an exported UNet graph: which layer a node came from, what it depends on, and the
+roles that the scope choices of `QuantConfig` refer to (first/last layer, time-embedding path, shortcut convs).
+
+Everything is derived from the graph itself, never from per-model lists of module names.
+"""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..export import SAMPLE, TIMESTEP
+
+aten = torch.ops.aten
+CONV_OPS = {aten.conv2d.default}
+LINEAR_OPS = {aten.linear.default}
+WEIGHTED_OPS = CONV_OPS | LINEAR_OPS
+# Weighted ops that DiffusionQuantizer cannot quantize; a model containing them must keep them in FP explicitly.
+UNSUPPORTED_WEIGHTED_OPS = {aten.conv1d.default, aten.conv3d.default, aten.conv_transpose1d.default,
+                            aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+EXPORT_PREFIX = "unet."  # export_unet wraps the UNet in a module whose attribute is `unet`
+
+
+def module_path(node: Node) -> str:
+    """The dotted path of the innermost module that produced `node`, as in `unet.named_modules()`."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path[len(EXPORT_PREFIX):] if path.startswith(EXPORT_PREFIX) else path
+
+
+def module_type_name(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    t = list(stack.values())[-1][1]
+    return t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"
+
+
+@lru_cache(maxsize=None)
+def resolve_type(qualified_name: str) -> Optional[type]:
+    """The class named `package.module.Class`, or None if it cannot be imported."""
+    module, _, name = qualified_name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def get_attr_tensor(gm: GraphModule, node) -> Optional[torch.Tensor]:
+    """The parameter or buffer a `get_attr` node reads, or None for any other node."""
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def input_dependencies(gm: GraphModule) -> dict[Node, frozenset[str]]:
+    """For every node, the names of the graph inputs (placeholders) its value depends on."""
+    deps: dict[Node, frozenset[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            deps[node] = frozenset([node.name])
+        else:
+            acc: set[str] = set()
+            for inp in node.all_input_nodes:
+                acc |= deps[inp]
+            deps[node] = frozenset(acc)
+    return deps
+
+
+def time_embedding_nodes(gm: GraphModule) -> set[Node]:
+    """Nodes that depend on the timestep but not on the sample: the time MLP and the ResBlock time projections
+    (in a conditional model, also what a class term added to the time embedding feeds)."""
+    deps = input_dependencies(gm)
+    return {n for n, d in deps.items() if n.op == "call_function" and TIMESTEP in d and SAMPLE not in d}
+
+
+def _is_weighted(node: Node) -> bool:
+    return node.op == "call_function" and node.target in WEIGHTED_OPS
+
+
+def first_and_last_layers(gm: GraphModule) -> tuple[set[Node], set[Node]]:
+    """Weighted layers that see the raw sample (no weighted layer before them on the sample path), and those
+    whose output reaches the graph output without passing another weighted layer."""
+    deps = input_dependencies(gm)
+    behind_weighted: dict[Node, bool] = {}
+    first: set[Node] = set()
+    for node in gm.graph.nodes:
+        ins = [i for i in node.all_input_nodes if SAMPLE in deps[i]]
+        behind_weighted[node] = any(_is_weighted(i) or behind_weighted[i] for i in ins)
+        if _is_weighted(node) and SAMPLE in deps[node] and not behind_weighted[node]:
+            first.add(node)
+    reaches_output: dict[Node, bool] = {}
+    last: set[Node] = set()
+    for node in reversed(list(gm.graph.nodes)):
+        direct = any(u.op == "output" for u in node.users)
+        through = any(not _is_weighted(u) and reaches_output.get(u, False) for u in node.users)
+        reaches_output[node] = direct or through
+        if _is_weighted(node) and reaches_output[node] and SAMPLE in deps[node]:
+            last.add(node)
+    return first, last
+
+
+def shortcut_convs(gm: GraphModule) -> set[Node]:
+    """1x1 convs on a residual branch: their input also feeds another op (the block's main path), e.g. the
+    `conv_shortcut` of a ResBlock whose channel count changes."""
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in CONV_OPS:
+            continue
+        weight = get_attr_tensor(gm, node.args[1])
+        if weight is None or tuple(weight.shape[2:]) != (1, 1):
+            continue
+        if len(node.args[0].users) > 1:
+            found.add(node)
+    return found

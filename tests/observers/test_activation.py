@@ -1,0 +1,150 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffusion_ao.observers import TimestepActivationObserver, timestep_context
+from diffusion_ao.primitives import fake_quantize
+
+methods = st.sampled_from(["minmax", "mse"])
+aggregations = st.sampled_from(["global", "weighted"])
+
+
+def _observe(obs, batches):
+    for t, x in batches:
+        with timestep_context(t):
+            obs(x)
+
+
+def _qparams_ok(obs):
+    scale, zp = obs.calculate_qparams()
+    assert scale.numel() == 1 and zp.numel() == 1
+    assert scale.item() > 0
+    assert obs.quant_min <= zp.item() <= obs.quant_max
+    return scale, zp
+
+
+@settings(max_examples=25, deadline=None)
+@given(method=methods, aggregation=aggregations, bits=st.integers(4, 8), seed=st.integers(0, 1000),
+       spread=st.floats(0.1, 50))
+def test_qparams_are_within_dtype_limits(method, aggregation, bits, seed, spread):
+    obs = TimestepActivationObserver(quant_min=0, quant_max=2**bits - 1, method=method, aggregation=aggregation)
+    g = torch.Generator().manual_seed(seed)
+    _observe(obs, [(float(t), torch.randn(64, generator=g) * spread * (1 + t / 100)) for t in (0, 500, 999)])
+    _qparams_ok(obs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 1000), shift=st.floats(-5, 5), spread=st.floats(0.1, 20))
+def test_minmax_global_round_trip_error_within_half_a_step(seed, shift, spread):
+    obs = TimestepActivationObserver(method="minmax", aggregation="global")
+    g = torch.Generator().manual_seed(seed)
+    xs = [(float(t), torch.randn(256, generator=g) * spread + shift) for t in (1, 2, 3)]
+    _observe(obs, xs)
+    scale, zp = _qparams_ok(obs)
+    x = torch.cat([v for _, v in xs])
+    err = (fake_quantize(x, scale, zp.float(), obs.quant_min, obs.quant_max) - x).abs()
+    assert err.max().item() <= scale.item() / 2 + 1e-5
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 1000), splits=st.integers(1, 6))
+def test_extreme_tails_merge_exactly(seed, splits):
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(seed))
+    obs = TimestepActivationObserver(method="mse", samples_per_timestep=256, tail=16)
+    _observe(obs, [(3.0, chunk) for chunk in x.chunk(splits)])
+    s = obs.stats[3.0]
+    assert torch.equal(s.high_tail.sort().values, x.topk(16).values.sort().values)
+    assert torch.equal(s.low_tail.sort().values, (-(-x).topk(16).values).sort().values)
+    assert s.sample.numel() <= 256
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 1000), splits=st.integers(1, 6))
+def test_per_timestep_statistics_merge_like_one_batch(seed, splits):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(600, generator=g) * 3
+    whole = TimestepActivationObserver(method="minmax")
+    parts = TimestepActivationObserver(method="minmax")
+    _observe(whole, [(7.0, x)])
+    _observe(parts, [(7.0, chunk) for chunk in x.chunk(splits)])
+    assert parts.timestep_ranges() == whole.timestep_ranges()
+    assert parts.stats[7.0].count == whole.stats[7.0].count
+    assert parts.stats[7.0].sumsq == pytest.approx(whole.stats[7.0].sumsq, rel=1e-9)
+
+
+def test_statistics_are_kept_per_timestep():
+    obs = TimestepActivationObserver(method="minmax", aggregation="weighted")
+    _observe(obs, [(999.0, torch.tensor([-4.0, 8.0])), (1.0, torch.tensor([0.0, 1.0])), (999.0, torch.tensor([9.0]))])
+    assert obs.timestep_ranges() == {999.0: (-4.0, 9.0), 1.0: (0.0, 1.0)}
+    lo, hi = obs.chosen_range()  # uniform weights: the mean of the per-timestep ranges
+    assert lo.item() == pytest.approx(-2.0) and hi.item() == pytest.approx(5.0)
+    obs.set_timestep_weights({999.0: 0.0, 1.0: 1.0})
+    lo, hi = obs.chosen_range()
+    assert (lo.item(), hi.item()) == pytest.approx((0.0, 1.0))
+
+
+def _mse_of(obs, x):
+    s, z = obs.calculate_qparams()
+    return (fake_quantize(x, s, z.float(), obs.quant_min, obs.quant_max) - x).pow(2).mean().item()
+
+
+def test_mse_search_clips_heavy_tails_and_beats_minmax():
+    torch.manual_seed(0)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((50000,))
+    mse = TimestepActivationObserver(method="mse", quant_max=15)
+    mm = TimestepActivationObserver(method="minmax", quant_max=15)
+    _observe(mse, [(1.0, x)])
+    _observe(mm, [(1.0, x)])
+    assert mse.chosen_range()[1] < x.max()
+    assert _mse_of(mse, x) < 0.5 * _mse_of(mm, x)
+
+
+def test_mse_search_keeps_a_lone_outlier_that_no_subsample_would_see():
+    # Clipping one value at 60 costs more than the coarser grid does; the exact tails must reveal that.
+    x = torch.cat([torch.randn(20000, generator=torch.Generator().manual_seed(0)), torch.tensor([60.0])])
+    mse, mm = TimestepActivationObserver(method="mse"), TimestepActivationObserver(method="minmax")
+    _observe(mse, [(1.0, x)])
+    _observe(mm, [(1.0, x)])
+    assert mse.chosen_range()[1] > 50.0
+    assert _mse_of(mse, x) <= 1.05 * _mse_of(mm, x)
+
+
+def test_weighted_mse_balances_quiet_and_loud_timesteps():
+    # A loud timestep dominates the pooled MSE; relative weighting protects the quiet one.
+    g = torch.Generator().manual_seed(1)
+    quiet, loud = torch.randn(4096, generator=g) * 0.05, torch.randn(4096, generator=g) * 20
+    pooled = TimestepActivationObserver(method="mse", aggregation="global", quant_max=15)
+    weighted = TimestepActivationObserver(method="mse", aggregation="weighted", quant_max=15)
+    for obs in (pooled, weighted):
+        _observe(obs, [(1.0, quiet), (999.0, loud)])
+    def rel_err(obs, x):
+        s, z = obs.calculate_qparams()
+        return ((fake_quantize(x, s, z.float(), 0, 15) - x).pow(2).mean() / x.pow(2).mean()).item()
+    assert rel_err(weighted, quiet) + rel_err(weighted, loud) <= rel_err(pooled, quiet) + rel_err(pooled, loud)
+
+
+def test_no_data_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="calibrate"):
+        TimestepActivationObserver().calculate_qparams()
+
+
+def test_nan_is_a_clear_error():
+    with pytest.raises(ValueError, match="NaN"):
+        TimestepActivationObserver()(torch.tensor([1.0, float("nan")]))
+
+
+def test_bad_weights_are_rejected():
+    obs = TimestepActivationObserver(method="minmax", aggregation="weighted")
+    _observe(obs, [(1.0, torch.ones(3)), (2.0, torch.ones(3))])
+    obs.set_timestep_weights({1.0: 1.0})
+    with pytest.raises(ValueError, match="missing"):
+        obs.chosen_range()
+    obs.set_timestep_weights({1.0: -1.0, 2.0: 1.0})
+    with pytest.raises(ValueError, match="non-negative"):
+        obs.chosen_range()
+
+
+def test_bad_method_is_rejected():
+    with pytest.raises(ValueError, match="method"):
+        TimestepActivationObserver(method="percentile")
