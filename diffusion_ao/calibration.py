@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .export import CLASS_LABELS, ENCODER_HIDDEN_STATES, require_exported
 from .observers import TimestepActivationObserver, WeightObserver, timestep_context
+from .sampling import run_sampler, sample_shape
 
 
 @dataclass
@@ -60,11 +61,6 @@ class CalibrationData:
                                 for s in self.steps])
 
 
-def _fresh_scheduler(scheduler):
-    # Schedulers keep per-run state (step index, solver history); never mutate the caller's.
-    return scheduler.__class__.from_config(scheduler.config)
-
-
 @torch.no_grad()
 def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int = 64,
                              num_inference_steps: int = 20, every_k_steps: int = 1,
@@ -105,30 +101,25 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
                 raise ValueError(f"{name} has {len(t)} rows; it needs one per sample ({num_samples}).")
             conditioning[name] = t
     param = next(unet.parameters())
-    cfg = unet.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else (
-        cfg.in_channels, *cfg.sample_size)
+    shape = sample_shape(unet)
     generator = torch.Generator().manual_seed(seed)
     unet.eval()
     recorded: dict[int, list] = {}
-    timesteps: list[float] = []
+    timesteps: dict[int, float] = {}
     bar = tqdm(total=num_samples * num_inference_steps, desc="calibration trajectories", disable=not progress,
                unit="unet call")
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
-        sched = _fresh_scheduler(scheduler)
-        sched.set_timesteps(num_inference_steps)
         cond = {k: v[start:start + n].to(param.device) for k, v in conditioning.items()}
-        x = torch.randn((n,) + shape, generator=generator).to(param.device, param.dtype)
-        x = x * sched.init_noise_sigma
-        timesteps = [float(t) for t in sched.timesteps]
-        for i, t in enumerate(sched.timesteps):
-            model_input = sched.scale_model_input(x, t)
+        noise = torch.randn((n,) + shape, generator=generator).to(param.device, param.dtype)
+
+        def record(i: int, t: float, model_input: torch.Tensor) -> None:
+            timesteps[i] = t
             if i % every_k_steps == 0:
                 recorded.setdefault(i, []).append((model_input.cpu(), {k: v.cpu() for k, v in cond.items()}))
-            eps = unet(model_input, t, return_dict=False, **cond)[0]
-            x = sched.step(eps, t, x).prev_sample
             bar.update(n)
+
+        run_sampler(unet, scheduler, noise, num_inference_steps, cond, on_step=record)
     bar.close()
     steps = []
     for i, chunks in sorted(recorded.items()):

@@ -22,6 +22,7 @@ from .config import LayerQuant, QuantConfig
 from .cpu import cpu_has_vnni, int16_pair_overflows
 from .export import require_exported
 from .observers import TimestepActivationObserver, WeightObserver
+from .passes.flatten_linear import flatten_linear_inputs
 from .passes.analysis import (UNSUPPORTED_WEIGHTED_OPS, first_and_last_layers, module_path, module_type_name,
                               resolve_type, shortcut_convs, time_embedding_nodes)
 from .primitives import int_range
@@ -128,6 +129,11 @@ class DiffusionQuantizer(Quantizer):
         self.config = config or QuantConfig.preset("w8a8")
         self.has_vnni = cpu_has_vnni() if has_vnni is None else has_vnni
         self.decisions: list[LayerDecision] = []
+
+    def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+        require_exported(model, "DiffusionQuantizer")
+        flatten_linear_inputs(model)
+        return model
 
     def annotate(self, model: GraphModule) -> GraphModule:
         require_exported(model, "DiffusionQuantizer")

@@ -1,0 +1,52 @@
+"""The shipped default model (a DDPM on 16x16 digits) and a loader for any diffusers UNet.
+
+Example:
+    >>> unet, scheduler = load_default_model()
+    >>> unet, scheduler = load_model("path/to/a/diffusers/pipeline")   # or a hub id, if it is cached
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+
+from .unet_config import DEFAULT_SCHEDULE_KWARGS
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "digits_unet"
+
+
+def load_default_model() -> tuple[UNet2DModel, DDIMScheduler]:
+    """The shipped digits DDPM (EMA weights, eval mode) and a DDIM scheduler with its training schedule."""
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        raise FileNotFoundError(f"The default model's weights are missing from {DEFAULT_MODEL_DIR}; retrain with "
+                                "`python -m diffusion_ao.models.train`.")
+    unet = UNet2DModel.from_pretrained(DEFAULT_MODEL_DIR).eval()
+    return unet, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+
+
+def load_model(name_or_path: Union[str, Path]) -> tuple[torch.nn.Module, DDIMScheduler]:
+    """A diffusers UNet and a DDIM scheduler from "default", a local directory, or a hub id.
+
+    A directory may hold a whole pipeline (with `unet/` and `scheduler/` subfolders) or just a UNet (then the
+    default model's noise schedule is assumed). A hub id needs network access or a populated cache.
+    """
+    if str(name_or_path) == "default":
+        return load_default_model()
+    path = Path(name_or_path)
+    root = path if path.exists() else None
+    has_subfolders = root is not None and (root / "unet").is_dir()
+    source = str(path) if root is not None else str(name_or_path)
+    subfolder = "unet" if has_subfolders or root is None else None
+    config = (UNet2DModel.load_config(source, subfolder=subfolder))
+    cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+    unet = cls.from_pretrained(source, subfolder=subfolder).eval()
+    if has_subfolders or root is None:
+        try:
+            scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
+        except (OSError, ValueError):
+            scheduler = DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+    else:
+        scheduler = DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+    return unet, scheduler

@@ -61,12 +61,21 @@ def get_attr_tensor(gm: GraphModule, node) -> Optional[torch.Tensor]:
     return obj
 
 
+def _is_shape_value(node: Node) -> bool:
+    # sym_size & co. read a tensor's shape, not its values: `timestep * ones(sample.shape[0])` must not make the
+    # time embedding depend on the sample.
+    val = node.meta.get("val")
+    return isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool)
+
+
 def input_dependencies(gm: GraphModule) -> dict[Node, frozenset[str]]:
-    """For every node, the names of the graph inputs (placeholders) its value depends on."""
+    """For every node, the names of the graph inputs (placeholders) whose values it depends on."""
     deps: dict[Node, frozenset[str]] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             deps[node] = frozenset([node.name])
+        elif _is_shape_value(node):
+            deps[node] = frozenset()
         else:
             acc: set[str] = set()
             for inp in node.all_input_nodes:

@@ -1,0 +1,48 @@
+"""One sampler loop for every diffusers scheduler, shared by calibration and the benchmark."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+# (step index, timestep value, the UNet input at that step) -> None
+StepCallback = Callable[[int, float, torch.Tensor], None]
+
+
+def fresh_scheduler(scheduler):
+    """A new scheduler with the same config: schedulers keep per-run state (step index, solver history)."""
+    return scheduler.__class__.from_config(scheduler.config)
+
+
+def sample_shape(unet: torch.nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of one sample, from a diffusers UNet's config."""
+    cfg = unet.config
+    size = cfg.sample_size
+    return (cfg.in_channels, size, size) if isinstance(size, int) else (cfg.in_channels, *size)
+
+
+@torch.no_grad()
+def run_sampler(unet: Callable, scheduler, noise: torch.Tensor, num_inference_steps: int,
+                conditioning: Optional[dict[str, torch.Tensor]] = None,
+                on_step: Optional[StepCallback] = None) -> torch.Tensor:
+    """Denoises `noise` with `scheduler` and returns the final sample.
+
+    Args:
+        unet: called as `unet(model_input, t, return_dict=False, **conditioning)[0]` — a diffusers UNet or
+            `as_diffusers_unet(...)` of a quantized graph.
+        scheduler: any diffusers scheduler; a fresh copy is used.
+        noise: initial Gaussian noise, (batch, channels, height, width).
+        num_inference_steps: sampler steps.
+        conditioning: extra UNet inputs (encoder_hidden_states, class_labels), batched like `noise`.
+        on_step: called before each UNet call with (step index, timestep value, UNet input).
+    """
+    sched = fresh_scheduler(scheduler)
+    sched.set_timesteps(num_inference_steps)
+    x = noise * sched.init_noise_sigma
+    for i, t in enumerate(sched.timesteps):
+        model_input = sched.scale_model_input(x, t)
+        if on_step is not None:
+            on_step(i, float(t), model_input)
+        eps = unet(model_input, t, return_dict=False, **(conditioning or {}))[0]
+        x = sched.step(eps, t, x).prev_sample
+    return x

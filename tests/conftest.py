@@ -1,0 +1,31 @@
+"""Tiny diffusers UNets for tests: the structure that matters (ResBlocks with time projections, skip concats,
+attention / cross-attention) at a size that exports and compiles in seconds."""
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+
+from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS
+
+
+def tiny_unet(seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8).eval()
+
+
+def tiny_conditional_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=8).eval()
+
+
+def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    return 10 * torch.log10(reference.pow(2).mean() / (reference - approx).pow(2).mean()).item()
+
+
+@pytest.fixture(scope="session")
+def scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
