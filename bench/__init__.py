@@ -1,0 +1,1 @@
+"""The diffusion-ao benchmark: `python bench/run.py` (see `bench/run.py --help`)."""

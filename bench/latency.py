@@ -1,0 +1,102 @@
+"""Interleaved latency measurement of several models in one process, and thread-count helpers."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+# A model under test, called as fn(sample, timestep_vector).
+ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LatencyStats:
+    """Per-call wall times of one model, in milliseconds."""
+
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    rounds: int
+
+
+def physical_cores() -> int:
+    """Number of physical cores available to this process (logical CPUs if /proc/cpuinfo cannot tell)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return logical
+    cores, physical_id = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "physical id":
+            physical_id = value
+        elif key == "core id":
+            cores.add((physical_id, value))
+    return min(logical, len(cores)) if cores else logical
+
+
+def default_threads() -> int:
+    """os.cpu_count() capped at the number of physical cores."""
+    return max(1, min(os.cpu_count() or 1, physical_cores()))
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+@torch.no_grad()
+def _time_call(fn: ForwardFn, x: torch.Tensor, t: torch.Tensor) -> float:
+    start = time.perf_counter()
+    fn(x, t)
+    return (time.perf_counter() - start) * 1000.0
+
+
+@torch.no_grad()
+def measure_interleaved(models: dict[str, ForwardFn], x: torch.Tensor, t: torch.Tensor, rounds: int = 20,
+                        warmup: int = 2, progress: bool = True) -> dict[str, LatencyStats]:
+    """Times one forward of every model, round-robin, so that machine-load drift hits all models alike.
+
+    Each round calls every model once (the order rotates every round) and records the wall time. Warm-up
+    calls (which must not include compilation: compile the models before) are not recorded.
+
+    Args:
+        models: name -> forward function, called as fn(x, t).
+        x: the input batch.
+        t: the timestep vector, one value per sample.
+        rounds: recorded calls per model.
+        warmup: unrecorded calls per model before the first round.
+        progress: show a progress bar.
+
+    Returns:
+        name -> `LatencyStats` (median and quartiles over the rounds).
+    """
+    names = list(models)
+    for name in names:
+        for _ in range(warmup):
+            models[name](x, t)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in tqdm(range(rounds), desc="latency rounds", disable=not progress):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_time_call(models[name], x, t))
+    stats = {}
+    for name, values in times.items():
+        q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+        stats[name] = LatencyStats(statistics.median(values), q[0], q[2], len(values))
+    return stats

@@ -1,0 +1,162 @@
+"""Sampling, image-quality metrics, per-timestep noise-prediction error and model size for the benchmark.
+
+Every model is called in batches of exactly `batch` samples (the last batch is padded), so that a model
+compiled at its first call is never recompiled for another batch size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion_ao import CalibrationData
+from diffusion_ao.metrics import class_coverage, classifier_features, frechet_distance, psnr_paired, ssim_paired
+from diffusion_ao.sampling import run_sampler
+
+# diffusers-like UNet: unet(x, t, return_dict=False)[0]
+DiffusersUNet = Callable[..., tuple]
+# plain forward: fn(x, t_vector) -> prediction
+ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_noise(num_samples: int, shape: tuple[int, ...], batch: int, seed: int) -> torch.Tensor:
+    """Initial noise for `num_samples` samples, padded up to a multiple of `batch`, from `seed`."""
+    padded = math.ceil(num_samples / batch) * batch
+    return torch.randn((padded,) + tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def sample_images(unet: DiffusersUNet, scheduler, noise: torch.Tensor, num_samples: int, steps: int, batch: int,
+                  seed: int, desc: str, progress: bool = True) -> torch.Tensor:
+    """Runs the shared sampler loop over `noise` in batches of `batch` and returns the first `num_samples`.
+
+    The global RNG is re-seeded per batch, so stochastic schedulers (DDPM) draw the same step noise for
+    every model, and samples from the same seed stay paired.
+
+    Args:
+        unet: a diffusers UNet or `as_diffusers_unet(...)` of a quantized graph.
+        scheduler: any diffusers scheduler (a fresh copy is used per batch).
+        noise: from `make_noise`, a multiple of `batch` long.
+        num_samples: how many samples to keep.
+        steps: sampler steps.
+        batch: samples per UNet call.
+        seed: base seed of the per-batch step noise.
+        desc: progress-bar label.
+        progress: show a progress bar.
+
+    Returns:
+        (num_samples, C, H, W) samples clamped to [-1, 1].
+    """
+    out = []
+    for i, start in enumerate(tqdm(range(0, len(noise), batch), desc=desc, disable=not progress, leave=False)):
+        torch.manual_seed(seed * 100_003 + i)
+        out.append(run_sampler(unet, scheduler, noise[start:start + batch], steps))
+    return torch.cat(out)[:num_samples].clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def batched_forward(fn: ForwardFn, x: torch.Tensor, t: torch.Tensor, batch: int) -> torch.Tensor:
+    """fn over `x` in batches of exactly `batch` rows (the last one padded by repeating its first row)."""
+    outs = []
+    for start in range(0, len(x), batch):
+        xb, tb = x[start:start + batch], t[start:start + batch]
+        n = len(xb)
+        if n < batch:
+            xb = torch.cat([xb, xb[:1].expand(batch - n, *xb.shape[1:])])
+            tb = torch.cat([tb, tb[:1].expand(batch - n)])
+        outs.append(fn(xb, tb)[:n])
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def noise_predictions(fn: ForwardFn, data: CalibrationData, batch: int) -> list[torch.Tensor]:
+    """The model's noise prediction at every recorded step of `data` (a held-out set of FP trajectories)."""
+    return [batched_forward(fn, s.sample, torch.full((len(s.sample),), s.timestep), batch) for s in data.steps]
+
+
+def per_timestep_relative_mse(preds: list[torch.Tensor], reference: list[torch.Tensor]) -> list[float]:
+    """mean((pred - ref)^2) / mean(ref^2) at each timestep: the prediction error relative to FP's power."""
+    return [float((p - r).pow(2).mean() / r.pow(2).mean().clamp_min(1e-12)) for p, r in zip(preds, reference)]
+
+
+@dataclass
+class QualityMetrics:
+    """Sample-quality numbers of one row, against the real digits and the FP samples of the same seeds."""
+
+    fd_real: float
+    fd_fp: float
+    psnr_fp: float
+    ssim_fp: float
+    coverage: float
+
+
+def quality_metrics(images: torch.Tensor, fp_images: torch.Tensor, fp_features: torch.Tensor,
+                    real_features: torch.Tensor, classifier: torch.nn.Module) -> QualityMetrics:
+    """FD to the real digits and to the FP samples, PSNR/SSIM paired with FP (same seeds), class coverage."""
+    feats = classifier_features(images, classifier)
+    return QualityMetrics(fd_real=frechet_distance(feats, real_features),
+                          fd_fp=frechet_distance(feats, fp_features),
+                          psnr_fp=psnr_paired(images, fp_images),
+                          ssim_fp=ssim_paired(images, fp_images),
+                          coverage=class_coverage(images, classifier))
+
+
+def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters, buffers and plain tensor attributes of `module` and all its submodules."""
+    found = []
+    for sub in module.modules():
+        found.extend(sub._parameters.values())
+        found.extend(sub._buffers.values())
+        # Tensor constants that graph passes (e.g. convert_pt2e's weight folding) set as plain attributes.
+        found.extend(v for v in vars(sub).values() if isinstance(v, torch.Tensor))
+    return [t for t in found if t is not None]
+
+
+def _resolve(module: torch.nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def graph_tensors(graph: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """The tensors a graph module's graph uses: its `get_attr` constants and the tensors of called submodules.
+
+    After `convert_pt2e` the module still holds the original floating-point parameters of the quantized
+    layers, but the graph no longer reads them (it reads the folded int8 constants); they are not counted.
+    """
+    found = []
+    for node in graph.graph.nodes:
+        if node.op == "get_attr":
+            obj = _resolve(graph, node.target)
+            found.extend([obj] if isinstance(obj, torch.Tensor) else _module_tensors(obj))
+        elif node.op == "call_module":
+            found.extend(_module_tensors(graph.get_submodule(node.target)))
+    return found
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (tensors sharing storage are counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def size_mb(module: torch.nn.Module) -> float:
+    """MiB (2**20 bytes) of the tensors a model needs: a graph's used tensors, or all of an eager module's."""
+    tensors = graph_tensors(module) if isinstance(module, torch.fx.GraphModule) else _module_tensors(module)
+    return tensor_bytes(tensors) / 2**20
+
+
+def held_size_mb(module: torch.nn.Module) -> float:
+    """MiB of every tensor the module object holds, used by its graph or not."""
+    return tensor_bytes(_module_tensors(module)) / 2**20

@@ -1,0 +1,62 @@
+"""report.md: the results table with the facts a reader needs to judge it (noise floor, machine, settings)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+COLUMNS = [("name", "row"), ("weight_bits", "W"), ("act_bits", "A"), ("fd_real", "FD real"),
+           ("fd_fp", "FD vs FP"), ("psnr_fp", "PSNR vs FP"), ("ssim_fp", "SSIM vs FP"), ("coverage", "coverage"),
+           ("latency_ms", "latency ms"), ("speedup_vs_fp32_compiled", "x FP32 compiled"), ("kernels", "kernels"),
+           ("size_mb", "MiB"), ("calib_s", "calib s")]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def results_table(rows: list[dict]) -> str:
+    """The markdown table of every row."""
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(meta: dict, rows: list[dict], path: Path, notes: Optional[list[str]] = None) -> None:
+    """Writes report.md for one bench run."""
+    latency_note = (f"Latency: median of {meta.get('latency_rounds', 'several')} interleaved calls at batch "
+                    f"{meta['batch']}, {meta['threads']} threads; FP32 eager "
+                    f"{_cell(meta['latency_fp32_eager_ms'])} ms. Speed-ups are against FP32 compiled "
+                    "(inductor, freezing), never eager." if meta["compiled"] else
+                    "Latency: not measured (eager q/dq graphs only: --quick / --no-compile).")
+    text = [
+        "# diffusion-ao bench",
+        "",
+        f"Model `{meta['model']}`, {meta['scheduler']} with {meta['steps']} steps, {meta['num_samples']} samples "
+        f"per row from the same seeds, calibration on {meta['calib_samples']} FP trajectories x "
+        f"{meta['calib_steps']} steps. CPU: {meta['cpu']} (VNNI: {meta['cpu_vnni']}), torch {meta['torch']}. "
+        f"Wall time {meta['wall_s']:.0f} s.",
+        "",
+        f"**Noise floor**: FD between two FP32 sample sets from different seeds = {meta['fp_seed_to_seed_fd']:.2f} "
+        f"(FP32 vs real digits: {meta['fp_fd_real']:.2f}). FD differences below the floor are noise.",
+        "",
+        results_table(rows),
+        "",
+        "FD: Fréchet distance in the shipped digit classifier's feature space (to the real digits, or to the "
+        "FP32 samples of the same seeds). PSNR/SSIM: paired with the FP32 sample of the same seed. Coverage: "
+        "fraction of the 10 classes the classifier finds in at least 2% of the samples. kernels: `int8` when "
+        "inductor lowered every quantized conv/linear to a oneDNN int8 kernel, `simulated` when q/dq runs in fp32. "
+        "MiB: tensors the graph uses (sub-8-bit weights are stored one per int8 byte here).",
+        "",
+        latency_note,
+        "",
+        "![samples](samples.png)",
+        "",
+        "![per-timestep error](per_timestep_error.png)",
+    ]
+    text += [""] + list(notes or [])
+    path.write_text("\n".join(text) + "\n")

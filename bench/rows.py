@@ -1,0 +1,145 @@
+"""The benchmark's rows: one `RowSpec` per method, in one list (`default_rows`).
+
+To add a method (e.g. a DMQ / TFMQ / Q-Diffusion ablation), append a `RowSpec` to `default_rows`: give it a
+quantizer factory and, if its observers need more than plain forward passes, a calibration function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torchao.quantization.pt2e.quantizer import Quantizer
+
+from diffusion_ao import CalibrationData, DiffusionQuantizer, QuantConfig, calibrate
+
+# (prepared graph, calibration data, show progress) -> None
+CalibrateFn = Callable[[torch.fx.GraphModule, CalibrationData, bool], None]
+
+DIFFUSION_AO_PRESETS = ("w8a8", "w4a8", "w4a6")
+X86_SCOPE = "x86-default (all conv/linear + its own fusions)"
+FP32_SCOPE = "none (FP32 reference)"
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One row of the benchmark table: how to build and calibrate one quantized model.
+
+    Attributes:
+        name: unique row id, used by `--methods` and as the label in plots (e.g. "naive-w4a8").
+        method: the method family, e.g. "fp32", "naive-minmax", "diffusion-ao", "x86-inductor".
+        preset: the diffusion-ao preset it is based on, or None.
+        weight_bits: bits of conv/linear weights (32 for floating point).
+        act_bits: bits of the activations entering quantized layers (32 for floating point).
+        scope: printable summary of what is quantized.
+        make_quantizer: builds a fresh PT2E quantizer; None for the FP32 reference row.
+        calibrate: runs the prepared graph over the calibration data.
+    """
+
+    name: str
+    method: str
+    preset: Optional[str]
+    weight_bits: int
+    act_bits: int
+    scope: str
+    make_quantizer: Optional[Callable[[], Quantizer]] = None
+    calibrate: Optional[CalibrateFn] = None
+
+    @property
+    def is_reference(self) -> bool:
+        """True for the floating-point row that every other row is compared with."""
+        return self.make_quantizer is None
+
+    def matches(self, token: str) -> bool:
+        """Whether a `--methods` token selects this row: its name, its method family or its preset."""
+        return token in (self.name, self.method, self.preset)
+
+
+def diffusion_ao_calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, progress: bool) -> None:
+    """Calibrates a graph prepared with `DiffusionQuantizer` (timestep-aware observers)."""
+    calibrate(prepared, data, progress=progress)
+
+
+@torch.no_grad()
+def plain_forward_calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, progress: bool) -> None:
+    """Calibrates any PT2E-prepared graph with plain forward passes over every recorded step.
+
+    Args:
+        prepared: a graph from `prepare_pt2e` with a quantizer whose observers need no timestep context.
+        data: the calibration data shared by all rows.
+        progress: unused (one forward per step is quick); kept for the `CalibrateFn` signature.
+    """
+    for step in data.steps:
+        n = len(step.sample)
+        prepared(step.sample, torch.full((n,), step.timestep), **step.conditioning)
+
+
+def fp32_row() -> RowSpec:
+    """The floating-point reference (the diffusers UNet itself)."""
+    return RowSpec(name="fp32", method="fp32", preset=None, weight_bits=32, act_bits=32, scope=FP32_SCOPE)
+
+
+def _config_row(name: str, method: str, preset: str, config: QuantConfig) -> RowSpec:
+    return RowSpec(name=name, method=method, preset=preset, weight_bits=config.weight_bits,
+                   act_bits=config.act_bits if config.act_bits is not None else 32, scope=config.scope,
+                   make_quantizer=lambda: DiffusionQuantizer(config), calibrate=diffusion_ao_calibrate)
+
+
+def naive_config(preset: str) -> QuantConfig:
+    """The naive baseline: the preset's bits and scope, with min-max observers and timestep-agnostic ranges."""
+    return QuantConfig.preset(preset).replace(act_observer="minmax", timestep_aggregation="global",
+                                              weight_observer="minmax", name=f"naive-{preset}")
+
+
+def naive_row(preset: str) -> RowSpec:
+    """Naive min-max PTQ at the bit widths and scope of `preset`."""
+    return _config_row(f"naive-{preset}", "naive-minmax", preset, naive_config(preset))
+
+
+def diffusion_ao_row(preset: str) -> RowSpec:
+    """diffusion-ao's current best for `preset` (MSE-searched, timestep-weighted activation ranges)."""
+    return _config_row(f"diffusion-ao-{preset}", "diffusion-ao", preset, QuantConfig.preset(preset))
+
+
+def x86_inductor_quantizer() -> Quantizer:
+    """torchao's `X86InductorQuantizer` with its default (W8A8) global config."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    quantizer = X86InductorQuantizer()
+    quantizer.set_global(get_default_x86_inductor_quantization_config())
+    return quantizer
+
+
+def x86_row() -> RowSpec:
+    """The peer: torchao's X86InductorQuantizer default, through the same pipeline."""
+    return RowSpec(name="x86-default", method="x86-inductor", preset=None, weight_bits=8, act_bits=8,
+                   scope=X86_SCOPE, make_quantizer=x86_inductor_quantizer, calibrate=plain_forward_calibrate)
+
+
+def default_rows() -> list[RowSpec]:
+    """Every row of the benchmark, in table order. Add new methods here."""
+    return ([fp32_row()]
+            + [naive_row(p) for p in DIFFUSION_AO_PRESETS]
+            + [diffusion_ao_row(p) for p in DIFFUSION_AO_PRESETS]
+            + [x86_row()])
+
+
+def select_rows(rows: list[RowSpec], methods: Optional[str]) -> list[RowSpec]:
+    """The rows selected by a comma-separated `--methods` filter; the FP32 reference is always kept.
+
+    Args:
+        rows: all rows, in table order.
+        methods: e.g. "fp32,w8a8" or "naive-w4a6,x86-default"; None or "" selects every row.
+
+    Raises:
+        ValueError: if a token matches no row.
+    """
+    if not methods:
+        return list(rows)
+    tokens = [t.strip() for t in methods.split(",") if t.strip()]
+    unknown = [t for t in tokens if not any(r.matches(t) for r in rows)]
+    if unknown:
+        raise ValueError(f"--methods: {unknown} match no row; rows are {[r.name for r in rows]} (a method "
+                         f"family or preset name selects all its rows).")
+    return [r for r in rows if r.is_reference or any(r.matches(t) for t in tokens)]

@@ -1,0 +1,233 @@
+"""The diffusion-ao benchmark: every method and bit width on one model, side by side.
+
+    python bench/run.py                 # the shipped digits DDPM, all rows, ~10 min on 2 cores
+    python bench/run.py --quick         # fewer samples, eager q/dq graphs, no latency (~2 min)
+    python bench/run.py --methods naive-w4a8,diffusion-ao --num-samples 500 --scheduler dpm
+
+For each row it exports the UNet, prepares it with the row's quantizer, calibrates on FP trajectories, converts,
+compiles onto oneDNN int8 kernels (inductor, freezing), samples the same seeds as FP and measures sample quality,
+the noise-prediction error per timestep, latency (interleaved with FP32 eager and compiled), size and
+calibration time. Results go to `bench/results/<run>/`: results.json, report.md, samples.png,
+per_timestep_error.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/run.py` from anywhere
+
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
+
+from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
+from bench.plots import save_per_timestep_plot, save_sample_grid  # noqa: E402
+from bench.quality import (batched_forward, make_noise, noise_predictions, per_timestep_relative_mse,  # noqa: E402
+                           quality_metrics, sample_images, size_mb)
+from bench.report import write_report  # noqa: E402
+from bench.rows import RowSpec, default_rows, select_rows  # noqa: E402
+from diffusion_ao import (as_diffusers_unet, collect_calibration_data, compile_for_cpu,  # noqa: E402
+                          count_int8_kernels, export_unet)
+from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
+from diffusion_ao.metrics import classifier_features, frechet_distance  # noqa: E402
+from diffusion_ao.models import load_model  # noqa: E402
+from diffusion_ao.models.classifier import load_classifier  # noqa: E402
+from diffusion_ao.models.digits import load_digits_tensor  # noqa: E402
+from diffusion_ao.sampling import sample_shape  # noqa: E402
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+}
+QUICK = dict(num_samples=128, steps=10, calib_samples=16, batch=64, heldout_samples=8)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="'default' (the shipped digits DDPM), a diffusers model "
+                   "directory or a cached hub id")
+    p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS), help="sampler for every row")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--num-samples", type=int, default=1000, help="samples per row (the same seeds for each)")
+    p.add_argument("--batch", type=int, default=250, help="samples per UNet call (compiled once per row)")
+    p.add_argument("--calib-samples", type=int, default=64, help="FP trajectories recorded for calibration")
+    p.add_argument("--heldout-samples", type=int, default=32, help="held-out trajectories for per-timestep error")
+    p.add_argument("--methods", default=None, help="comma-separated row names, method families or presets "
+                   "(the FP32 reference always runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
+    p.add_argument("--latency-rounds", type=int, default=15, help="interleaved timed calls per model")
+    p.add_argument("--no-compile", action="store_true", help="eager q/dq graphs only (no latency, no kernels)")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}, implies --no-compile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--run-name", default=None, help="results subfolder (default: a timestamp)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+        args.no_compile = True
+    for name in ("steps", "num_samples", "batch", "calib_samples", "heldout_samples", "latency_rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_samples < 2:
+        p.error("--num-samples must be >= 2 (FD needs a covariance)")
+    return args
+
+
+def make_scheduler(name: str, like):
+    import diffusers
+    return getattr(diffusers, SCHEDULERS[name]).from_config(like.config)
+
+
+def real_digit_features(classifier) -> torch.Tensor:
+    images, _ = load_digits_tensor()
+    return classifier_features(images, classifier)
+
+
+def build_quantized(spec: RowSpec, unet, shape, calib, progress: bool) -> tuple[torch.fx.GraphModule, float, list]:
+    """export -> prepare -> calibrate -> convert for one row; returns the converted graph, calibration seconds
+    and the quantizer's layer decisions (empty for peers without them)."""
+    graph = export_unet(unet, sample_shape=(1, *shape))
+    quantizer = spec.make_quantizer()
+    start = time.perf_counter()
+    prepared = prepare_pt2e(graph, quantizer)
+    spec.calibrate(prepared, calib, progress)
+    converted = convert_pt2e(prepared)
+    return converted, time.perf_counter() - start, list(getattr(quantizer, "decisions", []))
+
+
+def expected_kernels(decisions: list) -> Optional[int]:
+    """How many int8 conv/linear kernels the quantizer asked for (None when it does not say)."""
+    if not decisions:
+        return None
+    return sum(1 for d in decisions if d.layer is not None and d.layer.act_bits and
+               ("conv" in d.op or "linear" in d.op))
+
+
+def kernel_kind(counts: Optional[dict], expected: Optional[int]) -> str:
+    """"int8" when the compiled graph runs the quantized layers on int8 kernels, else "simulated"."""
+    if not counts or sum(counts.values()) == 0:
+        return "simulated"
+    if expected is not None and sum(counts.values()) < expected:
+        return "simulated"  # some quantized layers still run as q/dq in fp32
+    return "int8"
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    args = parse_args(argv)
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    progress = not args.no_progress
+    run_dir = args.out / (args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    unet, base_scheduler = load_model(args.model)
+    scheduler = make_scheduler(args.scheduler, base_scheduler)
+    shape = sample_shape(unet)
+    rows = select_rows(default_rows(), args.methods)
+    classifier = load_classifier()
+    real_features = real_digit_features(classifier)
+    print(f"[bench] {len(rows)} rows, {args.num_samples} samples x {args.steps} {args.scheduler} steps, "
+          f"{threads} threads, compile={'no' if args.no_compile else 'yes'}", flush=True)
+
+    calib = collect_calibration_data(unet, scheduler, num_samples=args.calib_samples,
+                                     num_inference_steps=args.steps, seed=args.seed + 1, progress=progress)
+    heldout = collect_calibration_data(unet, scheduler, num_samples=args.heldout_samples,
+                                       num_inference_steps=args.steps, seed=args.seed + 2, progress=False)
+    noise = make_noise(args.num_samples, shape, args.batch, seed=args.seed)
+    floor_noise = make_noise(args.num_samples, shape, args.batch, seed=args.seed + 1000)
+    probe_x = noise[:args.batch]
+    probe_t = torch.full((args.batch,), float(calib.timesteps[len(calib) // 2]))
+
+    fp_graph = export_unet(unet, sample_shape=(1, *shape))
+    fp_forward = compile_for_cpu(fp_graph) if not args.no_compile else fp_graph
+    fp_unet = as_diffusers_unet(fp_forward, like=unet)
+    fp_reference = noise_predictions(fp_graph, heldout, args.batch)
+    fp_images = sample_images(fp_unet, scheduler, noise, args.num_samples, args.steps, args.batch, args.seed,
+                              "fp32 samples", progress)
+    fp_features = classifier_features(fp_images, classifier)
+    floor_images = sample_images(fp_unet, scheduler, floor_noise, args.num_samples, args.steps, args.batch,
+                                 args.seed + 1000, "fp32 other seeds", progress)
+    fp_floor = frechet_distance(classifier_features(floor_images, classifier), fp_features)
+
+    results, images, errors, timed = [], {}, {}, {}
+    if not args.no_compile:
+        timed["fp32-eager"] = lambda x, t: unet(x, t, return_dict=False)[0]
+        timed["fp32-compiled"] = fp_forward
+    for spec in rows:
+        print(f"[bench] {spec.name}", flush=True)
+        row = {"method": spec.method, "preset": spec.preset, "name": spec.name, "weight_bits": spec.weight_bits,
+               "act_bits": spec.act_bits, "scope": spec.scope}
+        if spec.is_reference:
+            model, calib_s, decisions = fp_forward, 0.0, []
+            row.update(kernels="fp32", kernel_counts=None, size_mb=size_mb(unet), calib_s=0.0)
+            row["timestep_rel_mse"] = [0.0] * len(heldout)
+            sampled = fp_images
+        else:
+            converted, calib_s, decisions = build_quantized(spec, unet, shape, calib, progress)
+            errors[spec.name] = per_timestep_relative_mse(noise_predictions(converted, heldout, args.batch),
+                                                          fp_reference)
+            counts = None
+            model = converted
+            if not args.no_compile:
+                model = compile_for_cpu(converted)
+                counts = count_int8_kernels(model, probe_x, probe_t)
+                timed[spec.name] = model
+            row.update(kernels=kernel_kind(counts, expected_kernels(decisions)), kernel_counts=counts,
+                       expected_kernels=expected_kernels(decisions), size_mb=size_mb(converted),
+                       calib_s=round(calib_s, 2), timestep_rel_mse=errors[spec.name])
+            sampled = sample_images(as_diffusers_unet(model, like=unet), scheduler, noise, args.num_samples,
+                                    args.steps, args.batch, args.seed, f"{spec.name} samples", progress)
+        metrics = quality_metrics(sampled, fp_images, fp_features, real_features, classifier)
+        row.update(asdict(metrics))
+        images[spec.name] = sampled
+        results.append(row)
+        print(f"[bench]   fd_real {metrics.fd_real:.1f} fd_fp {metrics.fd_fp:.1f} psnr {metrics.psnr_fp:.1f} "
+              f"coverage {metrics.coverage:.2f} calib {calib_s:.1f}s", flush=True)
+
+    latency = {}
+    if timed:
+        stats = measure_interleaved(timed, probe_x, probe_t, rounds=args.latency_rounds, progress=progress)
+        latency = {name: asdict(s) for name, s in stats.items()}
+        fp_compiled_ms = stats["fp32-compiled"].median_ms
+        for row in results:
+            key = "fp32-compiled" if row["name"] == "fp32" else row["name"]
+            row["latency_ms"] = round(stats[key].median_ms, 3)
+            row["speedup_vs_fp32_compiled"] = round(fp_compiled_ms / stats[key].median_ms, 3)
+    else:
+        for row in results:
+            row["latency_ms"] = row["speedup_vs_fp32_compiled"] = None
+
+    meta = {"model": args.model, "scheduler": args.scheduler, "steps": args.steps, "num_samples": args.num_samples,
+            "batch": args.batch, "calib_samples": args.calib_samples, "calib_steps": len(calib),
+            "heldout_samples": args.heldout_samples, "seed": args.seed, "threads": threads, "quick": args.quick,
+            "compiled": not args.no_compile, "cpu": cpu_name(), "cpu_vnni": cpu_has_vnni(),
+            "torch": torch.__version__, "python": platform.python_version(), "fp_seed_to_seed_fd": fp_floor,
+            "fp_fd_real": next(r["fd_real"] for r in results if r["name"] == "fp32"),
+            "timesteps": heldout.timesteps, "latency_fp32_eager_ms": latency.get("fp32-eager", {}).get("median_ms"),
+            "latency": latency, "latency_rounds": args.latency_rounds, "wall_s": None}
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
+    (run_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
+    save_sample_grid(images, run_dir / "samples.png")
+    save_per_timestep_plot(heldout.timesteps, errors, run_dir / "per_timestep_error.png")
+    write_report(meta, results, run_dir / "report.md")
+    print(f"[bench] done in {meta['wall_s']:.0f}s -> {run_dir}", flush=True)
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
