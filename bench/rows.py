@@ -5,13 +5,14 @@ quantizer factory and, if its observers need more than plain forward passes, a c
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torchao.quantization.pt2e.quantizer import Quantizer
 
-from diffusion_ao import CalibrationData, DiffusionQuantizer, QuantConfig, calibrate
+from diffusion_ao import CalibrationData, QuantConfig
 
 # (prepared graph, calibration data, show progress) -> None
 CalibrateFn = Callable[[torch.fx.GraphModule, CalibrationData, bool], None]
@@ -32,8 +33,10 @@ class RowSpec:
         weight_bits: bits of conv/linear weights (32 for floating point).
         act_bits: bits of the activations entering quantized layers (32 for floating point).
         scope: printable summary of what is quantized.
-        make_quantizer: builds a fresh PT2E quantizer; None for the FP32 reference row.
+        make_quantizer: builds a fresh PT2E quantizer, for peers; None for the FP32 reference and config rows.
         calibrate: runs the prepared graph over the calibration data.
+        config: for diffusion-ao rows, the `QuantConfig` run through `quantize_unet` (which also applies the
+            methods' graph passes); peers leave it None and use `make_quantizer` / `calibrate`.
     """
 
     name: str
@@ -44,20 +47,16 @@ class RowSpec:
     scope: str
     make_quantizer: Optional[Callable[[], Quantizer]] = None
     calibrate: Optional[CalibrateFn] = None
+    config: Optional[QuantConfig] = None
 
     @property
     def is_reference(self) -> bool:
         """True for the floating-point row that every other row is compared with."""
-        return self.make_quantizer is None
+        return self.make_quantizer is None and self.config is None
 
     def matches(self, token: str) -> bool:
         """Whether a `--methods` token selects this row: its name, its method family or its preset."""
         return token in (self.name, self.method, self.preset)
-
-
-def diffusion_ao_calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, progress: bool) -> None:
-    """Calibrates a graph prepared with `DiffusionQuantizer` (timestep-aware observers)."""
-    calibrate(prepared, data, progress=progress)
 
 
 @torch.no_grad()
@@ -82,7 +81,7 @@ def fp32_row() -> RowSpec:
 def _config_row(name: str, method: str, preset: str, config: QuantConfig) -> RowSpec:
     return RowSpec(name=name, method=method, preset=preset, weight_bits=config.weight_bits,
                    act_bits=config.act_bits if config.act_bits is not None else 32, scope=config.scope,
-                   make_quantizer=lambda: DiffusionQuantizer(config), calibrate=diffusion_ao_calibrate)
+                   config=config)
 
 
 def naive_config(preset: str) -> QuantConfig:
@@ -117,12 +116,36 @@ def x86_row() -> RowSpec:
                    scope=X86_SCOPE, make_quantizer=x86_inductor_quantizer, calibrate=plain_forward_calibrate)
 
 
-def default_rows() -> list[RowSpec]:
-    """Every row of the benchmark, in table order. Add new methods here."""
-    return ([fp32_row()]
+def dmq_rows(bits: str) -> list[RowSpec]:
+    """DMQ's ablation at `bits` ("w4a8" / "w4a6"): each piece added to diffusion-ao's baseline of that width."""
+    base = QuantConfig.preset(bits)
+    full = QuantConfig.preset(f"dmq-{bits}").dmq
+    steps = [("tw", dataclasses.replace(full, pts=False)),
+             ("pts-mse", dataclasses.replace(full, timestep_weighting=False, pts_selection="mse")),
+             ("pts-vote", dataclasses.replace(full, timestep_weighting=False)),
+             ("tw+pts-vote", full)]
+    return [_config_row(f"dmq-{bits}-{label}", "dmq", f"dmq-{bits}",
+                        base.replace(dmq=dmq, name=f"dmq-{bits}-{label}")) for label, dmq in steps]
+
+
+# Extra rows that `--ablation NAME` appends (they do not fit the default run's 10-minute budget).
+ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
+    "dmq": lambda: dmq_rows("w4a8") + dmq_rows("w4a6"),
+}
+
+
+def default_rows(ablations: tuple[str, ...] = ()) -> list[RowSpec]:
+    """Every row of the benchmark, in table order, plus the rows of the named ablations. Add methods here."""
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"Unknown ablation(s) {unknown}: choose from {sorted(ABLATIONS)}.")
+    rows = ([fp32_row()]
             + [naive_row(p) for p in DIFFUSION_AO_PRESETS]
             + [diffusion_ao_row(p) for p in DIFFUSION_AO_PRESETS]
             + [x86_row()])
+    for name in ablations:
+        rows += ABLATIONS[name]()
+    return rows
 
 
 def select_rows(rows: list[RowSpec], methods: Optional[str]) -> list[RowSpec]:

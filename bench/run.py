@@ -3,6 +3,7 @@
     python bench/run.py                 # the shipped digits DDPM, all rows, ~10 min on 2 cores
     python bench/run.py --quick         # fewer samples, eager q/dq graphs, no latency (~2 min)
     python bench/run.py --methods naive-w4a8,diffusion-ao --num-samples 500 --scheduler dpm
+    python bench/run.py --ablation dmq --methods w4a8,dmq-w4a8   # DMQ's ablation at W4A8
 
 For each row it exports the UNet, prepares it with the row's quantizer, calibrates on FP trajectories, converts,
 compiles onto oneDNN int8 kernels (inductor, freezing), samples the same seeds as FP and measures sample quality,
@@ -33,7 +34,7 @@ from bench.plots import save_per_timestep_plot, save_sample_grid  # noqa: E402
 from bench.quality import (batched_forward, make_noise, noise_predictions, per_timestep_relative_mse,  # noqa: E402
                            quality_metrics, sample_images, size_mb)
 from bench.report import write_report  # noqa: E402
-from bench.rows import RowSpec, default_rows, select_rows  # noqa: E402
+from bench.rows import ABLATIONS, RowSpec, default_rows, select_rows  # noqa: E402
 from diffusion_ao import (as_diffusers_unet, collect_calibration_data, compile_for_cpu,  # noqa: E402
                           count_int8_kernels, export_unet)
 from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
@@ -41,6 +42,7 @@ from diffusion_ao.metrics import classifier_features, frechet_distance  # noqa: 
 from diffusion_ao.models import load_model  # noqa: E402
 from diffusion_ao.models.classifier import load_classifier  # noqa: E402
 from diffusion_ao.models.digits import load_digits_tensor  # noqa: E402
+from diffusion_ao.recipe import quantize_unet  # noqa: E402
 from diffusion_ao.sampling import sample_shape  # noqa: E402
 
 SCHEDULERS = {
@@ -65,6 +67,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--heldout-samples", type=int, default=32, help="held-out trajectories for per-timestep error")
     p.add_argument("--methods", default=None, help="comma-separated row names, method families or presets "
                    "(the FP32 reference always runs)")
+    p.add_argument("--ablation", action="append", default=[], choices=sorted(ABLATIONS),
+                   help="append a method's ablation rows (repeatable), e.g. --ablation dmq")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
     p.add_argument("--latency-rounds", type=int, default=15, help="interleaved timed calls per model")
     p.add_argument("--no-compile", action="store_true", help="eager q/dq graphs only (no latency, no kernels)")
@@ -100,6 +104,9 @@ def real_digit_features(classifier) -> torch.Tensor:
 def build_quantized(spec: RowSpec, unet, shape, calib, progress: bool) -> tuple[torch.fx.GraphModule, float, list]:
     """export -> prepare -> calibrate -> convert for one row; returns the converted graph, calibration seconds
     and the quantizer's layer decisions (empty for peers without them)."""
+    if spec.config is not None:
+        converted, report = quantize_unet(unet, calib, spec.config, progress=progress)
+        return converted, report.calib_s, list(report.quantizer.decisions)
     graph = export_unet(unet, sample_shape=(1, *shape))
     quantizer = spec.make_quantizer()
     start = time.perf_counter()
@@ -138,7 +145,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     unet, base_scheduler = load_model(args.model)
     scheduler = make_scheduler(args.scheduler, base_scheduler)
     shape = sample_shape(unet)
-    rows = select_rows(default_rows(), args.methods)
+    rows = select_rows(default_rows(tuple(args.ablation)), args.methods)
     classifier = load_classifier()
     real_features = real_digit_features(classifier)
     print(f"[bench] {len(rows)} rows, {args.num_samples} samples x {args.steps} {args.scheduler} steps, "

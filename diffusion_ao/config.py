@@ -49,6 +49,49 @@ class LayerQuant:
         _check_bits("act_bits", self.act_bits, ACT_BITS, allow_none=True)
 
 
+PTS_SELECTIONS = ("vote", "mse")
+
+
+@dataclass(frozen=True)
+class DMQConfig:
+    """DMQ's calibration-time pieces (METHODS.md §3, §5), applied by `quantize_unet`.
+
+    Args:
+        timestep_weighting: adapt per-timestep weights lambda_t = (1 - L_t / sum L)^r of the activation ranges
+            (needs `timestep_aggregation="weighted"`).
+        weighting_r: r of the weights (DMQ: 20; 0 is uniform).
+        weighting_ema: EMA factor of the per-timestep losses (DMQ: 0.95).
+        weighting_iterations: convert / measure / reweight rounds.
+        pts: power-of-two scaling of the input channels of layers whose channel spread reaches `pts_min_spread`.
+        pts_selection: "vote" (per-sample MSE choice, then a vote with threshold kappa) or "mse" (lowest MSE
+            summed over all samples).
+        pts_max_k: factors are 2^-k for k in 0..pts_max_k.
+        pts_kappa: share of votes a k needs to be used (else k = 0).
+        pts_min_spread: max / median of the per-channel |x| max at which a layer input gets PTS. 2 by default:
+            the shipped digits model has no input above 3.9 (its skip concats reach 2.6), far below the outlier
+            channels of large latent diffusion models, and at 2 the vote still keeps most channels at k = 0.
+    """
+
+    timestep_weighting: bool = True
+    weighting_r: float = 20.0
+    weighting_ema: float = 0.95
+    weighting_iterations: int = 3
+    pts: bool = True
+    pts_selection: Literal["vote", "mse"] = "vote"
+    pts_max_k: int = 3
+    pts_kappa: float = 0.85
+    pts_min_spread: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_choice("pts_selection", self.pts_selection, PTS_SELECTIONS)
+        if self.weighting_r < 0 or not 0 <= self.weighting_ema < 1 or self.weighting_iterations < 0:
+            raise ValueError("weighting_r must be >= 0, weighting_ema in [0, 1) and weighting_iterations >= 0; got "
+                             f"{self.weighting_r}, {self.weighting_ema}, {self.weighting_iterations}.")
+        if not 0 <= self.pts_max_k <= 7 or not 0 < self.pts_kappa <= 1 or self.pts_min_spread < 1:
+            raise ValueError("pts_max_k must be in 0..7, pts_kappa in (0, 1] and pts_min_spread >= 1; got "
+                             f"{self.pts_max_k}, {self.pts_kappa}, {self.pts_min_spread}.")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How `DiffusionQuantizer` quantizes a UNet.
@@ -73,6 +116,7 @@ class QuantConfig:
         module_name_overrides: module path (as in `unet.named_modules()`, prefix match) -> `LayerQuant`, or
             None to keep that module in floating point. Longest matching prefix wins.
         module_type_overrides: module class (e.g. `torch.nn.Linear`) -> `LayerQuant` or None.
+        dmq: DMQ's calibration pieces (`DMQConfig`), or None; `quantize_unet` applies them.
         name: a label for reports; presets set it.
 
     Example:
@@ -95,6 +139,7 @@ class QuantConfig:
     reduce_range: bool | Literal["auto"] = "auto"
     module_name_overrides: dict[str, Optional[LayerQuant]] = field(default_factory=dict)
     module_type_overrides: dict[type, Optional[LayerQuant]] = field(default_factory=dict)
+    dmq: Optional[DMQConfig] = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -117,6 +162,10 @@ class QuantConfig:
                 raise ValueError(f"module_type_overrides keys must be nn.Module classes, got {key!r}.")
             if value is not None and not isinstance(value, LayerQuant):
                 raise ValueError(f"module_type_overrides[{key!r}] must be a LayerQuant or None, got {value!r}.")
+        if self.dmq is not None and not isinstance(self.dmq, DMQConfig):
+            raise ValueError(f"dmq must be a DMQConfig or None, got {type(self.dmq).__name__}.")
+        if self.dmq is not None and self.act_bits is None and self.dmq.pts:
+            raise ValueError("dmq.pts scales activations: it needs act_bits (or DMQConfig(pts=False)).")
 
     @property
     def default_layer(self) -> LayerQuant:
@@ -163,4 +212,6 @@ PRESETS: dict[str, dict] = {
                        quantize_time_embedding=False, quantize_skip_convs=False, quantize_attention_matmuls=True),
     "dmq-scope": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=False,
                       quantize_time_embedding=False, quantize_skip_convs=True, quantize_attention_matmuls=False),
+    "dmq-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse", dmq=DMQConfig()),
+    "dmq-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", dmq=DMQConfig()),
 }

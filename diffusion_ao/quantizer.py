@@ -23,7 +23,8 @@ from .cpu import cpu_has_vnni, int16_pair_overflows
 from .export import require_exported
 from .observers import TimestepActivationObserver, WeightObserver
 from .passes.flatten_linear import flatten_linear_inputs
-from .passes.analysis import (UNSUPPORTED_WEIGHTED_OPS, first_and_last_layers, module_path, module_type_name,
+from .passes.analysis import (UNSUPPORTED_WEIGHTED_OPS, WEIGHTED_OPS, first_and_last_layers, module_path,
+                              module_type_name,
                               resolve_type, shortcut_convs, time_embedding_nodes)
 from .primitives import int_range
 
@@ -135,11 +136,27 @@ class DiffusionQuantizer(Quantizer):
         flatten_linear_inputs(model)
         return model
 
+    def _context(self, model: GraphModule) -> AnnotationContext:
+        first, last = first_and_last_layers(model)
+        return AnnotationContext(self.config, first | last, time_embedding_nodes(model), shortcut_convs(model),
+                                 self.has_vnni)
+
+    def planned_layers(self, model: GraphModule) -> dict[Node, LayerQuant]:
+        """The conv/linear nodes of an exported graph that this config will quantize, with their bit widths
+        (what `annotate` will do, without annotating). Graph passes use it to pick their targets."""
+        require_exported(model, "DiffusionQuantizer")
+        ctx = self._context(model)
+        planned = {}
+        for node in model.graph.nodes:
+            if node.op == "call_function" and node.target in WEIGHTED_OPS:
+                layer = ctx.layer_for(node)
+                if layer is not None:
+                    planned[node] = layer
+        return planned
+
     def annotate(self, model: GraphModule) -> GraphModule:
         require_exported(model, "DiffusionQuantizer")
-        first, last = first_and_last_layers(model)
-        ctx = AnnotationContext(self.config, first | last, time_embedding_nodes(model), shortcut_convs(model),
-                                self.has_vnni)
+        ctx = self._context(model)
         unsupported = [n for n in model.graph.nodes if n.op == "call_function"
                        and n.target in UNSUPPORTED_WEIGHTED_OPS and ctx.layer_for(n) is not None]
         if unsupported:

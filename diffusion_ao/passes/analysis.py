@@ -21,6 +21,7 @@ WEIGHTED_OPS = CONV_OPS | LINEAR_OPS
 # Weighted ops that DiffusionQuantizer cannot quantize; a model containing them must keep them in FP explicitly.
 UNSUPPORTED_WEIGHTED_OPS = {aten.conv1d.default, aten.conv3d.default, aten.conv_transpose1d.default,
                             aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+SCALE_META = "diffusion_ao_input_scale"  # marks a channel-scale multiply inserted in front of a layer
 EXPORT_PREFIX = "unet."  # export_unet wraps the UNet in a module whose attribute is `unet`
 
 
@@ -49,6 +50,14 @@ def resolve_type(qualified_name: str) -> Optional[type]:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return None
+
+
+def unscaled_input(node: Node) -> Node:
+    """The input of a layer node, looking through channel-scale multiplies inserted by `scale_input_channels`."""
+    x = node.args[0]
+    while isinstance(x, Node) and x.meta.get(SCALE_META):
+        x = x.args[0]
+    return x
 
 
 def get_attr_tensor(gm: GraphModule, node) -> Optional[torch.Tensor]:
@@ -127,6 +136,6 @@ def shortcut_convs(gm: GraphModule) -> set[Node]:
         weight = get_attr_tensor(gm, node.args[1])
         if weight is None or tuple(weight.shape[2:]) != (1, 1):
             continue
-        if len(node.args[0].users) > 1:
+        if len(unscaled_input(node).users) > 1:
             found.add(node)
     return found

@@ -1,0 +1,120 @@
+"""DMQ's adaptive timestep weights (METHODS.md §3).
+
+lambda_t = (1 - L_t / sum_s L_s)^r, with L_t an EMA (factor xi) of the per-timestep loss. Steps whose loss is
+a large share of the total get less weight, so the range choice is not dominated by the steps that are hard
+anyway; r = 0 gives uniform weights. The weights are normalised to sum to 1 and keyed by the scheduler's real
+timestep values, so any step count and scheduler works.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Optional
+
+import torch
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+from ..calibration import CalibrationData
+from ..observers import TimestepActivationObserver
+
+
+def timestep_weights(losses: Mapping[float, float], r: float) -> dict[float, float]:
+    """lambda_t = (1 - L_t / sum L)^r, normalised to sum to 1.
+
+    Args:
+        losses: timestep -> non-negative loss.
+        r: sharpness; 0 gives uniform weights.
+
+    Example:
+        >>> timestep_weights({901.0: 3.0, 1.0: 1.0}, r=1)
+        {901.0: 0.333..., 1.0: 0.666...}
+    """
+    if not losses:
+        raise ValueError("timestep_weights needs at least one timestep's loss.")
+    if r < 0:
+        raise ValueError(f"r={r} is not supported: use r >= 0 (0 is uniform).")
+    values = torch.tensor([float(v) for v in losses.values()], dtype=torch.float64)
+    if (values < 0).any() or not torch.isfinite(values).all():
+        raise ValueError("timestep losses must be finite and non-negative.")
+    total = values.sum()
+    share = values / total if total > 0 else torch.zeros_like(values)
+    raw = (1 - share).clamp_min(0) ** r
+    if raw.sum() <= 0:  # a single timestep holds all the loss (or only one timestep): fall back to uniform
+        raw = torch.ones_like(raw)
+    weights = raw / raw.sum()
+    return {t: float(w) for t, w in zip(losses, weights)}
+
+
+class AdaptiveTimestepWeights:
+    """Keeps the EMA of per-timestep losses and turns it into weights.
+
+    Args:
+        r: sharpness of `timestep_weights` (DMQ uses 20; 0 is uniform).
+        ema: EMA factor xi of the losses (DMQ: 0.95); the first update sets the EMA to the loss.
+    """
+
+    def __init__(self, r: float = 20.0, ema: float = 0.95) -> None:
+        if not 0 <= ema < 1:
+            raise ValueError(f"ema={ema} is not supported: use 0 <= ema < 1.")
+        timestep_weights({0.0: 1.0}, r)  # validates r
+        self.r, self.ema = r, ema
+        self.losses: dict[float, float] = {}
+
+    def update(self, losses: Mapping[float, float]) -> dict[float, float]:
+        for t, value in losses.items():
+            old = self.losses.get(t)
+            self.losses[t] = float(value) if old is None else self.ema * old + (1 - self.ema) * float(value)
+        return self.weights()
+
+    def weights(self) -> dict[float, float]:
+        return timestep_weights(self.losses, self.r)
+
+
+def activation_observers(prepared: torch.fx.GraphModule) -> list[TimestepActivationObserver]:
+    return [m for m in prepared.modules() if isinstance(m, TimestepActivationObserver)]
+
+
+@torch.no_grad()
+def per_timestep_loss(reference: torch.fx.GraphModule, quantized: torch.fx.GraphModule, data: CalibrationData,
+                      batch_size: int = 64) -> dict[float, float]:
+    """Relative MSE of `quantized` vs `reference` output at each timestep of `data`."""
+    losses = {}
+    for step in data.steps:
+        x, t = step.sample[:batch_size], torch.full((min(len(step.sample), batch_size),), step.timestep)
+        cond = {k: v[:batch_size] for k, v in step.conditioning.items()}
+        ref = reference(x, t, **cond)
+        losses[step.timestep] = float((quantized(x, t, **cond) - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12))
+    return losses
+
+
+def adapt_timestep_weights(prepared: torch.fx.GraphModule, reference: torch.fx.GraphModule, data: CalibrationData,
+                           r: float = 20.0, ema: float = 0.95, iterations: int = 3,
+                           batch_size: int = 32) -> Optional[dict[float, float]]:
+    """Sets DMQ's adaptive timestep weights on every activation observer of a calibrated graph.
+
+    Each iteration converts a copy of `prepared` with the current weights, measures the per-timestep output
+    loss against the FP `reference` on (the first `batch_size` samples of) `data`, updates the loss EMA and
+    hands the new weights to the observers. `convert_pt2e(prepared)` afterwards uses the final weights.
+
+    Args:
+        prepared: a calibrated graph from `prepare_pt2e(graph, DiffusionQuantizer(config))`; the observers must
+            use the "weighted" timestep aggregation for the weights to matter.
+        reference: the FP exported graph.
+        data: the calibration data (its timesteps are the keys of the weights).
+        r, ema: see `AdaptiveTimestepWeights`.
+        iterations: convert / measure / reweight rounds.
+        batch_size: samples per timestep used to measure the loss.
+
+    Returns:
+        The final weights (None when `iterations` is 0).
+    """
+    observers = activation_observers(prepared)
+    if not observers:
+        raise ValueError("adapt_timestep_weights found no TimestepActivationObserver: prepare the graph with "
+                         "DiffusionQuantizer and calibrate it first.")
+    adaptive, weights = AdaptiveTimestepWeights(r, ema), None
+    for _ in range(iterations):
+        quantized = convert_pt2e(copy.deepcopy(prepared))
+        weights = adaptive.update(per_timestep_loss(reference, quantized, data, batch_size))
+        for obs in observers:
+            obs.set_timestep_weights(weights)
+    return weights

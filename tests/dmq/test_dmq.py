@@ -1,0 +1,109 @@
+"""DMQ's pieces: timestep weights, power-of-two factors and the vote."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from diffusion_ao.dmq import AdaptiveTimestepWeights, PowerOfTwoVotes, per_sample_channel_errors, timestep_weights, vote
+from diffusion_ao.dmq.pts import factors
+
+losses = st.dictionaries(st.floats(0, 999), st.floats(0, 1e3), min_size=1, max_size=50)
+
+
+@given(losses=losses, r=st.floats(0, 40))
+def test_weights_are_non_negative_and_sum_to_one(losses, r):
+    w = timestep_weights(losses, r)
+    assert set(w) == set(losses)
+    assert all(v >= 0 for v in w.values())
+    assert sum(w.values()) == pytest.approx(1.0)
+
+
+@given(losses=losses)
+def test_r_zero_is_uniform_and_a_larger_loss_never_gets_more_weight(losses):
+    w0 = timestep_weights(losses, 0)
+    assert all(v == pytest.approx(1 / len(losses)) for v in w0.values())
+    w = timestep_weights(losses, 20)
+    keys = sorted(losses, key=losses.get)
+    assert all(w[a] >= w[b] - 1e-12 for a, b in zip(keys, keys[1:]))
+
+
+def test_ema_of_losses():
+    adaptive = AdaptiveTimestepWeights(r=1, ema=0.5)
+    adaptive.update({1.0: 4.0, 2.0: 0.0})
+    adaptive.update({1.0: 0.0, 2.0: 4.0})
+    assert adaptive.losses == {1.0: 2.0, 2.0: 2.0}
+    assert adaptive.weights() == {1.0: 0.5, 2.0: 0.5}
+    with pytest.raises(ValueError, match="r=-1"):
+        AdaptiveTimestepWeights(r=-1)
+
+
+@settings(deadline=None, max_examples=30)
+@given(n=st.integers(1, 4), c=st.integers(1, 6), max_k=st.integers(0, 4), seed=st.integers(0, 1000),
+       bits=st.sampled_from([4, 6, 8]))
+def test_pts_factors_are_powers_of_two_in_range(n, c, max_k, seed, bits):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n, 16, c, generator=g) * torch.exp(torch.randn(c, generator=g) * 2)
+    tally = PowerOfTwoVotes(c, max_k)
+    tally.add(per_sample_channel_errors(rows, bits, max_k))
+    for k in (tally.by_vote(0.85), tally.by_mse()):
+        s = factors(k)
+        assert ((k >= 0) & (k <= max_k)).all()
+        assert torch.equal(torch.log2(s), -k.float())  # exactly 2^-k
+    assert int(tally.votes.sum()) == n * c
+
+
+def test_k_zero_is_exact_reference_and_small_channels_prefer_larger_k():
+    # One loud channel sets the range; a quiet one gets a finer step by being scaled up.
+    rows = torch.stack([torch.linspace(-8, 8, 64), torch.linspace(-0.1, 0.1, 64)], dim=-1).unsqueeze(0)
+    errors = per_sample_channel_errors(rows, bits=4, max_k=3)
+    assert errors[:, 0, 1].argmin() == 3 and errors[0, 0, 0] <= errors[3, 0, 0]
+
+
+def test_vote_falls_back_to_zero_below_kappa():
+    votes = torch.tensor([[1, 0, 2], [9, 5, 0], [0, 5, 8]])  # (K+1, C): channel 0: 90% k=1, 1: 50/50, 2: 80% k=2
+    assert vote(votes, 0.85).tolist() == [1, 0, 0]
+    assert vote(votes, 0.8).tolist() == [1, 0, 2]
+    assert vote(votes, 0.5).tolist() == [1, 1, 2]  # ties break to the smaller k
+
+
+@pytest.fixture(scope="module")
+def tiny_dmq(scheduler):
+    from diffusion_ao import QuantConfig, collect_calibration_data
+    from diffusion_ao.config import DMQConfig
+    from diffusion_ao.recipe import quantize_unet
+    from tests.conftest import tiny_unet
+
+    unet = tiny_unet()
+    data = collect_calibration_data(unet, scheduler, num_samples=8, num_inference_steps=4, progress=False)
+    # min spread 1 puts every quantized layer through the vote, so the fold path is exercised.
+    config = QuantConfig.preset("dmq-w4a8").replace(dmq=DMQConfig(pts_min_spread=1.0, pts_kappa=0.5,
+                                                                   weighting_iterations=2))
+    quantized, report = quantize_unet(unet, data, config, progress=False)
+    return unet, data, quantized, report
+
+
+def test_dmq_recipe_scales_channels_sets_weights_and_stays_close_to_fp(tiny_dmq):
+    from tests.conftest import snr_db
+
+    unet, data, quantized, report = tiny_dmq
+    assert report.pts and all(max(v["k"]) > 0 for v in report.pts.values())
+    assert sum(report.timestep_weights.values()) == pytest.approx(1.0)
+    assert set(report.timestep_weights) == set(data.timesteps)
+    x, t = data.steps[1].sample, torch.full((len(data.steps[1].sample),), data.steps[1].timestep)
+    assert snr_db(unet(x, t).sample, quantized(x, t)) > 8.0
+
+
+@pytest.mark.slow
+def test_dmq_folded_graph_runs_on_int8_kernels(tiny_dmq):
+    from diffusion_ao import compile_for_cpu, count_int8_kernels
+
+    unet, data, quantized, report = tiny_dmq
+    decisions = report.quantizer.decisions
+    expected = sum(1 for d in decisions if d.layer is not None and d.layer.act_bits)
+    x, t = data.steps[1].sample, torch.full((len(data.steps[1].sample),), data.steps[1].timestep)
+    fast = compile_for_cpu(quantized)
+    kernels = count_int8_kernels(fast, x, t)
+    assert kernels["qconv"] + kernels["qlinear"] == expected
+    from tests.conftest import snr_db
+    snr = snr_db(quantized(x, t), fast(x, t))
+    print(f"compiled vs eager q/dq after PTS folding: {snr:.1f} dB")
+    assert snr > 30.0
