@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_ao import CalibrationData
-from diffusion_ao.metrics import class_coverage, classifier_features, frechet_distance, psnr_paired, ssim_paired
+from diffusion_ao.metrics import (class_coverage, classifier_features, frechet_distance, psnr_paired, relative_mse,
+                                  ssim_paired)
 from diffusion_ao.sampling import run_sampler
 
 # diffusers-like UNet: unet(x, t, return_dict=False)[0]
@@ -79,7 +80,7 @@ def noise_predictions(fn: ForwardFn, data: CalibrationData, batch: int) -> list[
 
 def per_timestep_relative_mse(preds: list[torch.Tensor], reference: list[torch.Tensor]) -> list[float]:
     """mean((pred - ref)^2) / mean(ref^2) at each timestep: the prediction error relative to FP's power."""
-    return [float((p - r).pow(2).mean() / r.pow(2).mean().clamp_min(1e-12)) for p, r in zip(preds, reference)]
+    return [relative_mse(p, r) for p, r in zip(preds, reference)]
 
 
 @dataclass

@@ -143,6 +143,11 @@ def fd_to_reference(images: Tensor, reference_images: Tensor, classifier: nn.Mod
                             classifier_features(reference_images, classifier, batch_size))
 
 
+def relative_mse(pred: Tensor, reference: Tensor) -> float:
+    """mean((pred - reference)^2) / mean(reference^2): an error relative to the reference's power."""
+    return float((pred - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-12))
+
+
 def psnr_paired(a: Tensor, b: Tensor, cap_db: float = PSNR_CAP_DB) -> float:
     """Mean over the batch of the per-image PSNR between paired images, in dB.
 

@@ -29,3 +29,9 @@ def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 @pytest.fixture(scope="session")
 def scheduler() -> DDIMScheduler:
     return DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet2DModel:
+    """A fresh tiny UNet per test module (modules may mutate nothing, but each builds its own graphs)."""
+    return tiny_unet()

@@ -10,7 +10,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from diffusion_ao import (DiffusionQuantizer, QuantConfig, as_diffusers_unet, calibrate, collect_calibration_data,
                           compile_for_cpu, count_int8_kernels, export_unet)
-from tests.conftest import snr_db, tiny_conditional_unet, tiny_unet
+from tests.conftest import snr_db, tiny_conditional_unet
 
 torch.set_num_threads(2)
 
@@ -29,11 +29,6 @@ def _probe_inputs(data):
     x = torch.cat([s.sample[:4] for s in steps])
     t = torch.cat([torch.full((4,), s.timestep) for s in steps])
     return x, t
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return tiny_unet()
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,6 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from diffusion_ao import (CalibrationData, CalibrationStep, DiffusionQuantizer, LayerQuant, QuantConfig, calibrate,
                           collect_calibration_data, export_unet)
-from tests.conftest import tiny_unet
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return tiny_unet()
 
 
 @pytest.fixture(scope="module")

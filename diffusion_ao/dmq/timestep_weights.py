@@ -14,6 +14,7 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from ..calibration import CalibrationData
+from ..metrics import relative_mse
 from ..observers import TimestepActivationObserver
 
 
@@ -82,7 +83,7 @@ def per_timestep_loss(reference: torch.fx.GraphModule, quantized: torch.fx.Graph
         x, t = step.sample[:batch_size], torch.full((min(len(step.sample), batch_size),), step.timestep)
         cond = {k: v[:batch_size] for k, v in step.conditioning.items()}
         ref = reference(x, t, **cond)
-        losses[step.timestep] = float((quantized(x, t, **cond) - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12))
+        losses[step.timestep] = relative_mse(quantized(x, t, **cond), ref)
     return losses
 
 
