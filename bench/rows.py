@@ -117,13 +117,14 @@ def x86_row() -> RowSpec:
 
 
 def dmq_rows(bits: str) -> list[RowSpec]:
-    """DMQ's ablation at `bits` ("w4a8" / "w4a6"): each piece added to diffusion-ao's baseline of that width."""
+    """DMQ's ablation at `bits` ("w4a8" / "w4a6"), cumulative as in the paper: diffusion-ao's row of that width
+    (the baseline) -> +LES -> +timestep weighting -> +PTS, with PTS chosen by summed MSE or by vote."""
     base = QuantConfig.preset(bits)
     full = QuantConfig.preset(f"dmq-{bits}").dmq
-    steps = [("tw", dataclasses.replace(full, pts=False)),
-             ("pts-mse", dataclasses.replace(full, timestep_weighting=False, pts_selection="mse")),
-             ("pts-vote", dataclasses.replace(full, timestep_weighting=False)),
-             ("tw+pts-vote", full)]
+    steps = [("les", dataclasses.replace(full, timestep_weighting=False, pts=False)),
+             ("les+tw", dataclasses.replace(full, pts=False)),
+             ("les+tw+pts-mse", dataclasses.replace(full, pts_selection="mse")),
+             ("les+tw+pts-vote", full)]
     return [_config_row(f"dmq-{bits}-{label}", "dmq", f"dmq-{bits}",
                         base.replace(dmq=dmq, name=f"dmq-{bits}-{label}")) for label, dmq in steps]
 

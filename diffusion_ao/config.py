@@ -50,13 +50,23 @@ class LayerQuant:
 
 
 PTS_SELECTIONS = ("vote", "mse")
+LES_INITS = ("ones", "smoothquant")
 
 
 @dataclass(frozen=True)
 class DMQConfig:
-    """DMQ's calibration-time pieces (METHODS.md §3, §5), applied by `quantize_unet`.
+    """DMQ's calibration-time pieces (METHODS.md §3–§5), applied by `quantize_unet` in the order LES, PTS,
+    calibration, timestep weighting.
 
     Args:
+        les: learned equivalent scaling of every quantized layer's input channels, folded into the graph.
+        les_init: "ones" (DMQ) or "smoothquant" (s = max|x|^alpha / max|W|^(1-alpha)).
+        les_alpha: SmoothQuant's alpha for `les_init="smoothquant"`.
+        les_iterations: Adam steps per layer (DMQ: ~6k on a GPU; the default fits a CPU budget).
+        les_lr: learning rate on log(s).
+        les_samples_per_step: calibration trajectories per timestep whose layer inputs LES learns from.
+        les_min_gain: a layer keeps s = 1 unless LES lowers its loss by this fraction.
+        les_max_capture_mib: memory for captured layer inputs; layers are learned in groups that fit.
         timestep_weighting: adapt per-timestep weights lambda_t = (1 - L_t / sum L)^r of the activation ranges
             (needs `timestep_aggregation="weighted"`).
         weighting_r: r of the weights (DMQ: 20; 0 is uniform).
@@ -72,6 +82,14 @@ class DMQConfig:
             channels of large latent diffusion models, and at 2 the vote still keeps most channels at k = 0.
     """
 
+    les: bool = True
+    les_init: Literal["ones", "smoothquant"] = "ones"
+    les_alpha: float = 0.5
+    les_iterations: int = 200
+    les_lr: float = 1e-2
+    les_samples_per_step: int = 8
+    les_min_gain: float = 0.01
+    les_max_capture_mib: int = 1024
     timestep_weighting: bool = True
     weighting_r: float = 20.0
     weighting_ema: float = 0.95
@@ -84,6 +102,13 @@ class DMQConfig:
 
     def __post_init__(self) -> None:
         _check_choice("pts_selection", self.pts_selection, PTS_SELECTIONS)
+        _check_choice("les_init", self.les_init, LES_INITS)
+        if (not 0 <= self.les_alpha <= 1 or self.les_iterations < 0 or self.les_lr <= 0
+                or self.les_samples_per_step < 1 or not 0 <= self.les_min_gain < 1 or self.les_max_capture_mib < 1):
+            raise ValueError("les_alpha must be in [0, 1], les_iterations >= 0, les_lr > 0, les_samples_per_step "
+                             f">= 1, les_min_gain in [0, 1) and les_max_capture_mib >= 1; got {self.les_alpha}, "
+                             f"{self.les_iterations}, {self.les_lr}, {self.les_samples_per_step}, "
+                             f"{self.les_min_gain}, {self.les_max_capture_mib}.")
         if self.weighting_r < 0 or not 0 <= self.weighting_ema < 1 or self.weighting_iterations < 0:
             raise ValueError("weighting_r must be >= 0, weighting_ema in [0, 1) and weighting_iterations >= 0; got "
                              f"{self.weighting_r}, {self.weighting_ema}, {self.weighting_iterations}.")
@@ -164,8 +189,9 @@ class QuantConfig:
                 raise ValueError(f"module_type_overrides[{key!r}] must be a LayerQuant or None, got {value!r}.")
         if self.dmq is not None and not isinstance(self.dmq, DMQConfig):
             raise ValueError(f"dmq must be a DMQConfig or None, got {type(self.dmq).__name__}.")
-        if self.dmq is not None and self.act_bits is None and self.dmq.pts:
-            raise ValueError("dmq.pts scales activations: it needs act_bits (or DMQConfig(pts=False)).")
+        if self.dmq is not None and self.act_bits is None and (self.dmq.pts or self.dmq.les):
+            raise ValueError("dmq.pts and dmq.les scale activations: they need act_bits (or DMQConfig(pts=False, "
+                             "les=False)).")
 
     @property
     def default_layer(self) -> LayerQuant:

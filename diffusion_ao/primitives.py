@@ -35,3 +35,18 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """`dequantize(quantize(x))`: what the network sees after a q/dq pair."""
     return dequantize(quantize(x, scale, zero_point, quant_min, quant_max), scale, zero_point)
 
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (half to even) with a straight-through gradient (d round(x) / dx := 1)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                      quant_max: int) -> torch.Tensor:
+    """`fake_quantize` that gradients can pass: straight through the rounding, zero where the code clamps.
+
+    Learned methods (LES, reconstruction) optimise through it; its forward value equals `fake_quantize`.
+    """
+    q = torch.clamp(round_ste(x * (1.0 / scale)) + zero_point, quant_min, quant_max)
+    return (q - zero_point) * scale

@@ -99,7 +99,8 @@ class AnnotationContext:
         if reduce == "auto":
             reduce = not self.has_vnni and int16_pair_overflows(layer.weight_bits, layer.act_bits)
         spec = self.activation_spec(layer.act_bits, reduce)
-        self.decisions[-1].act_range = (spec.quant_min, spec.quant_max)
+        if self.decisions:
+            self.decisions[-1].act_range = (spec.quant_min, spec.quant_max)
         return spec
 
     def weight_spec(self, bits: int) -> QuantizationSpec:
@@ -111,6 +112,15 @@ class AnnotationContext:
         return QuantizationSpec(dtype=torch.int8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
                                 ch_axis=0 if per_channel else None, is_dynamic=False,
                                 observer_or_fake_quant_ctr=ctor)
+
+
+@dataclass
+class PlannedLayer:
+    """A conv/linear that the config quantizes: its bit widths and the specs `annotate` will give it."""
+
+    layer: LayerQuant
+    weight_spec: QuantizationSpec
+    input_spec: Optional[QuantizationSpec]  # None: weight-only
 
 
 class DiffusionQuantizer(Quantizer):
@@ -141,9 +151,10 @@ class DiffusionQuantizer(Quantizer):
         return AnnotationContext(self.config, first | last, time_embedding_nodes(model), shortcut_convs(model),
                                  self.has_vnni)
 
-    def planned_layers(self, model: GraphModule) -> dict[Node, LayerQuant]:
-        """The conv/linear nodes of an exported graph that this config will quantize, with their bit widths
-        (what `annotate` will do, without annotating). Graph passes use it to pick their targets."""
+    def planned_layers(self, model: GraphModule) -> dict[Node, PlannedLayer]:
+        """The conv/linear nodes of an exported graph that this config will quantize, with their bit widths and
+        quantization specs (what `annotate` will do, without annotating). Graph passes use it to pick their
+        targets and to simulate the quantizers `prepare_pt2e` will insert."""
         require_exported(model, "DiffusionQuantizer")
         ctx = self._context(model)
         planned = {}
@@ -151,7 +162,8 @@ class DiffusionQuantizer(Quantizer):
             if node.op == "call_function" and node.target in WEIGHTED_OPS:
                 layer = ctx.layer_for(node)
                 if layer is not None:
-                    planned[node] = layer
+                    input_spec = ctx.weighted_input_spec(layer) if layer.act_bits is not None else None
+                    planned[node] = PlannedLayer(layer, ctx.weight_spec(layer.weight_bits), input_spec)
         return planned
 
     def annotate(self, model: GraphModule) -> GraphModule:

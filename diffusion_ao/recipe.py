@@ -1,4 +1,4 @@
-"""`quantize_unet`: the whole PTQ recipe of a `QuantConfig` in one call (export, DMQ's graph passes, prepare,
+"""`quantize_unet`: the whole PTQ recipe of a `QuantConfig` in one call (export, DMQ's graph passes (LES, PTS), prepare,
 timestep-aware calibration, DMQ's timestep weighting, convert).
 
 The PT2E steps stay available one by one (see the README); this is the path the benchmark uses.
@@ -27,6 +27,7 @@ class QuantizationReport:
     """What the recipe did: the quantizer's per-layer decisions, each method's choices and the time taken."""
 
     quantizer: DiffusionQuantizer
+    les: dict = field(default_factory=dict)
     pts: dict = field(default_factory=dict)
     timestep_weights: Optional[dict[float, float]] = None
     calib_s: float = 0.0
@@ -54,6 +55,11 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
     quantizer = DiffusionQuantizer(config, has_vnni=has_vnni)
     report = QuantizationReport(quantizer)
     dmq = config.dmq
+    if dmq is not None and dmq.les:
+        from .dmq import apply_learned_scaling
+        report.les = apply_learned_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
+        logger.info("LES: %d of %d layers scaled", sum(r.fold is not None for r in report.les.values()),
+                    len(report.les))
     if dmq is not None and dmq.pts:
         from .dmq import apply_power_of_two_scaling
         report.pts = apply_power_of_two_scaling(graph, data, config, progress=progress)

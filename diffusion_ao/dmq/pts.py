@@ -115,7 +115,7 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
     from ..quantizer import DiffusionQuantizer
 
     settings = config.dmq
-    planned = DiffusionQuantizer(config).planned_layers(graph)
+    planned = {n: p for n, p in DiffusionQuantizer(config).planned_layers(graph).items() if p.input_spec}
     channel_dim = {n.name: 1 if n.target in CONV_OPS else -1 for n in planned}
     absmax: dict[str, torch.Tensor] = {}
 
@@ -136,7 +136,7 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
     def record_votes(node):
         def callback(x, timestep):
             rows = channels_last_rows(x, channel_dim[node.name]).float()
-            votes[node.name].add(per_sample_channel_errors(rows, planned[node].act_bits, settings.pts_max_k))
+            votes[node.name].add(per_sample_channel_errors(rows, planned[node].layer.act_bits, settings.pts_max_k))
         return callback
 
     run_with_input_callbacks(graph, data, {n.name: record_votes(n) for n in chosen}, progress=progress,

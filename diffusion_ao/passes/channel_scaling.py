@@ -44,7 +44,7 @@ def _fold_into_producer(gm: GraphModule, producer: Node, inv_s: torch.Tensor) ->
         weight, bias = get_attr_tensor(gm, producer.args[1]), (
             get_attr_tensor(gm, producer.args[2]) if len(producer.args) > 2 else None)
         if weight is None or len(producer.args[1].users) != 1 or (producer.target in CONV_OPS and
-                                                                  _conv_groups(producer) != 1):
+                                                                  conv_groups(producer) != 1):
             return False
         _rescale_constant(gm, producer.args[1], inv_s.view(-1, *([1] * (weight.dim() - 1))))
         if bias is not None:
@@ -60,7 +60,7 @@ def _fold_into_producer(gm: GraphModule, producer: Node, inv_s: torch.Tensor) ->
     return False
 
 
-def _conv_groups(node: Node) -> int:
+def conv_groups(node: Node) -> int:
     return node.args[6] if len(node.args) > 6 else 1
 
 
@@ -84,13 +84,17 @@ def scale_input_channels(gm: GraphModule, node: Node, s: torch.Tensor, fold_prod
     weight = get_attr_tensor(gm, node.args[1])
     if weight is None or len(node.args[1].users) != 1:
         raise ValueError(f"The weight of {node.name} is not a constant used only by it; cannot fold a scale.")
-    if node.target in CONV_OPS and _conv_groups(node) != 1:
+    if node.target in CONV_OPS and conv_groups(node) != 1:
         raise ValueError(f"{node.name} is a grouped conv; per-input-channel scales need groups=1.")
     s = s.detach().to(weight.dtype).flatten()
     if s.numel() != weight.shape[1] or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
         raise ValueError(f"scales for {node.name} must be {weight.shape[1]} finite positive values.")
     _rescale_constant(gm, node.args[1], s.view(1, -1, *([1] * (weight.dim() - 2))))
     x = node.args[0]
+    if isinstance(x, Node) and x.meta.get(SCALE_META) and len(x.users) == 1:
+        # A scale multiply from an earlier pass (LES, then PTS): compose into it rather than chain a second one.
+        _rescale_constant(gm, x.args[1], _input_channel_view(node, 1.0 / s, x.meta["val"].dim()))
+        return "multiply"
     if fold_producer and _fold_into_producer(gm, x, 1.0 / s):
         return "producer"
     name = f"{node.name}_input_scale"

@@ -56,7 +56,7 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
     assert [r.name for r in select_rows(rows, "w4a6")] == ["fp32", "naive-w4a6", "diffusion-ao-w4a6"]
     with_dmq = default_rows(("dmq",))
     assert [r.name for r in select_rows(with_dmq, "dmq-w4a8")] == [
-        "fp32", "dmq-w4a8-tw", "dmq-w4a8-pts-mse", "dmq-w4a8-pts-vote", "dmq-w4a8-tw+pts-vote"]
+        "fp32", "dmq-w4a8-les", "dmq-w4a8-les+tw", "dmq-w4a8-les+tw+pts-mse", "dmq-w4a8-les+tw+pts-vote"]
     with pytest.raises(ValueError, match="Unknown ablation"):
         default_rows(("les",))
     with pytest.raises(ValueError, match="match no row"):

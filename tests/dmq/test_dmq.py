@@ -76,7 +76,8 @@ def tiny_dmq(scheduler):
     data = collect_calibration_data(unet, scheduler, num_samples=8, num_inference_steps=4, progress=False)
     # min spread 1 puts every quantized layer through the vote, so the fold path is exercised.
     config = QuantConfig.preset("dmq-w4a8").replace(dmq=DMQConfig(pts_min_spread=1.0, pts_kappa=0.5,
-                                                                   weighting_iterations=2))
+                                                                   weighting_iterations=2, les_iterations=20,
+                                                                   les_samples_per_step=2))
     quantized, report = quantize_unet(unet, data, config, progress=False)
     return unet, data, quantized, report
 
@@ -86,6 +87,7 @@ def test_dmq_recipe_scales_channels_sets_weights_and_stays_close_to_fp(tiny_dmq)
 
     unet, data, quantized, report = tiny_dmq
     assert report.pts and all(max(v["k"]) > 0 for v in report.pts.values())
+    assert any(r.fold is not None for r in report.les.values())  # LES ran first and folded some scales
     assert sum(report.timestep_weights.values()) == pytest.approx(1.0)
     assert set(report.timestep_weights) == set(data.timesteps)
     x, t = data.steps[1].sample, torch.full((len(data.steps[1].sample),), data.steps[1].timestep)
