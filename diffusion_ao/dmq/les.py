@@ -8,8 +8,9 @@ SmoothQuant's closed form. Unlike DMQ's code, which divides by s at run time, th
 into the graph (`scale_input_channels`): W s into the weight before it is quantized, 1/s into the producer
 of x or a per-channel multiply that inductor fuses into the quantize op.
 
-The simulated quantizers are the ones `prepare_pt2e` will insert (same bits, range and weight observer), with
-the activation range chosen per batch by a small clipping search.
+The simulated quantizers are the ones `prepare_pt2e` will insert: the weight observer, and the activation
+observer with its per-timestep statistics, fed x/s of every calibration timestep and refreshed while s is
+learned, so that LES optimises the ranges the deployed model will use.
 """
 from __future__ import annotations
 
@@ -22,11 +23,10 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationData
+from ..observers import timestep_context
 from ..primitives import fake_quantize_ste
 from .timestep_weights import AdaptiveTimestepWeights
 
-CLIP_RATIOS = torch.linspace(0.5, 1.0, 11)  # candidate activation ranges, as fractions of the batch min/max
-RANGE_SEARCH_VALUES = 16384  # values subsampled for that search
 WEIGHT_SEARCH_GRID = 21  # candidate weight ranges per step (the final weight observer searches finer)
 EPS = 1e-8
 
@@ -74,7 +74,7 @@ class LayerQuantSim(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.rest = tuple(node.args[3:])
         self.input_spec, self.weight_spec = planned.input_spec, planned.weight_spec
-        self.act_observer = planned.input_spec.observer_or_fake_quant_ctr()  # for its qparam arithmetic only
+        self.act_qparams: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by refresh_activation_range
         self.log_s = torch.nn.Parameter(torch.zeros(self.weight.shape[1]))
 
     def _x_view(self, s: torch.Tensor) -> torch.Tensor:
@@ -95,23 +95,23 @@ class LayerQuantSim(torch.nn.Module):
         return fake_quantize_ste(w, scale.reshape(shape), zp.reshape(shape).float(), obs.quant_min, obs.quant_max)
 
     @torch.no_grad()
-    def _activation_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = x.detach().reshape(-1)
-        if flat.numel() > RANGE_SEARCH_VALUES:
-            flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:RANGE_SEARCH_VALUES]]
-        lo, hi = torch.aminmax(x.detach())
-        scale, zp = self.act_observer._calculate_qparams(lo * CLIP_RATIOS, hi * CLIP_RATIOS)
-        qmin, qmax = self.input_spec.quant_min, self.input_spec.quant_max
-        err = [(fake_quantize_ste(flat, s, z.float(), qmin, qmax) - flat).pow(2).mean() for s, z in zip(scale, zp)]
-        best = int(torch.stack(err).argmin())
-        return scale[best], zp[best].float()
+    def refresh_activation_range(self, inputs: dict[float, torch.Tensor]) -> None:
+        """Chooses the activation qparams of x/s as the deployed observer would, from `inputs` (timestep -> x)."""
+        observer = self.input_spec.observer_or_fake_quant_ctr()
+        s = self._x_view(self.log_s.exp())
+        for t, x in inputs.items():
+            with timestep_context(t):
+                observer(x / s)
+        scale, zp = observer.calculate_qparams()
+        self.act_qparams = (scale.reshape(()), zp.reshape(()).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The output with x/s and W s fake-quantized (gradients reach log_s straight through the rounding)."""
+        if self.act_qparams is None:
+            raise RuntimeError("LayerQuantSim: call refresh_activation_range(inputs) before running the layer.")
         s = self.log_s.exp()
-        xs = x / self._x_view(s)
-        scale, zp = self._activation_qparams(xs)
-        xq = fake_quantize_ste(xs, scale, zp, self.input_spec.quant_min, self.input_spec.quant_max)
+        scale, zp = self.act_qparams
+        xq = fake_quantize_ste(x / self._x_view(s), scale, zp, self.input_spec.quant_min, self.input_spec.quant_max)
         return self.op(xq, self._quantize_weight(self.weight * self._w_view(s)), self.bias, *self.rest)
 
 
@@ -151,8 +151,9 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
 
     Each iteration draws `batch_per_step` samples from every timestep, weights the per-timestep losses with
     DMQ's adaptive weights (uniform when `weighting_r` is 0), and takes an Adam step on log(s) with a cosine
-    learning rate. Every `eval_every` iterations the uniform mean over timesteps of the loss on all of `inputs`
-    is evaluated; the best s so far is kept, and training stops after `patience` evaluations without
+    learning rate. Every `eval_every` iterations the activation range is chosen again by the deployed observer
+    for the current s, and the uniform mean over timesteps of the loss on all of `inputs` is evaluated with it;
+    the best s so far is kept, and training stops after `patience` evaluations without
     improvement. The returned loss therefore never exceeds the initial one.
 
     Args:
@@ -185,6 +186,7 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
         reference = sim.reference(x_all)
 
         def evaluate() -> float:
+            sim.refresh_activation_range(inputs)
             return float(_timestep_losses(sim, x_all, reference, ids_all, len(timesteps)).mean())
 
         sim.log_s.zero_()
