@@ -32,7 +32,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  
 from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
 from bench.plots import save_per_timestep_plot, save_sample_grid  # noqa: E402
 from bench.quality import (batched_forward, make_noise, noise_predictions, per_timestep_relative_mse,  # noqa: E402
-                           quality_metrics, sample_images, size_mb)
+                           quality_metrics, sample_images)
 from bench.report import write_report  # noqa: E402
 from bench.rows import ABLATIONS, RowSpec, default_rows, select_rows  # noqa: E402
 from diffusion_ao import (as_diffusers_unet, collect_calibration_data, compile_for_cpu,  # noqa: E402
@@ -43,6 +43,7 @@ from diffusion_ao.models import load_model  # noqa: E402
 from diffusion_ao.models.classifier import load_classifier  # noqa: E402
 from diffusion_ao.models.digits import load_digits_tensor  # noqa: E402
 from diffusion_ao.recipe import quantize_unet  # noqa: E402
+from diffusion_ao.size import size_mb  # noqa: E402
 from diffusion_ao.sampling import sample_shape  # noqa: E402
 
 SCHEDULERS = {
