@@ -4,6 +4,7 @@
     python bench/run.py --quick         # fewer samples, eager q/dq graphs, no latency (~2 min)
     python bench/run.py --methods naive-w4a8,diffusion-ao --num-samples 500 --scheduler dpm
     python bench/run.py --ablation dmq --methods w4a8,dmq-w4a8   # DMQ's ablation at W4A8
+    python bench/run.py --speed         # the speed table instead (bench/speed.py; its options follow)
 
 For each row it exports the UNet, prepares it with the row's quantizer, calibrates on FP trajectories, converts,
 compiles onto oneDNN int8 kernels (inductor, freezing), samples the same seeds as FP and measures sample quality,
@@ -135,6 +136,10 @@ def kernel_kind(counts: Optional[dict], expected: Optional[int]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--speed" in argv:
+        from bench.speed import main as speed_main
+        return speed_main([a for a in argv if a != "--speed"])
     args = parse_args(argv)
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
