@@ -1,4 +1,5 @@
 """save_quantized / load_quantized: packed weights, no FP copies, a bit-exact round trip."""
+import copy
 import json
 
 import pytest
@@ -125,3 +126,23 @@ def test_bad_input_gives_clear_errors(unet, converted, saved, tmp_path):
     (broken / CONFIG_FILE).write_text(json.dumps({"format": "diffusion-ao-quantized", "version": 1}))
     with pytest.raises(FileNotFoundError, match="lacks"):
         load_quantized(broken)
+
+
+def test_buffers_that_passes_add_are_saved_too(converted, tmp_path):
+    """A pass may register any tensor (e.g. a [T, C] time-embedding cache) and read it with get_attr."""
+    graph = copy.deepcopy(converted["w4a8"])
+    graph.add_module("tib", torch.nn.Module())
+    graph.tib.register_buffer("cache", torch.randn(7, 3))
+    output = next(n for n in graph.graph.nodes if n.op == "output")
+    result = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
+    with graph.graph.inserting_before(output):
+        cache = graph.graph.get_attr("tib.cache")
+        shifted = graph.graph.call_function(torch.ops.aten.add.Tensor,
+                                            (result, graph.graph.call_function(torch.ops.aten.sum.default, (cache,))))
+    result.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is output)
+    graph.recompile()
+    loaded = load_quantized(save_quantized(graph, tmp_path / "with-cache"))
+    x, t = _inputs(3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), graph(x, t))
+        assert not torch.equal(loaded(x, t), converted["w4a8"](x, t))
