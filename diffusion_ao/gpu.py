@@ -156,7 +156,8 @@ def lower_to_int_mm(converted: GraphModule) -> GraphModule:
         if node.target in LINEAR_OPS:
             module, kind = Int8Linear(**pieces), "linear"
         else:
-            stride, padding, dilation, groups = (list(node.args[3:7]) + [[1, 1], [0, 0], [1, 1], 1][len(node.args) - 3:])
+            defaults = [[1, 1], [0, 0], [1, 1], 1]  # aten.conv2d's stride, padding, dilation, groups
+            stride, padding, dilation, groups = list(node.args[3:7]) + defaults[len(node.args) - 3:]
             if groups != 1 or isinstance(padding, str):
                 continue
             module, kind = Int8Conv2d(**pieces, stride=stride, padding=padding, dilation=dilation), "conv"

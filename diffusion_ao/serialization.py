@@ -3,8 +3,8 @@
 A saved model is a directory with three files:
 
 * `graph.pt2.xz`: the graph structure, `torch.export`-serialised (then xz-compressed) with every tensor it reads
-  turned into an input, so that the archive holds no weights at all (neither the folded integer codes nor the original FP parameters
-  that `convert_pt2e` leaves on the module unused).
+  turned into an input, so that the archive holds no weights at all (neither the folded integer codes nor the
+  original FP parameters that `convert_pt2e` leaves on the module unused).
 * `tensors.safetensors`: every tensor the graph reads (weight codes, per-channel scales and zero points, biases,
   norms, and any buffer a method's pass registered, e.g. cached time embeddings or folded scales). Weight codes
   of 4 bits or fewer are packed (two 4-bit codes per byte); their width comes from the dequantize ops'
@@ -36,8 +36,8 @@ VERSION = 1
 GRAPH_FILE, TENSORS_FILE, CONFIG_FILE = "graph.pt2.xz", "tensors.safetensors", "config.json"
 INPUTS_META = "diffusion_ao_inputs"
 GUARDS_MODULE = "_guards_fn"  # torch.export's input-shape check; dynamo guards the compiled graph itself
-_EXAMPLE_BATCH = 2
-DROPPED_META = ("stack_trace", "from_node", "torch_fn", "source_fn_stack")  # torch.export specialises dimensions of size 1
+_EXAMPLE_BATCH = 2  # torch.export specialises dimensions of size 1
+DROPPED_META = ("stack_trace", "from_node", "torch_fn", "source_fn_stack")
 
 
 def _require_converted(graph: Any) -> GraphModule:

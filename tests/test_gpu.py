@@ -46,7 +46,8 @@ def test_int8_conv_and_linear_equal_the_dequantized_float64_reference(zp, wbits,
 @pytest.fixture(scope="module")
 def converted(unet, scheduler):
     data = collect_calibration_data(unet, scheduler, num_samples=4, num_inference_steps=3, progress=False)
-    prepared = prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), DiffusionQuantizer(QuantConfig.preset("w8a8")))
+    graph = export_unet(unet, sample_shape=(1, 1, 8, 8))
+    prepared = prepare_pt2e(graph, DiffusionQuantizer(QuantConfig.preset("w8a8")))
     calibrate(prepared, data, progress=False)
     return convert_pt2e(prepared)
 

@@ -23,7 +23,8 @@ def data(unet, scheduler):
 
 
 def _convert(unet, data, preset):
-    prepared = prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), DiffusionQuantizer(QuantConfig.preset(preset)))
+    graph = export_unet(unet, sample_shape=(1, 1, 8, 8))
+    prepared = prepare_pt2e(graph, DiffusionQuantizer(QuantConfig.preset(preset)))
     calibrate(prepared, data, progress=False)
     return convert_pt2e(prepared)
 
