@@ -1,4 +1,5 @@
-"""Sampling, image-quality metrics, per-timestep noise-prediction error and model size for the benchmark.
+"""Sampling, image-quality metrics and per-timestep noise-prediction error for the benchmark (model size:
+`diffusion_ao.size`).
 
 Every model is called in batches of exactly `batch` samples (the last batch is padded), so that a model
 compiled at its first call is never recompiled for another batch size.
@@ -103,61 +104,3 @@ def quality_metrics(images: torch.Tensor, fp_images: torch.Tensor, fp_features: 
                           psnr_fp=psnr_paired(images, fp_images),
                           ssim_fp=ssim_paired(images, fp_images),
                           coverage=class_coverage(images, classifier))
-
-
-def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Parameters, buffers and plain tensor attributes of `module` and all its submodules."""
-    found = []
-    for sub in module.modules():
-        found.extend(sub._parameters.values())
-        found.extend(sub._buffers.values())
-        # Tensor constants that graph passes (e.g. convert_pt2e's weight folding) set as plain attributes.
-        found.extend(v for v in vars(sub).values() if isinstance(v, torch.Tensor))
-    return [t for t in found if t is not None]
-
-
-def _resolve(module: torch.nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def graph_tensors(graph: torch.fx.GraphModule) -> list[torch.Tensor]:
-    """The tensors a graph module's graph uses: its `get_attr` constants and the tensors of called submodules.
-
-    After `convert_pt2e` the module still holds the original floating-point parameters of the quantized
-    layers, but the graph no longer reads them (it reads the folded int8 constants); they are not counted.
-    """
-    found = []
-    for node in graph.graph.nodes:
-        if node.op == "get_attr":
-            obj = _resolve(graph, node.target)
-            found.extend([obj] if isinstance(obj, torch.Tensor) else _module_tensors(obj))
-        elif node.op == "call_module":
-            found.extend(_module_tensors(graph.get_submodule(node.target)))
-    return found
-
-
-def tensor_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (tensors sharing storage are counted once)."""
-    seen, total = set(), 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += storage.nbytes()
-    return total
-
-
-def size_mb(module: torch.nn.Module) -> float:
-    """MiB (2**20 bytes) of the tensors a model needs: a graph's used tensors, or all of an eager module's."""
-    tensors = graph_tensors(module) if isinstance(module, torch.fx.GraphModule) else _module_tensors(module)
-    return tensor_bytes(tensors) / 2**20
-
-
-def held_size_mb(module: torch.nn.Module) -> float:
-    """MiB of every tensor the module object holds, used by its graph or not."""
-    return tensor_bytes(_module_tensors(module)) / 2**20

@@ -4,6 +4,7 @@
     python bench/run.py --quick         # fewer samples, eager q/dq graphs, no latency (~2 min)
     python bench/run.py --methods naive-w4a8,diffusion-ao --num-samples 500 --scheduler dpm
     python bench/run.py --ablation dmq --methods w4a8,dmq-w4a8   # DMQ's ablation at W4A8
+    python bench/run.py --speed         # the speed table instead (bench/speed.py; its options follow)
 
 For each row it exports the UNet, prepares it with the row's quantizer, calibrates on FP trajectories, converts,
 compiles onto oneDNN int8 kernels (inductor, freezing), samples the same seeds as FP and measures sample quality,
@@ -32,7 +33,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  
 from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
 from bench.plots import save_per_timestep_plot, save_sample_grid  # noqa: E402
 from bench.quality import (batched_forward, make_noise, noise_predictions, per_timestep_relative_mse,  # noqa: E402
-                           quality_metrics, sample_images, size_mb)
+                           quality_metrics, sample_images)
 from bench.report import write_report  # noqa: E402
 from bench.rows import ABLATIONS, RowSpec, default_rows, select_rows  # noqa: E402
 from diffusion_ao import (as_diffusers_unet, collect_calibration_data, compile_for_cpu,  # noqa: E402
@@ -43,6 +44,7 @@ from diffusion_ao.models import load_model  # noqa: E402
 from diffusion_ao.models.classifier import load_classifier  # noqa: E402
 from diffusion_ao.models.digits import load_digits_tensor  # noqa: E402
 from diffusion_ao.recipe import quantize_unet  # noqa: E402
+from diffusion_ao.size import size_mb  # noqa: E402
 from diffusion_ao.sampling import sample_shape  # noqa: E402
 
 SCHEDULERS = {
@@ -134,6 +136,10 @@ def kernel_kind(counts: Optional[dict], expected: Optional[int]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--speed" in argv:
+        from bench.speed import main as speed_main
+        return speed_main([a for a in argv if a != "--speed"])
     args = parse_args(argv)
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)

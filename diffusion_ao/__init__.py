@@ -14,9 +14,10 @@ from .config import PRESETS, LayerQuant, QuantConfig
 from .export import as_diffusers_unet, export_unet
 from .lowering import compile_for_cpu, count_int8_kernels
 from .quantizer import DiffusionQuantizer
+from .serialization import load_quantized, save_quantized
 
 __all__ = [
     "CalibrationData", "CalibrationStep", "DiffusionQuantizer", "LayerQuant", "PRESETS", "QuantConfig",
     "as_diffusers_unet", "calibrate", "collect_calibration_data", "compile_for_cpu", "count_int8_kernels",
-    "export_unet",
+    "export_unet", "load_quantized", "save_quantized",
 ]

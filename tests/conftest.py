@@ -35,3 +35,9 @@ def scheduler() -> DDIMScheduler:
 def unet() -> UNet2DModel:
     """A fresh tiny UNet per test module (modules may mutate nothing, but each builds its own graphs)."""
     return tiny_unet()
+
+
+def cifar_size_unet(seed: int = 0) -> UNet2DModel:
+    """The DDPM CIFAR-10 UNet (~35.7 M parameters, random weights): for kernel coverage and speed only."""
+    from diffusion_ao.models.cifar import cifar10_unet
+    return cifar10_unet(seed)

@@ -1,0 +1,191 @@
+"""The speed benchmark: FP32 eager, FP32 compiled, W8A8 and W4A8 compiled, per model and batch size.
+
+    python bench/run.py --speed                              # CIFAR-size UNet and the default model, batch 1/8/16
+    python bench/speed.py --models default --batches 1,8 --rounds 5 --profile
+
+Every variant of one (model, batch) is timed in the same process, interleaved round-robin
+(`bench.latency.measure_interleaved`), with pinned threads; the table reports medians and the ratio to FP32
+compiled (same inductor settings: `compile_for_cpu`, freezing on). Each (variant, batch) is compiled for its
+static shape before timing. Quantization ranges come from a short calibration (speed does not depend on them).
+Results go to `bench/results/<run>/speed.json` and `speed.md` (and `profile_*.txt` with `--profile`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/speed.py` from anywhere
+
+from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
+from diffusion_ao import collect_calibration_data, compile_for_cpu, count_int8_kernels, export_unet  # noqa: E402
+from diffusion_ao.config import QuantConfig  # noqa: E402
+from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
+from diffusion_ao.models import load_default_model  # noqa: E402
+from diffusion_ao.models.cifar import cifar10_unet  # noqa: E402
+from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS  # noqa: E402
+from diffusion_ao.recipe import quantize_unet  # noqa: E402
+from diffusion_ao.sampling import sample_shape  # noqa: E402
+from diffusion_ao.size import size_mb  # noqa: E402
+
+QUANTIZED = ("w8a8", "w4a8")
+VARIANTS = ("fp32-eager", "fp32-compiled", *QUANTIZED)
+REFERENCE = "fp32-compiled"
+
+
+def _cifar():
+    from diffusers import DDIMScheduler
+    return cifar10_unet(), DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+
+
+# name -> () -> (diffusers UNet, scheduler). Add models here.
+MODELS: dict[str, Callable[[], tuple]] = {"cifar": _cifar, "default": load_default_model}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="cifar,default", help=f"comma-separated, from {sorted(MODELS)}")
+    p.add_argument("--batches", default="1,8,16", help="comma-separated batch sizes")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved timed calls per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant after compiling")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler tables of the compiled variants")
+    p.add_argument("--dynamic", action="store_true", help="compile each variant once with a dynamic batch "
+                   "(3x fewer compiles; dynamic-shape code may be slower than the default static compiles)")
+    p.add_argument("--no-compile", action="store_true", help="smoke run: time the eager graphs (q/dq simulated, "
+                   "no int8 kernels); the ratios are then meaningless")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
+    try:
+        args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if not args.batches or min(args.batches) < 1 or args.rounds < 1:
+        p.error("--batches must be >= 1 and --rounds >= 1")
+    return args
+
+
+def profile_table(fn: Callable, x: torch.Tensor, t: torch.Tensor, calls: int = 3, rows: int = 15) -> str:
+    """torch.profiler's self-CPU-time table of `calls` forwards (already compiled)."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn(x, t)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def _build_variants(unet, data) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
+    """The uncompiled forward of every variant and its static facts (size, layers)."""
+    graph = export_unet(unet, sample_shape=(1, *sample_shape(unet)))
+    models = {"fp32-eager": lambda x, t: unet(x, t, return_dict=False)[0], "fp32-compiled": graph}
+    facts = {"fp32-eager": {"size_mb": size_mb(unet)}, "fp32-compiled": {"size_mb": size_mb(unet)}}
+    for preset in QUANTIZED:
+        converted, report = quantize_unet(unet, data, QuantConfig.preset(preset), progress=False)
+        models[preset] = converted
+        decisions = report.quantizer.decisions
+        facts[preset] = {"size_mb": size_mb(converted), "expected_kernels": sum(
+            1 for d in decisions if d.layer is not None and d.layer.act_bits and ("conv" in d.op or "linear" in d.op))}
+    return models, facts
+
+
+def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir: Path) -> list[dict]:
+    """Rows (one per variant and batch) of one model."""
+    unet, scheduler = MODELS[name]()
+    shape = sample_shape(unet)
+    data = collect_calibration_data(unet, scheduler, num_samples=2, num_inference_steps=2, progress=False)
+    base, facts = _build_variants(unet, data)
+    rows, compiled_once = [], {}
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        x, t = torch.randn((batch, *shape), generator=g), torch.linspace(1, 999, batch)
+        timed, compile_s = {}, {}
+        for variant, model in base.items():
+            if variant == "fp32-eager":
+                timed[variant] = model
+                continue
+            if args.no_compile:
+                timed[variant] = model
+                continue
+            start = time.perf_counter()
+            if args.dynamic and variant in compiled_once:
+                fast, counts = compiled_once[variant]  # compiled with a dynamic batch at the first batch size
+            else:
+                # default: one static-shape compile per batch size (what a deployment with a fixed batch gets)
+                fast = compile_for_cpu(model, dynamic=True if args.dynamic else False)
+                counts = count_int8_kernels(fast, x, t)
+                compiled_once[variant] = (fast, counts)
+            compile_s[variant] = time.perf_counter() - start
+            facts[variant][f"kernels_b{batch}"] = counts
+            timed[variant] = fast
+        stats = measure_interleaved(timed, x, t, rounds=args.rounds, warmup=args.warmup,
+                                    progress=not args.no_progress)
+        ref = stats[REFERENCE].median_ms
+        for variant in VARIANTS:
+            s = stats[variant]
+            rows.append({"model": name, "variant": variant, "batch": batch, "median_ms": round(s.median_ms, 3),
+                         "p25_ms": round(s.p25_ms, 3), "p75_ms": round(s.p75_ms, 3),
+                         "speedup_vs_fp32_compiled": round(ref / s.median_ms, 3),
+                         "size_mb": round(facts[variant]["size_mb"], 3),
+                         "int8_kernels": facts[variant].get(f"kernels_b{batch}"),
+                         "expected_int8_kernels": facts[variant].get("expected_kernels"),
+                         "compile_s": round(compile_s.get(variant, 0.0), 1)})
+            print(f"[speed] {name} b{batch} {variant:14s} {s.median_ms:9.2f} ms  x{ref / s.median_ms:.2f}",
+                  flush=True)
+        if args.profile:
+            for variant in ("fp32-compiled", *QUANTIZED):
+                (run_dir / f"profile_{name}_b{batch}_{variant}.txt").write_text(profile_table(timed[variant], x, t))
+    return rows
+
+
+def write_markdown(meta: dict, rows: list[dict], path: Path) -> None:
+    title = "Speed" if meta["compiled"] else "Speed SMOKE RUN (--no-compile: eager q/dq graphs, not real speed)"
+    lines = [f"# {title} ({meta['cpu']}, {meta['threads']} threads, torch {meta['torch']})", "",
+             f"Medians of {meta['rounds']} interleaved rounds; ratio = FP32 compiled / variant (higher is faster).",
+             "", "| model | batch | variant | median ms | p25-p75 ms | vs FP32 compiled | MiB | int8 kernels |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        k = r["int8_kernels"]
+        expected = r["expected_int8_kernels"]
+        kernels = "-" if k is None or expected is None else f"{sum(k.values())}/{expected}"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | "
+                     f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f} | {r['speedup_vs_fp32_compiled']:.2f}x | "
+                     f"{r['size_mb']:.2f} | {kernels} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    args = parse_args(argv)
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    run_dir = args.out / (args.run_name or datetime.now().strftime("speed-%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.batches, args, run_dir)
+    meta = {"threads": threads, "cpu": cpu_name(), "cpu_vnni": cpu_has_vnni(), "torch": torch.__version__,
+            "python": platform.python_version(), "rounds": args.rounds, "warmup": args.warmup,
+            "models": args.models, "batches": args.batches, "compiled": not args.no_compile,
+            "dynamic_batch": args.dynamic, "wall_s": round(time.perf_counter() - started, 1)}
+    (run_dir / "speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_markdown(meta, rows, run_dir / "speed.md")
+    print(f"[speed] done in {meta['wall_s']:.0f}s -> {run_dir}", flush=True)
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Save and load converted (quantized) graphs: packed low-bit weights, no floating-point copies.
+
+A saved model is a directory with three files:
+
+* `graph.pt2.xz`: the graph structure, `torch.export`-serialised (then xz-compressed) with every tensor it reads
+  turned into an input, so that the archive holds no weights at all (neither the folded integer codes nor the
+  original FP parameters that `convert_pt2e` leaves on the module unused).
+* `tensors.safetensors`: every tensor the graph reads (weight codes, per-channel scales and zero points, biases,
+  norms, and any buffer a method's pass registered, e.g. cached time embeddings or folded scales). Weight codes
+  of 4 bits or fewer are packed (two 4-bit codes per byte); their width comes from the dequantize ops'
+  quant_min / quant_max.
+* `config.json`: format version, the graph's input names, the tensors in the order the graph reads them, and the
+  bit width, dtype and shape of the packed ones.
+
+`load_quantized` re-attaches the tensors as buffers of the loaded graph, which is then an ordinary converted
+graph: it runs eagerly, `compile_for_cpu` lowers it to the same int8 kernels, and its batch size is dynamic.
+"""
+from __future__ import annotations
+
+import io
+import json
+import lzma
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.fx import GraphModule
+
+from .export import MAX_BATCH, graph_input_names
+from .packing import pack_int, unpack_int
+from .size import DEQUANTIZE_OPS, QUANTIZE_OPS, graph_tensor_targets, weight_code_bits
+
+FORMAT = "diffusion-ao-quantized"
+VERSION = 1
+GRAPH_FILE, TENSORS_FILE, CONFIG_FILE = "graph.pt2.xz", "tensors.safetensors", "config.json"
+INPUTS_META = "diffusion_ao_inputs"
+GUARDS_MODULE = "_guards_fn"  # torch.export's input-shape check; dynamo guards the compiled graph itself
+_EXAMPLE_BATCH = 2  # torch.export specialises dimensions of size 1
+DROPPED_META = ("stack_trace", "from_node", "torch_fn", "source_fn_stack")
+
+
+def _require_converted(graph: Any) -> GraphModule:
+    if not isinstance(graph, GraphModule):
+        raise TypeError(f"save_quantized needs the graph returned by convert_pt2e, got {type(graph).__name__}. "
+                        "(A compiled model cannot be saved: save the converted graph before compile_for_cpu.)")
+    targets = {n.target for n in graph.graph.nodes if n.op == "call_function"}
+    if any(n.op == "call_module" and n.target != GUARDS_MODULE for n in graph.graph.nodes):
+        raise ValueError("save_quantized got a graph that still calls submodules (observers?): calibrate it and "
+                         "run convert_pt2e first.")
+    if not targets & (DEQUANTIZE_OPS | QUANTIZE_OPS):
+        raise ValueError("save_quantized got a graph without quantize/dequantize ops: it is not quantized. Pass "
+                         "the output of convert_pt2e (or quantize_unet).")
+    return graph
+
+
+def _example_inputs(graph: GraphModule) -> list[torch.Tensor]:
+    examples = []
+    for node in graph.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ValueError(f"Input '{node.name}' has no example metadata; save a graph from export_unet.")
+        shape = [_EXAMPLE_BATCH if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
+        examples.append(torch.zeros(shape, dtype=val.dtype))
+    return examples
+
+
+def _graph_with_tensor_inputs(graph: GraphModule, keys: dict[str, str]) -> GraphModule:
+    """A copy of `graph` in which every get_attr is an input named by `keys` (appended after the real inputs)."""
+    new = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    nodes = list(graph.graph.nodes)
+    for node in nodes:
+        if node.op == "placeholder":
+            env[node] = new.placeholder(node.name)
+    tensor_inputs = {target: new.placeholder(key) for target, key in keys.items()}
+    for node in nodes:
+        if node.op == "placeholder" or (node.op == "call_module" and node.target == GUARDS_MODULE):
+            continue
+        if node.op == "get_attr":
+            env[node] = tensor_inputs[node.target]
+        elif node.op == "output":
+            out = node.args[0]
+            # export's pytree codegen wraps a single output in a list; return the tensor itself
+            if isinstance(out, (list, tuple)) and len(out) == 1:
+                out = out[0]
+            new.output(torch.fx.map_arg(out, lambda n: env[n]))
+        else:
+            env[node] = new.node_copy(node, lambda n: env[n])
+    return GraphModule(torch.nn.Module(), new)
+
+
+def tensor_key(target: str) -> str:
+    """The safetensors key (and buffer name after loading) of a get_attr target."""
+    return target.replace(".", "__")
+
+
+def save_quantized(graph: GraphModule, path: Union[str, Path], metadata: Optional[dict[str, Any]] = None,
+                   max_batch: int = MAX_BATCH) -> Path:
+    """Saves a converted graph to the directory `path` with packed low-bit weights and no FP weights.
+
+    Args:
+        graph: the output of `convert_pt2e` / `quantize_unet` (not compiled), possibly rewritten by passes that
+            add buffers: every tensor its graph reads is saved.
+        path: a directory (created if needed; its three files are overwritten).
+        metadata: JSON-serialisable extras stored in config.json (e.g. the preset name).
+        max_batch: the largest batch the reloaded graph accepts.
+
+    Returns:
+        The directory.
+
+    Raises:
+        TypeError / ValueError: if `graph` is not a converted graph.
+
+    Example:
+        >>> save_quantized(convert_pt2e(prepared), "unet-w4a8", metadata={"preset": "w4a8"})
+        >>> fast = compile_for_cpu(load_quantized("unet-w4a8"))
+    """
+    graph = _require_converted(graph)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = graph_tensor_targets(graph)
+    bits = weight_code_bits(graph)
+    keys = {target: tensor_key(target) for target in tensors}
+    if len(set(keys.values())) != len(keys):
+        raise ValueError("Two graph attributes map to the same file key; rename them.")
+    inputs = graph_input_names(graph)
+    flat = _graph_with_tensor_inputs(graph, keys)
+    examples = _example_inputs(graph)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    dynamic = [{0: batch} for _ in inputs] + [None] * len(tensors)
+    with torch.no_grad():
+        program = torch.export.export(flat, (*examples, *tensors.values()), dynamic_shapes=dynamic)
+    program._example_inputs = None  # they would hold a copy of every tensor
+    for node in program.graph.nodes:  # provenance metadata is most of the archive and not needed to run it
+        for key in DROPPED_META:
+            node.meta.pop(key, None)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    # The archive is uncompressed JSON: compressing it makes the graph ~20x smaller than its weights' worth.
+    (path / GRAPH_FILE).write_bytes(lzma.compress(buffer.getvalue(), preset=6))
+
+    stored, packed = {}, {}
+    for target, tensor in tensors.items():
+        key = keys[target]
+        if target in bits and bits[target] < 8:
+            stored[key] = pack_int(tensor, bits[target])
+            packed[key] = {"bits": bits[target], "dtype": str(tensor.dtype).removeprefix("torch."),
+                           "shape": list(tensor.shape)}
+        else:
+            stored[key] = tensor.detach().contiguous().clone()
+    save_file(stored, str(path / TENSORS_FILE))
+    # `tensors` is in the order of the graph's extra inputs; `packed` says how to unpack the low-bit codes.
+    config = {"format": FORMAT, "version": VERSION, "inputs": inputs, "tensors": list(keys.values()),
+              "packed": packed, "graph_meta_inputs": graph.meta.get(INPUTS_META, inputs),
+              "metadata": metadata or {}}
+    (path / CONFIG_FILE).write_text(json.dumps(config, separators=(",", ":")))
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise FileNotFoundError(f"No saved quantized model at '{path}': expected a directory written by "
+                                "save_quantized.")
+    missing = [f for f in (GRAPH_FILE, TENSORS_FILE, CONFIG_FILE) if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"'{path}' lacks {missing}: it is not (or no longer) a complete save_quantized "
+                                "directory; save the model again.")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"'{path / CONFIG_FILE}' is not a diffusion-ao quantized model (format "
+                         f"{config.get('format')!r}).")
+    if config.get("version") != VERSION:
+        raise ValueError(f"'{path}' has format version {config.get('version')}; this diffusion-ao reads "
+                         f"version {VERSION}.")
+    return config
+
+
+def load_quantized(path: Union[str, Path]) -> GraphModule:
+    """Loads a model saved by `save_quantized` as a converted graph (q/dq ops, integer weight codes).
+
+    Args:
+        path: the directory given to `save_quantized`.
+
+    Returns:
+        A GraphModule taking the same inputs as the saved graph (e.g. `(sample, timestep)`), with a dynamic
+        batch; `compile_for_cpu` lowers it to int8 kernels and `as_diffusers_unet` puts it into a pipeline.
+        `graph.meta["diffusion_ao_metadata"]` holds the `metadata` given when saving.
+
+    Raises:
+        FileNotFoundError: if the directory or one of its files is missing.
+        ValueError: if the files are not a diffusion-ao quantized model of a known version.
+
+    Example:
+        >>> quantized = load_quantized("unet-w4a8")
+        >>> out = compile_for_cpu(quantized)(sample, timestep)
+    """
+    path = Path(path)
+    config = _read_config(path)
+    stored = load_file(str(path / TENSORS_FILE))
+    program = torch.export.load(io.BytesIO(lzma.decompress((path / GRAPH_FILE).read_bytes())))
+    flat = program.module()
+    root = torch.nn.Module()
+    for key in config["tensors"]:
+        if key not in stored:
+            raise ValueError(f"'{path / TENSORS_FILE}' lacks the tensor '{key}' that the graph reads.")
+        data = stored[key]
+        if key in config["packed"]:
+            info = config["packed"][key]
+            data = unpack_int(data, info["bits"], tuple(info["shape"]), getattr(torch, info["dtype"]))
+        root.register_buffer(key, data)
+
+    new = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    n_inputs = len(config["inputs"])
+    placeholders = [n for n in flat.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != n_inputs + len(config["tensors"]):
+        raise ValueError(f"'{path}': the graph has {len(placeholders)} inputs but config.json lists "
+                         f"{n_inputs} inputs and {len(config['tensors'])} tensors; the files do not belong together.")
+    for node, name in zip(placeholders[:n_inputs], config["inputs"]):
+        env[node] = new.placeholder(name)
+        env[node].meta = dict(node.meta)
+    for node, key in zip(placeholders[n_inputs:], config["tensors"]):
+        env[node] = new.get_attr(key)
+    for node in flat.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            if isinstance(out, (list, tuple)) and len(out) == 1:
+                out = out[0]
+            new.output(torch.fx.map_arg(out, lambda n: env[n]))
+        elif node.op == "call_module" and node.target == GUARDS_MODULE:
+            continue
+        else:
+            env[node] = new.node_copy(node, lambda n: env[n])
+    new.eliminate_dead_code()
+    loaded = GraphModule(root, new)
+    loaded.meta[INPUTS_META] = config.get("graph_meta_inputs", config["inputs"])
+    loaded.meta["diffusion_ao_metadata"] = config.get("metadata", {})
+    return loaded
