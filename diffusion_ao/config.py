@@ -131,6 +131,9 @@ class TFMQConfig:
             raise ValueError(f"max_feature_error must be >= 0, got {self.max_feature_error!r}.")
         if self.cache_budget_bytes is not None and self.cache != "select":
             raise ValueError("cache_budget_bytes only applies to cache='select'.")
+        if self.tiar:
+            from .tfmq.tiar import require_tiar  # fails here, before any export or calibration, until wired
+            require_tiar()
 
 
 @dataclass(frozen=True)

@@ -178,8 +178,10 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
     def _mse_range(self, keys: list, lo: Optional[torch.Tensor] = None,
                    hi: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         # Candidates clip the observed range [lo, hi] (default: over all timesteps) at grid x grid ratios.
-        lo = self.min_val if lo is None else lo
-        hi = self.max_val if hi is None else hi
+        # The quantized range always holds 0, so the candidates clip [min(lo, 0), max(hi, 0)] (a range that is
+        # all positive, e.g. one timestep of a post-SiLU input, would otherwise give candidates with lo > hi).
+        lo = (self.min_val if lo is None else lo).clamp(max=0.0)
+        hi = (self.max_val if hi is None else hi).clamp(min=0.0)
         ratios = torch.linspace(1.0 / self.grid, 1.0, self.grid)
         lo_c = (lo * ratios).repeat_interleave(self.grid)
         hi_c = (hi * ratios).repeat(self.grid)
