@@ -34,7 +34,6 @@ from .temporal_cache import normalise_timesteps, timestep_index_node
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
-FSC_SCOPES = ("none", "temporal", "all")
 FSC_META = "diffusion_ao_fsc"
 
 

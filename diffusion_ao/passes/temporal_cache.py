@@ -52,6 +52,7 @@ class TemporalCache:
         features: temporal feature name -> buffer shape, e.g. {"time_embedding.linear_2": (20, 128)}.
         removed_layers: module paths of the TIB conv/linear layers removed from the graph.
         removed_nodes: how many graph nodes the rewrite removed.
+        nbytes: total bytes of the `[T, ...]` cache buffers.
     """
 
     timesteps: list[float]

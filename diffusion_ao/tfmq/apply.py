@@ -35,7 +35,7 @@ class TFMQReport:
         timesteps: the finite set.
         cache: the cache pass's report (None if nothing was cached).
         fsc_pairs: {"int8": n, "simulated": m}: quantize/dequantize pairs with per-timestep qparams left to the
-            int8 kernels / rewritten as simulated fake quantization.
+            int8 kernels / rewritten as simulated fake quantization (counted before selection caches any).
         selection: disturbance-aware selection's decisions (cache="select").
     """
 

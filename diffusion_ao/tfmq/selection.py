@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import torch
 from torch.fx import GraphModule
 
 from ..metrics import relative_mse
