@@ -129,9 +129,27 @@ def dmq_rows(bits: str) -> list[RowSpec]:
                         base.replace(dmq=dmq, name=f"dmq-{bits}-{label}")) for label, dmq in steps]
 
 
+def tfmq_rows(bits: str) -> list[RowSpec]:
+    """TFMQ-DM's ablation at `bits` ("w4a8" / "w4a6"), on diffusion-ao's baseline of that width (time path
+    quantized): + cache of every temporal feature, + finite-set calibration of every activation (conv inputs
+    then simulated), FSC of the temporal activations alone, and the `tfmq-<bits>` preset (FSC on the temporal
+    activations + disturbance-aware selection of the features to cache). A TIAR row comes once TIAR exists."""
+    from diffusion_ao.config import TFMQConfig
+
+    base = QuantConfig.preset(bits)
+    steps = [("baseline", None),
+             ("cache", TFMQConfig(cache="all", fsc="none")),
+             ("cache+fsc", TFMQConfig(cache="all", fsc="all")),
+             ("fsc-temporal", TFMQConfig(cache="none", fsc="temporal")),
+             ("select", QuantConfig.preset(f"tfmq-{bits}").tfmq)]
+    return [_config_row(f"tfmq-{bits}-{label}", "tfmq", f"tfmq-{bits}",
+                        base.replace(tfmq=tfmq, name=f"tfmq-{bits}-{label}")) for label, tfmq in steps]
+
+
 # Extra rows that `--ablation NAME` appends (they do not fit the default run's 10-minute budget).
 ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "dmq": lambda: dmq_rows("w4a8") + dmq_rows("w4a6"),
+    "tfmq": lambda: tfmq_rows("w4a8") + tfmq_rows("w4a6"),
 }
 
 

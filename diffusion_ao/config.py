@@ -117,6 +117,50 @@ class DMQConfig:
                              f"{self.pts_max_k}, {self.pts_kappa}, {self.pts_min_spread}.")
 
 
+TFMQ_CACHE = ("none", "all", "select")
+TFMQ_FSC = ("none", "temporal", "all")
+
+
+@dataclass(frozen=True)
+class TFMQConfig:
+    """TFMQ-DM's pieces (METHODS.md §3, §8), applied by `quantize_unet`. The finite set of timesteps is the
+    calibration data's (`CalibrationData.timesteps`): sample with the same scheduler and step count.
+
+    Args:
+        cache: temporal features to precompute in FP for the finite set and look up at run time:
+            "all" (the whole time-embedding computation is removed: the TIB stays exactly FP), "select"
+            (disturbance-aware: cache the features whose quantization error exceeds `max_feature_error`,
+            worst first, within `cache_budget_bytes`) or "none".
+        fsc: finite-set calibration, one activation range per timestep: "temporal" (activations that depend on
+            the timestep and not on the sample: the TIB linears' inputs; int8 kernels), "all" (every activation;
+            conv inputs then run simulated, see passes/finite_set.py) or "none".
+        cache_budget_bytes: the most bytes of `[T, C]` cache buffers "select" may use (None: no limit).
+        max_feature_error: relative MSE (over the finite set) below which "select" keeps a feature quantized.
+        tiar: reconstruct the quantized TIB's temporal features jointly (TIAR). Not implemented yet: it is to
+            be built on the block-reconstruction API of diffusion_ao.qdiff; True raises NotImplementedError.
+    """
+
+    cache: Literal["none", "all", "select"] = "select"
+    fsc: Literal["none", "temporal", "all"] = "temporal"
+    cache_budget_bytes: Optional[int] = None
+    max_feature_error: float = 1e-3
+    tiar: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("cache", self.cache, TFMQ_CACHE)
+        _check_choice("fsc", self.fsc, TFMQ_FSC)
+        if self.cache_budget_bytes is not None and (isinstance(self.cache_budget_bytes, bool) or not isinstance(
+                self.cache_budget_bytes, int) or self.cache_budget_bytes < 0):
+            raise ValueError(f"cache_budget_bytes must be an int >= 0 or None, got {self.cache_budget_bytes!r}.")
+        if not self.max_feature_error >= 0:
+            raise ValueError(f"max_feature_error must be >= 0, got {self.max_feature_error!r}.")
+        if self.cache_budget_bytes is not None and self.cache != "select":
+            raise ValueError("cache_budget_bytes only applies to cache='select'.")
+        if self.tiar:
+            from .tfmq.tiar import require_tiar  # fails here, before any export or calibration, until wired
+            require_tiar()
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How `DiffusionQuantizer` quantizes a UNet.
@@ -132,7 +176,9 @@ class QuantConfig:
             all ranges, timestep-agnostic) or "weighted" (each timestep's error weighted, uniform by default).
         quantize_first_last: quantize the first conv (on the noisy input) and the last conv (the prediction).
         quantize_time_embedding: quantize the layers that depend on the timestep but not on the sample
-            (the time MLP and every ResBlock's time projection).
+            (the time MLP and every ResBlock's time projection; in conditional models also the class/text term
+            added to the time embedding). The TIB of TFMQ-DM is the timestep-only part of this set; a cached
+            TIB (`tfmq`) is removed from the graph and so is never quantized, whatever this switch says.
         quantize_attention_matmuls: quantize the inputs of the attention matmuls (Q, K, V). No CPU integer
             kernel exists for these: they run as simulated q/dq around a floating-point attention.
         quantize_skip_convs: quantize the 1x1 convs on ResBlock shortcuts.
@@ -142,6 +188,7 @@ class QuantConfig:
             None to keep that module in floating point. Longest matching prefix wins.
         module_type_overrides: module class (e.g. `torch.nn.Linear`) -> `LayerQuant` or None.
         dmq: DMQ's calibration pieces (`DMQConfig`), or None; `quantize_unet` applies them.
+        tfmq: TFMQ-DM's pieces (`TFMQConfig`: temporal-feature cache, finite-set calibration), or None.
         name: a label for reports; presets set it.
 
     Example:
@@ -165,6 +212,7 @@ class QuantConfig:
     module_name_overrides: dict[str, Optional[LayerQuant]] = field(default_factory=dict)
     module_type_overrides: dict[type, Optional[LayerQuant]] = field(default_factory=dict)
     dmq: Optional[DMQConfig] = None
+    tfmq: Optional[TFMQConfig] = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -192,6 +240,14 @@ class QuantConfig:
         if self.dmq is not None and self.act_bits is None and (self.dmq.pts or self.dmq.les):
             raise ValueError("dmq.pts and dmq.les scale activations: they need act_bits (or DMQConfig(pts=False, "
                              "les=False)).")
+        if self.tfmq is not None:
+            if not isinstance(self.tfmq, TFMQConfig):
+                raise ValueError(f"tfmq must be a TFMQConfig or None, got {type(self.tfmq).__name__}.")
+            if self.tfmq.fsc != "none" and self.act_bits is None:
+                raise ValueError("tfmq.fsc sets activation ranges: it needs act_bits (or TFMQConfig(fsc='none')).")
+            if self.tfmq.cache == "select" and not self.quantize_time_embedding:
+                raise ValueError("TFMQConfig(cache='select') chooses between caching and quantizing the time "
+                                 "path, which quantize_time_embedding=False keeps in FP: use cache='all'.")
 
     @property
     def default_layer(self) -> LayerQuant:
@@ -202,11 +258,19 @@ class QuantConfig:
         """A short, printable summary of what is quantized (METHODS.md §1)."""
         parts = [
             f"first/last:{'Q' if self.quantize_first_last else 'FP'}",
-            f"time-emb:{'Q' if self.quantize_time_embedding else 'FP'}",
+            f"time-emb:{self._time_scope}",
             f"skip-1x1:{'Q' if self.quantize_skip_convs else 'FP'}",
             f"attn-matmul:{'Q' if self.quantize_attention_matmuls else 'FP'}",
         ]
         return " ".join(parts)
+
+    @property
+    def _time_scope(self) -> str:
+        cache = self.tfmq.cache if self.tfmq is not None else "none"
+        if cache == "all":
+            return "FP(cached)"
+        base = "Q" if self.quantize_time_embedding else "FP"
+        return base + ("/cached(select)" if cache == "select" else "")
 
     def replace(self, **changes) -> "QuantConfig":
         """A copy with some fields changed (and validated again)."""
@@ -217,7 +281,8 @@ class QuantConfig:
         """A named configuration. See `PRESETS` for the list.
 
         Args:
-            name: e.g. "w8a8", "w4a8", "w4a6", "w8a32", "w4a32", "qdiff-scope", "tfmq-scope", "dmq-scope".
+            name: e.g. "w8a8", "w4a8", "w4a6", "w8a32", "w4a32", "qdiff-scope", "tfmq-scope", "dmq-scope",
+                "dmq-w4a8", "tfmq-w4a8".
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}.")
@@ -234,10 +299,16 @@ PRESETS: dict[str, dict] = {
     "w4a32": dict(weight_bits=4, act_bits=None, weight_observer="mse"),
     "qdiff-scope": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=True,
                         quantize_time_embedding=True, quantize_skip_convs=True, quantize_attention_matmuls=True),
+    # TFMQ-DM's scope (METHODS.md §1): the TIB is FP, here by caching it for the calibration timesteps.
     "tfmq-scope": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=False,
-                       quantize_time_embedding=False, quantize_skip_convs=False, quantize_attention_matmuls=True),
+                       quantize_time_embedding=False, quantize_skip_convs=False, quantize_attention_matmuls=True,
+                       tfmq=TFMQConfig(cache="all", fsc="none")),
     "dmq-scope": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=False,
                       quantize_time_embedding=False, quantize_skip_convs=True, quantize_attention_matmuls=False),
     "dmq-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse", dmq=DMQConfig()),
     "dmq-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", dmq=DMQConfig()),
+    # TFMQ-DM's pieces at the project's default scope: temporal features quantized with finite-set calibration,
+    # cached where their error is large (disturbance-aware selection).
+    "tfmq-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse", tfmq=TFMQConfig()),
+    "tfmq-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", tfmq=TFMQConfig()),
 }

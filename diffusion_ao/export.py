@@ -158,6 +158,9 @@ class QuantizedUNet(torch.nn.Module):
         self._needs_class_labels = _needs_class_labels(like)
         self.register_buffer("_device_anchor", torch.zeros((), dtype=next(like.parameters()).dtype,
                                                            device=next(like.parameters()).device), persistent=False)
+        from .passes.timestep_guard import timestep_guard  # passes import this module
+        # Graphs with cached temporal features / per-timestep qparams only know a finite set of timesteps.
+        self._timestep_guard = timestep_guard(graph)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -175,6 +178,8 @@ class QuantizedUNet(torch.nn.Module):
                             "part of the exported graph.")
         t = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
         t = t.reshape(-1).expand(sample.shape[0]) if t.numel() == 1 else t.reshape(-1)
+        if self._timestep_guard is not None:
+            self._timestep_guard(t)
         args = [sample, t.contiguous()]
         kwargs = {}
         if self._conditional:

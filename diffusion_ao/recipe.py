@@ -1,5 +1,6 @@
-"""`quantize_unet`: the whole PTQ recipe of a `QuantConfig` in one call (export, DMQ's graph passes (LES, PTS), prepare,
-timestep-aware calibration, DMQ's timestep weighting, convert).
+"""`quantize_unet`: the whole PTQ recipe of a `QuantConfig` in one call (export, TFMQ-DM's and DMQ's graph
+passes (temporal cache, LES, PTS), prepare, timestep-aware calibration, DMQ's timestep weighting, convert,
+TFMQ-DM's finite-set calibration and temporal-feature selection).
 
 The PT2E steps stay available one by one (see the README); this is the path the benchmark uses.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -18,6 +19,9 @@ from .config import QuantConfig
 from .export import export_unet
 from .quantizer import DiffusionQuantizer
 from .sampling import sample_shape
+
+if TYPE_CHECKING:
+    from .tfmq import TFMQReport
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ class QuantizationReport:
     les: dict = field(default_factory=dict)
     pts: dict = field(default_factory=dict)
     timestep_weights: Optional[dict[float, float]] = None
+    tfmq: Optional["TFMQReport"] = None
     calib_s: float = 0.0
 
 
@@ -41,7 +46,8 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
     Args:
         unet: a diffusers UNet2DModel / UNet2DConditionModel.
         data: calibration data from `collect_calibration_data` on the same UNet.
-        config: what to quantize and which methods to use (`config.dmq`).
+        config: what to quantize and which methods to use (`config.dmq`, `config.tfmq`). With `config.tfmq`
+            the finite timestep set of the cache / finite-set calibration is `data.timesteps`.
         has_vnni: override the CPU detection of `DiffusionQuantizer`.
         progress: show progress bars.
         **export_kwargs: passed to `export_unet` (e.g. `encoder_hidden_states_shape`).
@@ -54,7 +60,10 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
     graph = export_unet(unet, sample_shape=(1, *sample_shape(unet)), **export_kwargs)
     quantizer = DiffusionQuantizer(config, has_vnni=has_vnni)
     report = QuantizationReport(quantizer)
-    dmq = config.dmq
+    dmq, tfmq = config.dmq, config.tfmq
+    if tfmq is not None:  # the cache needs the sampler's timesteps: those of the calibration data
+        from .tfmq import apply as tfmq_steps
+        report.tfmq = tfmq_steps.before_prepare(graph, data, tfmq)
     if dmq is not None and dmq.les:
         from .dmq import apply_learned_scaling
         report.les = apply_learned_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
@@ -73,6 +82,12 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
         reference = export_unet(unet, sample_shape=(1, *sample_shape(unet)), **export_kwargs)
         report.timestep_weights = adapt_timestep_weights(prepared, reference, data, r=dmq.weighting_r,
                                                          ema=dmq.weighting_ema, iterations=dmq.weighting_iterations)
+    tables, reference = [], None
+    if tfmq is not None:
+        reference = export_unet(unet, sample_shape=(1, *sample_shape(unet)), **export_kwargs)
+        tables = tfmq_steps.before_convert(prepared, reference, data, tfmq)
     converted = convert_pt2e(prepared)
+    if tfmq is not None:
+        tfmq_steps.after_convert(converted, reference, tables, tfmq, report.tfmq, quantizer.decisions)
     report.calib_s = time.perf_counter() - start
     return converted, report

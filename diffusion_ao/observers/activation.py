@@ -175,10 +175,16 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         rest_weight = max(stats.count - tails, 0) / stats.sample.numel()
         return (sq_err(stats.low_tail) + sq_err(stats.high_tail) + rest_weight * sq_err(stats.sample)) / stats.count
 
-    def _mse_range(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mse_range(self, keys: list, lo: Optional[torch.Tensor] = None,
+                   hi: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # Candidates clip the observed range [lo, hi] (default: over all timesteps) at grid x grid ratios.
+        # The quantized range always holds 0, so the candidates clip [min(lo, 0), max(hi, 0)] (a range that is
+        # all positive, e.g. one timestep of a post-SiLU input, would otherwise give candidates with lo > hi).
+        lo = (self.min_val if lo is None else lo).clamp(max=0.0)
+        hi = (self.max_val if hi is None else hi).clamp(min=0.0)
         ratios = torch.linspace(1.0 / self.grid, 1.0, self.grid)
-        lo_c = (self.min_val * ratios).repeat_interleave(self.grid)
-        hi_c = (self.max_val * ratios).repeat(self.grid)
+        lo_c = (lo * ratios).repeat_interleave(self.grid)
+        hi_c = (hi * ratios).repeat(self.grid)
         scale, zp = self._calculate_qparams(lo_c, hi_c)
         scale, zp = scale.view(-1, 1), zp.view(-1, 1).float()
         if self.aggregation == "global":
@@ -198,6 +204,24 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.chosen_range()
+        return self._calculate_qparams(lo.reshape(()), hi.reshape(()))
+
+    def timestep_range(self, timestep: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) chosen from one timestep's statistics alone (finite-set calibration, METHODS.md §3):
+        its own min/max for "minmax", else the MSE-optimal clipping of its own range."""
+        self._require_data()
+        if timestep not in self.stats:
+            raise KeyError(f"The observer of {self.label} saw no data at timestep {timestep}; calibrated timesteps "
+                           f"are {sorted(k for k in self.stats if k is not None)[:8]}...")
+        st = self.stats[timestep]
+        lo, hi = torch.tensor(st.lo), torch.tensor(st.hi)
+        if self.method == "minmax":
+            return lo, hi
+        return self._mse_range([timestep], lo, hi)
+
+    def timestep_qparams(self, timestep: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) for `timestep` alone (see `timestep_range`)."""
+        lo, hi = self.timestep_range(timestep)
         return self._calculate_qparams(lo.reshape(()), hi.reshape(()))
 
     def extra_repr(self) -> str:

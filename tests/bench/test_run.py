@@ -57,6 +57,10 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
     with_dmq = default_rows(("dmq",))
     assert [r.name for r in select_rows(with_dmq, "dmq-w4a8")] == [
         "fp32", "dmq-w4a8-les", "dmq-w4a8-les+tw", "dmq-w4a8-les+tw+pts-mse", "dmq-w4a8-les+tw+pts-vote"]
+    with_tfmq = default_rows(("tfmq",))
+    assert [r.name for r in select_rows(with_tfmq, "tfmq-w4a6")] == [
+        "fp32", "tfmq-w4a6-baseline", "tfmq-w4a6-cache", "tfmq-w4a6-cache+fsc", "tfmq-w4a6-fsc-temporal",
+        "tfmq-w4a6-select"]
     with pytest.raises(ValueError, match="Unknown ablation"):
         default_rows(("les",))
     with pytest.raises(ValueError, match="match no row"):

@@ -1,0 +1,114 @@
+"""Temporal information blocks (TIB, TFMQ-DM, METHODS.md §8): the part of an exported UNet that depends on the
+timestep alone, found in the graph rather than from per-model lists of module names.
+
+Two sets are told apart on purpose:
+
+* `timestep_only_nodes`: nodes whose value depends on the `timestep` input and constants only (the sinusoidal
+  projection, the time MLP, every ResBlock's time projection). Only these can be precomputed for a finite set
+  of timesteps (`passes.temporal_cache`).
+* `analysis.time_embedding_nodes`: nodes that depend on the timestep but not on the sample. In a class- or
+  text-conditioned model this also holds the conditioning term added to the time embedding and everything
+  after it. `QuantConfig.quantize_time_embedding` (the scope switch of METHODS.md §1) refers to this larger set:
+  the time path as a whole, conditioning included.
+
+Example:
+    >>> blocks = find_temporal_blocks(export_unet(unet, sample_shape=(1, 1, 16, 16)))
+    >>> blocks.module_paths[:3]
+    ['time_embedding.linear_1', 'time_embedding.linear_2', 'down_blocks.0.resnets.0.time_emb_proj']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..export import TIMESTEP
+from .analysis import WEIGHTED_OPS, input_dependencies, module_path
+
+aten = torch.ops.aten
+# Ops that only reshape / retype their input: a temporal feature seen through them is still the same feature.
+_VIEW_LIKE = {aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.to.dtype,
+              aten._to_copy.default, aten.expand.default, aten.squeeze.dim, aten.flatten.using_ints}
+_SIDE_EFFECT_ONLY = {aten._assert_tensor_metadata.default}
+
+
+def timestep_only_nodes(gm: GraphModule) -> set[Node]:
+    """The `call_function` nodes whose value depends on the `timestep` input and on constants only."""
+    deps = input_dependencies(gm)
+    only_t = frozenset([TIMESTEP])
+    return {n for n, d in deps.items() if n.op == "call_function" and d == only_t}
+
+
+def _uses_outside(node: Node, inside: set[Node]) -> bool:
+    return any(u not in inside for u in node.users if u.target not in _SIDE_EFFECT_ONLY)
+
+
+def timestep_only_frontier(gm: GraphModule, t_only: Optional[set[Node]] = None) -> list[Node]:
+    """The timestep-only nodes read by the rest of the graph: what the rest of the UNet needs from the TIB."""
+    t_only = timestep_only_nodes(gm) if t_only is None else t_only
+    return [n for n in gm.graph.nodes if n in t_only and n.target not in _SIDE_EFFECT_ONLY
+            and _uses_outside(n, t_only)]
+
+
+def feature_source(node: Node) -> Node:
+    """`node` seen back through reshapes and dtype casts: the op that computed the feature it carries."""
+    while node.op == "call_function" and node.target in _VIEW_LIKE and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+@dataclass
+class TemporalBlocks:
+    """The TIB of an exported graph.
+
+    Attributes:
+        nodes: every timestep-only node.
+        linears: the timestep-only conv/linear nodes (the TIB's weighted layers), in graph order.
+        frontier: the timestep-only nodes the rest of the graph reads.
+        features: the temporal features that can be cached one by one, in graph order: every frontier value
+            (seen back through reshapes) and every TIB layer output shared by several consumers (the time
+            embedding). In a diffusers UNet: the shared embedding and each ResBlock's time projection.
+    """
+
+    nodes: set[Node]
+    linears: list[Node]
+    frontier: list[Node]
+    features: list[Node]
+
+    @property
+    def module_paths(self) -> list[str]:
+        """Module paths of the TIB's weighted layers, e.g. `time_embedding.linear_1`, `...time_emb_proj`."""
+        return [module_path(n) for n in self.linears]
+
+    @property
+    def all_module_paths(self) -> set[str]:
+        """Module paths of every TIB node (including `time_proj`, the sinusoidal projection)."""
+        return {p for p in (module_path(n) for n in self.nodes) if p}
+
+    def feature_names(self) -> dict[Node, str]:
+        """A readable, unique name per temporal feature: its module path (or node name)."""
+        return {n: module_path(n) or n.name for n in self.features}
+
+
+def find_temporal_blocks(gm: GraphModule) -> TemporalBlocks:
+    """Finds the temporal information blocks of an exported UNet (see the module docstring).
+
+    Args:
+        gm: a graph from `export_unet` (before or after `prepare_pt2e` / `convert_pt2e`).
+
+    Returns:
+        A `TemporalBlocks`. It is empty for a graph whose timestep path mixes with the sample at once.
+
+    Example:
+        >>> tib = find_temporal_blocks(graph)
+        >>> [p for p in tib.module_paths if p.endswith("time_emb_proj")]
+    """
+    t_only = timestep_only_nodes(gm)
+    frontier = timestep_only_frontier(gm, t_only)
+    linears = [n for n in gm.graph.nodes if n in t_only and n.target in WEIGHTED_OPS]
+    sources = {feature_source(n) for n in frontier}
+    shared = {n for n in linears if len([u for u in n.users if u.target not in _SIDE_EFFECT_ONLY]) > 1}
+    features = [n for n in gm.graph.nodes if n in sources or n in shared]
+    return TemporalBlocks(nodes=t_only, linears=linears, frontier=frontier, features=features)

@@ -1,0 +1,298 @@
+"""Cache temporal features for a scheduler's finite set of timesteps (TFMQ-DM's cache-based maintenance,
+METHODS.md §8a).
+
+A sampler only ever calls the UNet at a finite set of timestep values. `cache_temporal_features` computes the
+chosen timestep-only features (by default: everything the rest of the UNet reads from the TIB) in floating point
+for each of them, stores them as `[T, ...]` buffers and rewrites the graph to look them up:
+
+    idx = sum((timestep[:, None] == cached_timesteps[None, :]) * arange(T), dim=1)   # [B]
+    feature = index_select(cache, 0, idx)                                              # [B, C]
+
+The time MLP and the ResBlock time projections whose outputs are cached are removed from the graph (with their
+weights), so they are neither computed nor quantized. The rewrite is plain aten ops on buffers, so it survives
+`prepare_pt2e` / `convert_pt2e`, channel-scaling folds and `compile_for_cpu`.
+
+Unseen timesteps: the graph checks with `aten._assert_async` that every timestep of the batch is in the cached
+set (a RuntimeError naming the problem, eager and compiled), and `QuantizedUNet` checks it in Python first with a
+message that lists the cached values. There is no silent fallback: a cache is built for one scheduler and step
+count; build it again (or quantize without `TFMQConfig.cache`) for another.
+
+Exactness: the cached values are computed by the graph's own ops, one timestep at a time on a batch of 2. They
+equal the uncached graph's bit for bit whenever its GEMMs give the same rows for every batch size, which holds
+for the small time MLPs of the test UNets; for wider MLPs the uncached FP graph itself differs by a few ulps
+between batch sizes, and the cache matches it up to that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from ..export import TIMESTEP
+from .analysis import WEIGHTED_OPS, input_dependencies, module_path
+from .temporal import _SIDE_EFFECT_ONLY, feature_source, find_temporal_blocks
+
+aten = torch.ops.aten
+TIMESTEPS_BUFFER = "tfmq_timesteps"
+POSITIONS_BUFFER = "tfmq_timestep_positions"
+CACHE_PREFIX = "tfmq_cache_"
+INDEX_META = "diffusion_ao_timestep_index"
+_KEEP = {aten._assert_async.msg}
+CACHE_META = "diffusion_ao_cached_feature"
+
+
+@dataclass
+class TemporalCache:
+    """What `cache_temporal_features` did.
+
+    Attributes:
+        timesteps: the cached timestep values, in the order of the buffers' first dimension.
+        features: temporal feature name -> buffer shape, e.g. {"time_embedding.linear_2": (20, 128)}.
+        removed_layers: module paths of the TIB conv/linear layers removed from the graph.
+        removed_nodes: how many graph nodes the rewrite removed.
+        nbytes: total bytes of the `[T, ...]` cache buffers.
+    """
+
+    timesteps: list[float]
+    features: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    removed_layers: list[str] = field(default_factory=list)
+    removed_nodes: int = 0
+    nbytes: int = 0
+
+
+def normalise_timesteps(timesteps: Iterable[float]) -> list[float]:
+    """The distinct float32 values of `timesteps`, in first-seen order (the key the graph compares with)."""
+    values = torch.as_tensor(list(timesteps), dtype=torch.float32).reshape(-1)
+    if values.numel() == 0:
+        raise ValueError("timesteps is empty: pass the scheduler's timesteps (e.g. CalibrationData.timesteps).")
+    if not torch.isfinite(values).all():
+        raise ValueError("timesteps must be finite.")
+    out: list[float] = []
+    for v in values.tolist():
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def dummy_inputs(gm: GraphModule, batch: int) -> dict[str, torch.Tensor]:
+    """Zero tensors for every graph input, shaped like the exported example with the batch set to `batch`."""
+    inputs = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta["val"]
+        shape = [batch if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
+        inputs[node.name] = torch.zeros(shape, dtype=val.dtype)
+    return inputs
+
+
+@torch.no_grad()
+def evaluate_nodes(gm: GraphModule, nodes: Sequence[Node], timesteps: Sequence[float], batch: int = 2,
+                   inputs: Optional[dict[str, torch.Tensor]] = None) -> list[torch.Tensor]:
+    """The values of `nodes` at each timestep: runs only what they depend on, one timestep at a time.
+
+    Args:
+        gm: an exported (prepared or converted) graph.
+        nodes: nodes of `gm` (timestep-only ones, unless `inputs` gives real samples).
+        timesteps: timestep values.
+        batch: batch size of each evaluation (rows of a timestep-only node are all equal).
+        inputs: other graph inputs (default zeros); their batch must be `batch`.
+
+    Returns:
+        One tensor per node, `[T, ...]`: row i is the value at `timesteps[i]` (first sample of the batch).
+    """
+    needed: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    base = dummy_inputs(gm, batch) if inputs is None else dict(inputs)
+    rows: list[list[torch.Tensor]] = [[] for _ in nodes]
+    interp = Interpreter(gm)
+    for t in timesteps:
+        base[TIMESTEP] = torch.full((batch,), float(t), dtype=torch.float32)
+        interp.env = {}
+        for node in gm.graph.nodes:
+            if node not in needed:
+                continue
+            interp.env[node] = base[node.name] if node.op == "placeholder" else interp.run_node(node)
+        for i, n in enumerate(nodes):
+            rows[i].append(interp.env[n][0].clone())
+    return [torch.stack(r) for r in rows]
+
+
+def _insert_after_inputs(gm: GraphModule) -> Node:
+    # After the last placeholder (converted graphs may put constants before the inputs).
+    return [n for n in gm.graph.nodes if n.op == "placeholder"][-1].next
+
+
+def _fake(val_like: Optional[torch.Tensor], fn):
+    """Runs `fn` under the graph's fake mode (for node metadata); None if the graph has none."""
+    mode = getattr(val_like, "fake_mode", None)
+    if mode is None:
+        return None
+    with mode:
+        return fn(mode)
+
+
+def timestep_index_node(gm: GraphModule, timesteps: Optional[Sequence[float]] = None) -> Node:
+    """The node computing, per sample, the position of its timestep in the cached set (inserted if missing).
+
+    The set is the `tfmq_timesteps` buffer of `gm`, registered from `timesteps` on the first call. The graph
+    asserts that every timestep of the batch is in the set.
+    """
+    for node in gm.graph.nodes:
+        if node.meta.get(INDEX_META):
+            if timesteps is not None and normalise_timesteps(timesteps) != getattr(gm, TIMESTEPS_BUFFER).tolist():
+                raise ValueError("This graph already looks timesteps up in a different set; use the same "
+                                 "timesteps for the cache and for finite-set calibration.")
+            return node
+    if not hasattr(gm, TIMESTEPS_BUFFER):
+        if timesteps is None:
+            raise ValueError("timestep_index_node needs the timesteps the first time it is called on a graph.")
+        values = torch.tensor(normalise_timesteps(timesteps), dtype=torch.float32)
+        gm.register_buffer(TIMESTEPS_BUFFER, values)
+        gm.register_buffer(POSITIONS_BUFFER, torch.arange(len(values)))
+    elif timesteps is not None and normalise_timesteps(timesteps) != getattr(gm, TIMESTEPS_BUFFER).tolist():
+        raise ValueError("This graph already holds a different set of cached timesteps.")
+    t = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == TIMESTEP)
+    g = gm.graph
+    with g.inserting_before(_insert_after_inputs(gm)):
+        known = g.get_attr(TIMESTEPS_BUFFER)
+        positions = g.get_attr(POSITIONS_BUFFER)
+        column = g.call_function(aten.unsqueeze.default, (t, 1))
+        hits = g.call_function(aten.eq.Tensor, (column, known))
+        found = g.call_function(aten.all.default, (g.call_function(aten.any.dim, (hits, 1)),))
+        g.call_function(aten._assert_async.msg, (found, "diffusion-ao: a timestep is not in the set this graph "
+                                                         "was cached/calibrated for (tfmq_timesteps)."))
+        index = g.call_function(aten.sum.dim_IntList, (g.call_function(aten.mul.Tensor, (hits, positions)), [1]))
+    index.meta[INDEX_META] = True
+    known.meta["val"] = _fake(t.meta.get("val"), lambda m: m.from_tensor(getattr(gm, TIMESTEPS_BUFFER)))
+    index.meta["val"] = _fake(t.meta.get("val"), lambda m: torch.zeros_like(t.meta["val"], dtype=torch.long))
+    return index
+
+
+def _remove_dead_timestep_nodes(gm: GraphModule) -> tuple[int, list[str]]:
+    """Erases the nodes that depend on the timestep and constants only (or on constants only: dequantized
+    weights) and that nothing reads any more; keeps the graph's timestep assert. Returns (count, layers)."""
+    deps = input_dependencies(gm)
+    removable_deps = (frozenset(), frozenset([TIMESTEP]))
+    removed, layers = 0, []
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op != "call_function" or deps[node] not in removable_deps or node.target in _KEEP:
+            continue
+        if any(u.target not in _SIDE_EFFECT_ONLY for u in node.users):
+            continue
+        for u in list(node.users):
+            gm.graph.erase_node(u)
+            removed += 1
+        if node.target in WEIGHTED_OPS:
+            layers.append(module_path(node))
+        gm.graph.erase_node(node)
+        removed += 1
+    for node in list(gm.graph.nodes):  # the weights of the removed layers
+        if node.op == "get_attr" and not node.users:
+            target = node.target
+            gm.graph.erase_node(node)
+            if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+                _drop_attr(gm, target)
+    return removed, layers[::-1]
+
+
+def _drop_attr(gm: GraphModule, target: str) -> None:
+    # The exported graph's module tree is its own (plain nn.Module containers); only the tensors are shared with
+    # the eager UNet, so removing a reference here leaves the eager model intact.
+    *path, leaf = target.split(".")
+    owner = gm.get_submodule(".".join(path)) if path else gm
+    if hasattr(owner, leaf) and type(owner) in (torch.nn.Module, type(gm)):
+        delattr(owner, leaf)
+
+
+@torch.no_grad()
+def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
+                            features: Optional[Iterable[str | Node]] = None,
+                            reference: Optional[GraphModule] = None) -> TemporalCache:
+    """Replaces timestep-only features by lookups into `[T, ...]` buffers computed in FP. Modifies `gm` in place.
+
+    Args:
+        gm: a graph from `export_unet` (before `prepare_pt2e`: cached layers are then never quantized).
+        timesteps: the finite set of timestep values the sampler will use (e.g. `CalibrationData.timesteps`).
+        features: which temporal features to cache, by module path (see `find_temporal_blocks(gm).features`)
+            or node; default: every timestep-only value the rest of the graph reads, which removes the whole
+            time-embedding computation.
+        reference: the floating-point graph to compute the cached values with, when `gm` is already
+            quantized (its nodes are matched by name, which `prepare_pt2e` / `convert_pt2e` keep). Default: `gm`.
+
+    Returns:
+        A `TemporalCache` describing the buffers and the removed layers.
+
+    Example:
+        >>> graph = export_unet(unet, sample_shape=(1, 1, 16, 16))
+        >>> info = cache_temporal_features(graph, data.timesteps)
+        >>> info.removed_layers[:2]
+        ['time_embedding.linear_1', 'time_embedding.linear_2']
+    """
+    values = normalise_timesteps(timesteps)
+    tib = find_temporal_blocks(gm)
+    if not tib.frontier:
+        raise ValueError("This graph has no timestep-only values to cache (its timestep input mixes with the "
+                         "sample at once).")
+    if features is None:
+        chosen = list(dict.fromkeys(feature_source(n) for n in tib.frontier))
+    else:
+        names = tib.feature_names()
+        by_name = {v: k for k, v in names.items()}
+        chosen = []
+        for f in features:
+            node = f if isinstance(f, Node) else by_name.get(f)
+            if node is None or node not in tib.nodes:
+                raise ValueError(f"{f!r} is not a temporal feature of this graph; choose from "
+                                 f"{sorted(names.values())}.")
+            chosen.append(node)
+    if reference is None:
+        tables = evaluate_nodes(gm, chosen, values)
+    else:
+        ref_nodes = {n.name: n for n in reference.graph.nodes}
+        missing = [n.name for n in chosen if n.name not in ref_nodes]
+        if missing:
+            raise ValueError(f"The reference graph has no nodes named {missing}: pass the FP export of the same "
+                             "UNet (export_unet with the same arguments).")
+        tables = evaluate_nodes(reference, [ref_nodes[n.name] for n in chosen], values)
+    index = timestep_index_node(gm, values)
+    info = TemporalCache(timesteps=values)
+    names = tib.feature_names()
+    for k, (node, table) in enumerate(zip(chosen, tables)):
+        name = f"{CACHE_PREFIX}{k}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, table.contiguous())
+        with gm.graph.inserting_after(index):
+            lookup = gm.graph.call_function(aten.index_select.default, (None, 0, index))
+        with gm.graph.inserting_before(lookup):
+            attr = gm.graph.get_attr(name)
+        lookup.args = (attr, 0, index)
+        lookup.meta.update({k2: v for k2, v in node.meta.items() if k2 in ("val", "nn_module_stack", "stack_trace")})
+        lookup.meta[CACHE_META] = names.get(node, node.name)
+        node.replace_all_uses_with(lookup)
+        info.features[lookup.meta[CACHE_META]] = tuple(table.shape)
+        info.nbytes += table.numel() * table.element_size()
+    info.removed_nodes, info.removed_layers = _remove_dead_timestep_nodes(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return info
+
+
+def check_timesteps(known: torch.Tensor, timestep: torch.Tensor) -> None:
+    """Raises a ValueError naming the unseen values if `timestep` has values outside `known`."""
+    t = timestep.detach().reshape(-1).to(known.device, torch.float32)
+    unseen = t[~torch.isin(t, known)]
+    if unseen.numel():
+        shown = ", ".join(f"{v:g}" for v in unseen.unique()[:5].tolist())
+        raise ValueError(f"Timestep(s) {shown} are not in the finite set this quantized UNet was cached/"
+                         f"calibrated for ({len(known)} values: {', '.join(f'{v:g}' for v in known[:8].tolist())}"
+                         f"{', ...' if len(known) > 8 else ''}). Sample with the same scheduler and step count as "
+                         "the calibration data, or quantize again without TFMQConfig.cache / fsc.")

@@ -1,0 +1,47 @@
+"""The Python check in front of a graph whose temporal features are cached or whose activation ranges are per
+timestep (finite-set calibration): `QuantizedUNet` calls it before every forward.
+
+The graph itself asserts that every timestep is in its set (`aten._assert_async`); this check comes first and
+says which values are missing, and it rejects what the graph cannot see: a batch mixing timesteps when the
+qparams are chosen per timestep (one scale per int8 kernel call, taken from the first sample).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .temporal_cache import TIMESTEPS_BUFFER, check_timesteps
+
+FSC_BUFFER_PREFIX = "fsc_scale_"
+
+
+def _graph_of(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    for candidate in (model, getattr(model, "model", None), getattr(model, "graph", None)):
+        if isinstance(candidate, torch.nn.Module) and isinstance(getattr(candidate, TIMESTEPS_BUFFER, None),
+                                                                 torch.Tensor):
+            return candidate
+    return None
+
+
+def timestep_guard(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], None]]:
+    """A check of the timestep vector for `model` (a converted graph or `compile_for_cpu` of one), or None
+    when the graph has no finite timestep set.
+
+    Example:
+        >>> guard = timestep_guard(quantized)
+        >>> guard(torch.full((4,), 951.0))   # raises ValueError if 951 was not calibrated
+    """
+    graph = _graph_of(model)
+    if graph is None:
+        return None
+    known = getattr(graph, TIMESTEPS_BUFFER)
+    per_timestep_qparams = any(name.startswith(FSC_BUFFER_PREFIX) for name, _ in graph.named_buffers())
+
+    def guard(timestep: torch.Tensor) -> None:
+        check_timesteps(known, timestep)
+        if per_timestep_qparams and timestep.numel() > 1 and not bool((timestep == timestep.reshape(-1)[0]).all()):
+            raise ValueError("This quantized UNet uses per-timestep activation ranges (finite-set calibration): "
+                             "call it with one timestep per batch (diffusers pipelines do), not a mix.")
+
+    return guard

@@ -1,0 +1,88 @@
+"""`quantize_unet`'s TFMQ-DM steps (a `TFMQConfig`), at their three places in the PT2E flow:
+
+* `before_prepare`: cache="all" caches every temporal feature (the TIB leaves the graph before it is annotated).
+* `before_convert`: TIAR (hook; not implemented) and the per-timestep qparams of finite-set calibration.
+* `after_convert`: finite-set calibration's graph rewrite; cache="select" measures every temporal feature's error
+  and caches the worst ones (FP values from the reference export) in the converted graph.
+
+The finite set of timesteps is `CalibrationData.timesteps`: the quantized UNet then accepts exactly the timesteps
+of the scheduler and step count the calibration data was collected with.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch.fx import GraphModule
+
+from ..calibration import CalibrationData
+from ..config import TFMQConfig
+from ..passes.finite_set import FSCTable, apply_finite_set_calibration, finite_set_tables
+from ..passes.temporal_cache import TemporalCache, cache_temporal_features, normalise_timesteps
+from .selection import FeatureChoice, select_cached_features, temporal_feature_errors
+from .tiar import require_tiar
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TFMQReport:
+    """What the TFMQ-DM steps did (`QuantizationReport.tfmq`).
+
+    Attributes:
+        timesteps: the finite set.
+        cache: the cache pass's report (None if nothing was cached).
+        fsc_pairs: {"int8": n, "simulated": m}: quantize/dequantize pairs with per-timestep qparams left to the
+            int8 kernels / rewritten as simulated fake quantization (counted before selection caches any).
+        selection: disturbance-aware selection's decisions (cache="select").
+    """
+
+    timesteps: list[float]
+    cache: Optional[TemporalCache] = None
+    fsc_pairs: dict[str, int] = field(default_factory=dict)
+    selection: list[FeatureChoice] = field(default_factory=list)
+
+
+def before_prepare(graph: GraphModule, data: CalibrationData, tfmq: TFMQConfig) -> TFMQReport:
+    if tfmq.tiar:
+        require_tiar()  # fail before any work
+    report = TFMQReport(timesteps=normalise_timesteps(data.timesteps))
+    if tfmq.cache == "all":
+        report.cache = cache_temporal_features(graph, report.timesteps)
+        logger.info("TFMQ cache: %d features (%d B), removed %s", len(report.cache.features), report.cache.nbytes,
+                    report.cache.removed_layers)
+    return report
+
+
+def before_convert(prepared: GraphModule, reference: GraphModule, data: CalibrationData,
+                   tfmq: TFMQConfig) -> list[FSCTable]:
+    if tfmq.tiar:
+        from .tiar import reconstruct_temporal_features
+        reconstruct_temporal_features(prepared, reference, data)
+    if tfmq.fsc == "none":
+        return []
+    return finite_set_tables(prepared, data.timesteps, scope=tfmq.fsc)
+
+
+def after_convert(converted: GraphModule, reference: GraphModule, tables: list[FSCTable], tfmq: TFMQConfig,
+                  report: TFMQReport, decisions: Optional[list] = None) -> None:
+    """FSC rewrite, then (cache="select") selection and caching; marks cached layers FP in `decisions`."""
+    without_fsc = None
+    if tfmq.cache == "select" and tables:
+        without_fsc = temporal_feature_errors(copy.deepcopy(converted), reference, report.timesteps)
+    report.fsc_pairs = apply_finite_set_calibration(converted, tables, report.timesteps)
+    if tables:
+        logger.info("TFMQ FSC: %s", report.fsc_pairs)
+    if tfmq.cache != "select":
+        return
+    errors = temporal_feature_errors(converted, reference, report.timesteps)
+    report.selection = select_cached_features(errors, tfmq.max_feature_error, tfmq.cache_budget_bytes, without_fsc)
+    chosen = [c.name for c in report.selection if c.cached]
+    if chosen:
+        report.cache = cache_temporal_features(converted, report.timesteps, features=chosen, reference=reference)
+        removed = set(report.cache.removed_layers)
+        for d in decisions or []:  # the quantizer planned them; they are now lookups
+            if d.module in removed:
+                d.layer, d.reason = None, "cached temporal feature (TFMQ selection)"
