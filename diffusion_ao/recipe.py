@@ -1,5 +1,6 @@
-"""`quantize_unet`: the whole PTQ recipe of a `QuantConfig` in one call (export, DMQ's graph passes, prepare,
-timestep-aware calibration, DMQ's timestep weighting, convert).
+"""`quantize_unet`: the whole PTQ recipe of a `QuantConfig` in one call (export, DMQ's graph passes, prepare
+(with Q-Diffusion's shortcut splitting), timestep-aware calibration, DMQ's timestep weighting, Q-Diffusion's
+block reconstruction, convert).
 
 The PT2E steps stay available one by one (see the README); this is the path the benchmark uses.
 """
@@ -29,6 +30,7 @@ class QuantizationReport:
     quantizer: DiffusionQuantizer
     pts: dict = field(default_factory=dict)
     timestep_weights: Optional[dict[float, float]] = None
+    reconstruction: Optional["ReconstructionReport"] = None  # noqa: F821 (diffusion_ao.qdiff)
     calib_s: float = 0.0
 
 
@@ -40,7 +42,7 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
     Args:
         unet: a diffusers UNet2DModel / UNet2DConditionModel.
         data: calibration data from `collect_calibration_data` on the same UNet.
-        config: what to quantize and which methods to use (`config.dmq`).
+        config: what to quantize and which methods to use (`config.dmq`, `config.qdiff`).
         has_vnni: override the CPU detection of `DiffusionQuantizer`.
         progress: show progress bars.
         **export_kwargs: passed to `export_unet` (e.g. `encoder_hidden_states_shape`).
@@ -67,6 +69,12 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
         reference = export_unet(unet, sample_shape=(1, *sample_shape(unet)), **export_kwargs)
         report.timestep_weights = adapt_timestep_weights(prepared, reference, data, r=dmq.weighting_r,
                                                          ema=dmq.weighting_ema, iterations=dmq.weighting_iterations)
+    recon = config.qdiff.reconstruction if config.qdiff is not None else None
+    if recon is not None and recon.iterations > 0:
+        from .qdiff import reconstruct_blocks
+        weights = report.timestep_weights if recon.use_timestep_weights else None
+        report.reconstruction = reconstruct_blocks(prepared, data, recon, timestep_weights=weights,
+                                                   progress=progress)
     converted = convert_pt2e(prepared)
     report.calib_s = time.perf_counter() - start
     return converted, report
