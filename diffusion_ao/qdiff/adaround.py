@@ -3,7 +3,8 @@ round down or up on the quantization grid.
 
 w_soft = s * (clamp(floor(w / s) + h(V) + z, qmin, qmax) - z), with the rectified sigmoid
 h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1). V starts where h(V) equals the fractional part of w / s
-(so the soft weight starts at the FP weight, up to clamping), and a regulariser 1 - |2h - 1|^beta with beta
+(so the soft weight starts at the FP weight, up to clamping; the hard rounding starts as round-to-nearest, ties to
+even like `quantize_per_channel`), and a regulariser 1 - |2h - 1|^beta with beta
 annealed from 20 to 2 pushes every h to 0 or 1. The final (hard) rounding is h(V) >= 0.5, i.e. V >= 0.
 """
 from __future__ import annotations
@@ -74,9 +75,15 @@ class AdaRoundWeightQuantizer(torch.nn.Module):
         self.register_buffer("scale", scale.detach().float().reshape(shape))
         self.register_buffer("zero_point", zero_point.detach().float().reshape(shape))
         self.quant_min, self.quant_max = quant_min, quant_max
-        scaled = w / self.scale
-        self.register_buffer("w_floor", torch.floor(scaled))
-        self.alpha = torch.nn.Parameter(inverse_rectified_sigmoid(scaled - self.w_floor))
+        scaled = w * (1.0 / self.scale)  # convert's arithmetic
+        floor = torch.floor(scaled)
+        self.register_buffer("w_floor", floor)
+        alpha = inverse_rectified_sigmoid(scaled - floor)
+        # The hard choice must start as convert's round half to even: the extreme weights of a symmetric range
+        # sit exactly on a half step (absmax / scale = 7.5 at 4 bits), where "h >= 0.5" alone would round up.
+        up = torch.round(scaled) > floor
+        alpha = torch.where(up, alpha.clamp_min(1e-6), alpha.clamp_max(-1e-6))
+        self.alpha = torch.nn.Parameter(alpha)
         self.soft = True
 
     def rounding(self) -> torch.Tensor:

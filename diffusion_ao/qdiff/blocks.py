@@ -37,6 +37,7 @@ class Block:
     nodes: list[Node]
     inputs: list[Node]
     outputs: list[Node]
+    batch_free: frozenset = frozenset()  # positions in `tensor_inputs` without a batch dimension (set on capture)
 
     @property
     def tensor_inputs(self) -> list[Node]:

@@ -29,7 +29,7 @@ from .blocks import Block, build_block_module, find_blocks
 from .sim import QuantSim
 
 logger = logging.getLogger(__name__)
-CAPTURE_BATCH = 64
+CAPTURE_BATCH = 128
 
 
 @dataclass
@@ -46,8 +46,12 @@ class BlockResult:
 
 @dataclass
 class ReconstructionReport:
+    """Per-block results, the total time, and the `QuantSim` holding the learned quantizers (None when nothing
+    was learned)."""
+
     blocks: list[BlockResult] = field(default_factory=list)
     seconds: float = 0.0
+    sim: Optional[QuantSim] = None
 
 
 def select_samples(data: CalibrationData, max_samples: int, seed: int) -> CalibrationData:
@@ -69,32 +73,52 @@ def select_samples(data: CalibrationData, max_samples: int, seed: int) -> Calibr
     return CalibrationData(chosen)
 
 
-def _graph_args(gm: GraphModule, step: CalibrationStep, start: int, stop: int) -> tuple:
-    x = step.sample[start:stop]
-    cond = [step.conditioning[name][start:stop] for name in graph_input_names(gm)[2:]]
-    return (x, torch.full((len(x),), step.timestep), *cond)
+def _flat_inputs(gm: GraphModule, data: CalibrationData) -> tuple:
+    """All samples of `data` as one batch of graph inputs (x, t, *conditioning): the graph takes a timestep per
+    sample, so batches can mix timesteps."""
+    x = torch.cat([s.sample for s in data.steps])
+    t = torch.cat([torch.full((len(s.sample),), s.timestep) for s in data.steps])
+    cond = [torch.cat([s.conditioning[name] for s in data.steps]) for name in graph_input_names(gm)[2:]]
+    return (x, t, *cond)
 
 
 def capture_block_data(sim: QuantSim, block: Block, data: CalibrationData) -> tuple[list[torch.Tensor],
                                                                                      list[torch.Tensor], torch.Tensor]:
-    """(block inputs from the quantized-so-far model, FP block outputs, timestep of each sample)."""
+    """(block inputs from the quantized-so-far model, FP block outputs, timestep of each sample).
+
+    An input without the batch dimension (a constant the graph computes, e.g. the sinusoidal frequencies) is
+    returned once, as computed, and marked by `Block.batch_free`.
+    """
     tensor_inputs = block.tensor_inputs
     ins: list[list[torch.Tensor]] = [[] for _ in tensor_inputs]
     outs: list[list[torch.Tensor]] = [[] for _ in block.outputs]
-    timesteps = []
-    for step in data.steps:
-        for start in range(0, len(step.sample), CAPTURE_BATCH):
-            args = _graph_args(sim.gm, step, start, start + CAPTURE_BATCH)
-            q = sim.run(args, tensor_inputs, quantized=True)
-            fp = sim.run(args, block.outputs, quantized=False)
-            # contiguous: conv outputs come channels-last, and this torch build's CPU conv backward crashes on
-            # small channels-last inputs
-            for acc, n in zip(ins, tensor_inputs):
-                acc.append(q[n].detach().contiguous())
-            for acc, n in zip(outs, block.outputs):
-                acc.append(fp[n].detach().contiguous())
-            timesteps.append(torch.full((len(args[0]),), step.timestep))
-    return [torch.cat(a) for a in ins], [torch.cat(a) for a in outs], torch.cat(timesteps)
+    flat = _flat_inputs(sim.gm, data)
+    batch_free = set()
+    for start in range(0, len(flat[0]), CAPTURE_BATCH):
+        args = tuple(a[start:start + CAPTURE_BATCH] for a in flat)
+        n = len(args[0])
+        q = sim.run(args, tensor_inputs, quantized=True)
+        fp = sim.run(args, block.outputs, quantized=False)
+        # contiguous: conv outputs come channels-last, and this torch build's CPU conv backward crashes on
+        # small channels-last inputs
+        for i, (acc, node) in enumerate(zip(ins, tensor_inputs)):
+            value = q[node].detach().contiguous()
+            if value.dim() == 0 or value.shape[0] != n:
+                batch_free.add(i)
+            acc.append(value)
+        for acc, node in zip(outs, block.outputs):
+            value = fp[node].detach().contiguous()
+            if value.dim() == 0 or value.shape[0] != n:
+                raise ValueError(f"block {block.name!r}: output {node.name} has no batch dimension; it cannot be "
+                                 "reconstructed per sample (leave it out of the block).")
+            acc.append(value)
+    block.batch_free = frozenset(batch_free)
+    return ([a[0] if i in batch_free else torch.cat(a) for i, a in enumerate(ins)],
+            [torch.cat(a) for a in outs], flat[1])
+
+
+def _take(values: Sequence[torch.Tensor], idx, batch_free) -> list[torch.Tensor]:
+    return [v if i in batch_free else v[idx] for i, v in enumerate(values)]
 
 
 def _sample_weights(timesteps: torch.Tensor, weights: Optional[Mapping[float, float]]) -> torch.Tensor:
@@ -121,11 +145,11 @@ def _loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], norm
 
 
 @torch.no_grad()
-def _evaluate(module: GraphModule, ins, outs, norms, w, batch: int = CAPTURE_BATCH) -> float:
+def _evaluate(module: GraphModule, ins, outs, norms, w, batch_free, batch: int = CAPTURE_BATCH) -> float:
     total, n = 0.0, len(w)
     for start in range(0, n, batch):
         sl = slice(start, start + batch)
-        res = module(*[x[sl] for x in ins])
+        res = module(*_take(ins, sl, batch_free))
         total += float(_loss(res, [o[sl] for o in outs], norms, w[sl])) * float(w[sl].sum())
     return total / float(w.sum())
 
@@ -142,7 +166,7 @@ def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config
     ins, outs, timesteps = capture_block_data(sim, block, data)
     w = _sample_weights(timesteps, timestep_weights)
     norms = [o.pow(2).mean().clamp_min(1e-12) for o in outs]
-    before = _evaluate(module, ins, outs, norms, w)
+    before = _evaluate(module, ins, outs, norms, w, block.batch_free)
     generator = torch.Generator().manual_seed(config.seed + len(sim.learned))
     params_w = [q.alpha for q in weights]
     params_a = [q.scale for q in acts] if config.learn_act_scales else []
@@ -158,7 +182,7 @@ def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config
         with torch.enable_grad():
             for it in range(config.iterations if optimizers else 0):
                 idx = torch.randint(0, len(w), (min(config.batch_size, len(w)),), generator=generator)
-                res = module(*[x[idx] for x in ins])
+                res = module(*_take(ins, idx, block.batch_free))
                 rec = _loss(res, [o[idx] for o in outs], norms, w[idx])
                 loss = rec
                 beta = annealed_beta(it, config.iterations, config.warmup, config.beta_start, config.beta_end)
@@ -171,7 +195,7 @@ def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config
                 for opt in optimizers:
                     opt.step()
                 done = it + 1
-                window.append(float(rec))
+                window.append(float(rec.detach()))
                 if bar is not None:
                     bar.update(1)
                 if config.early_stop_patience and beta is not None and done % check_every == 0:
@@ -190,7 +214,7 @@ def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config
             p.requires_grad_(False)
     if bar is not None and done < config.iterations:
         bar.update(config.iterations - done)
-    after = _evaluate(module, ins, outs, norms, w)
+    after = _evaluate(module, ins, outs, norms, w, block.batch_free)
     sim.learned.update(owned)
     return BlockResult(block.name, done, before, after, time.perf_counter() - start_time)
 
@@ -244,5 +268,6 @@ def reconstruct_blocks(prepared: GraphModule, data: CalibrationData, config: Rec
         report.blocks.append(result)
     bar.close()
     sim.bake()
+    report.sim = sim
     report.seconds = time.perf_counter() - start
     return report
