@@ -302,4 +302,7 @@ PRESETS: dict[str, dict] = {
     "qdiff-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=True,
                        quantize_time_embedding=True, quantize_skip_convs=True, quantize_attention_matmuls=True,
                        qdiff=QDiffConfig(split_shortcut=True, reconstruction=ReconstructionConfig())),
+    "qdiff-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", quantize_first_last=True,
+                       quantize_time_embedding=True, quantize_skip_convs=True, quantize_attention_matmuls=True,
+                       qdiff=QDiffConfig(split_shortcut=True, reconstruction=ReconstructionConfig())),
 }
