@@ -157,8 +157,26 @@ def _evaluate(module: GraphModule, ins, outs, norms, w, batch_free, batch: int =
 def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config: ReconstructionConfig,
                       timestep_weights: Optional[Mapping[float, float]] = None,
                       bar: Optional[tqdm] = None) -> BlockResult:
-    """Learns the block's weight rounding and activation step sizes in `sim` (see the module docstring)."""
+    """Learns the rounding of the block's weights and the step sizes of its activation quantizers in `sim`.
+
+    Args:
+        sim: the `QuantSim` of the calibrated graph (it remembers which quantizers earlier blocks learned).
+        block: from `find_blocks` or `block_from_nodes`.
+        data: calibration data; at most `config.max_samples` samples are cached.
+        config: the budget and learning settings.
+        timestep_weights: timestep -> loss weight, or None for uniform.
+        bar: a progress bar to advance by one per iteration.
+
+    Returns:
+        The block's `BlockResult` (loss with the initial and with the learned quantizers, iterations run, time).
+
+    Example:
+        >>> sim = QuantSim(prepared)
+        >>> result = reconstruct_block(sim, find_blocks(prepared)[3], data, ReconstructionConfig(iterations=100))
+        >>> sim.bake()
+    """
     start_time = time.perf_counter()
+    data = select_samples(data, config.max_samples, config.seed)
     owned = [t for t in block.observers(sim.gm) if t not in sim.learned]
     weights = [sim.weights[t] for t in owned if t in sim.weights]
     acts = [sim.activations[t] for t in owned if t in sim.activations]

@@ -203,3 +203,14 @@ def test_bad_qdiff_settings(unet, data):
         reconstruct_blocks(_prepared(unet, data), data, QDiffConfig())
     with pytest.raises(ValueError, match="no diffusion-ao observers"):
         QuantSim(export_unet(unet, sample_shape=(1, 1, 8, 8)))
+
+
+def test_early_stop_ends_a_block_that_no_longer_improves(unet, data):
+    prepared = _prepared(unet, data)
+    sim = QuantSim(prepared)
+    block = find_blocks(prepared)[0]
+    frozen = ReconstructionConfig(iterations=50, batch_size=4, max_samples=8, weight_lr=1e-12, act_lr=1e-12,
+                                  warmup=0.2, early_stop_patience=1)
+    result = reconstruct_block(sim, block, data, frozen)
+    # checks every 5 iterations after the 10 warm-up ones: the first sets the best loss, the next sees no gain
+    assert result.iterations == 20
