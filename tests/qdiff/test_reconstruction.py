@@ -209,8 +209,9 @@ def test_early_stop_ends_a_block_that_no_longer_improves(unet, data):
     prepared = _prepared(unet, data)
     sim = QuantSim(prepared)
     block = find_blocks(prepared)[0]
-    frozen = ReconstructionConfig(iterations=50, batch_size=4, max_samples=8, weight_lr=1e-12, act_lr=1e-12,
+    frozen = ReconstructionConfig(iterations=50, batch_size=1, max_samples=1, weight_lr=1e-12, act_lr=1e-12,
                                   warmup=0.2, early_stop_patience=1)
     result = reconstruct_block(sim, block, data, frozen)
-    # checks every 5 iterations after the 10 warm-up ones: the first sets the best loss, the next sees no gain
+    # one sample, so every minibatch is the same; checks every 5 iterations after the 10 warm-up ones: the first
+    # sets the best loss, the next sees no gain
     assert result.iterations == 20
