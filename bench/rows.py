@@ -146,10 +146,29 @@ def tfmq_rows(bits: str) -> list[RowSpec]:
                         base.replace(tfmq=tfmq, name=f"tfmq-{bits}-{label}")) for label, tfmq in steps]
 
 
+def qdiff_rows(bits: str) -> list[RowSpec]:
+    """Q-Diffusion's ablation at `bits` ("w4a8" / "w4a6"), all in Q-Diffusion's scope (everything quantized):
+    naive (min-max, timestep-agnostic) -> +timestep-aware calibration (diffusion-ao's MSE-searched weights and
+    timestep-weighted activation ranges) -> +shortcut splitting -> +block reconstruction, and the same with DMQ's
+    pieces (PTS, adaptive timestep weights, which also weight the reconstruction loss)."""
+    from diffusion_ao.config import DMQConfig, QDiffConfig
+
+    full = QuantConfig.preset(f"qdiff-{bits}")
+    scope = full.replace(qdiff=None)
+    steps = [("naive", scope.replace(act_observer="minmax", weight_observer="minmax", timestep_aggregation="global")),
+             ("tw", scope),
+             ("split", scope.replace(qdiff=QDiffConfig(split_shortcut=True))),
+             ("recon", full),
+             ("recon+dmq", full.replace(dmq=DMQConfig()))]
+    return [_config_row(f"qdiff-{bits}-{label}", "qdiff", f"qdiff-{bits}", cfg.replace(name=f"qdiff-{bits}-{label}"))
+            for label, cfg in steps]
+
+
 # Extra rows that `--ablation NAME` appends (they do not fit the default run's 10-minute budget).
 ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "dmq": lambda: dmq_rows("w4a8") + dmq_rows("w4a6"),
     "tfmq": lambda: tfmq_rows("w4a8") + tfmq_rows("w4a6"),
+    "qdiff": lambda: qdiff_rows("w4a8") + qdiff_rows("w4a6"),
 }
 
 

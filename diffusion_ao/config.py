@@ -162,6 +162,87 @@ class TFMQConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructionConfig:
+    """Q-Diffusion's block reconstruction (BRECQ/AdaRound + LSQ, METHODS.md §7) and its budget.
+
+    Args:
+        iterations: optimisation steps per block (Q-Diffusion: 20k; 0 keeps round-to-nearest and the observers'
+            ranges, exactly the plain path).
+        batch_size: samples per step.
+        weight_lr: Adam learning rate of the AdaRound variables.
+        act_lr: Adam learning rate of the LSQ activation step sizes.
+        learn_act_scales: learn the activation step sizes (LSQ) of each block's activation quantizers.
+        round_weight: weight of the AdaRound regulariser against the block's relative output error.
+        beta_start, beta_end: the regulariser's exponent, annealed linearly after the warm-up.
+        warmup: fraction of the iterations without the regulariser.
+        max_samples: cap on the calibration samples cached per block (inputs and FP outputs; one block at a
+            time), drawn evenly over the timesteps.
+        early_stop_patience: stop a block after this many checks (every 10% of the iterations, after the
+            warm-up) without a 1% improvement of the reconstruction loss; 0 disables.
+        seed: seeds the sample choice and minibatches (deterministic for a fixed seed).
+        use_timestep_weights: weight the loss per timestep with the recipe's timestep weights (DMQ's adaptive
+            weights when `QuantConfig.dmq` computes them), else uniformly.
+
+    Example:
+        >>> ReconstructionConfig(iterations=200, batch_size=16)
+    """
+
+    iterations: int = 200
+    batch_size: int = 16
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-4
+    learn_act_scales: bool = True
+    round_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    max_samples: int = 256
+    early_stop_patience: int = 0
+    seed: int = 0
+    use_timestep_weights: bool = True
+
+    def __post_init__(self) -> None:
+        ints = dict(iterations=self.iterations, batch_size=self.batch_size, max_samples=self.max_samples,
+                    early_stop_patience=self.early_stop_patience, seed=self.seed)
+        for name, value in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ReconstructionConfig.{name}={value!r}: use an int >= 0.")
+        if self.batch_size < 1 or self.max_samples < 1:
+            raise ValueError(f"ReconstructionConfig: batch_size and max_samples must be >= 1, got "
+                             f"{self.batch_size}, {self.max_samples}.")
+        if self.weight_lr <= 0 or self.act_lr <= 0 or self.round_weight < 0:
+            raise ValueError("ReconstructionConfig: weight_lr and act_lr must be > 0 and round_weight >= 0; got "
+                             f"{self.weight_lr}, {self.act_lr}, {self.round_weight}.")
+        if not 0 < self.beta_end <= self.beta_start or not 0 <= self.warmup < 1:
+            raise ValueError("ReconstructionConfig: need 0 < beta_end <= beta_start and warmup in [0, 1); got "
+                             f"beta {self.beta_start} -> {self.beta_end}, warmup {self.warmup}.")
+
+
+@dataclass(frozen=True)
+class QDiffConfig:
+    """Q-Diffusion's pieces (METHODS.md §6, §7), applied by `DiffusionQuantizer` and `quantize_unet`.
+
+    Args:
+        split_shortcut: give each input of a conv on a channel concat (the UpBlock ResBlocks' `conv_shortcut` on
+            `cat([h, skip])`) its own activation quantizer, by splitting the conv in the annotation phase.
+        reconstruction: block reconstruction settings and budget, or None to skip it.
+
+    Example:
+        >>> QuantConfig.preset("w4a8").replace(qdiff=QDiffConfig(reconstruction=ReconstructionConfig()))
+    """
+
+    split_shortcut: bool = True
+    reconstruction: Optional[ReconstructionConfig] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.split_shortcut, bool):
+            raise ValueError(f"QDiffConfig.split_shortcut must be a bool, got {self.split_shortcut!r}.")
+        if self.reconstruction is not None and not isinstance(self.reconstruction, ReconstructionConfig):
+            raise ValueError("QDiffConfig.reconstruction must be a ReconstructionConfig or None, got "
+                             f"{type(self.reconstruction).__name__}.")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """How `DiffusionQuantizer` quantizes a UNet.
 
@@ -189,6 +270,7 @@ class QuantConfig:
         module_type_overrides: module class (e.g. `torch.nn.Linear`) -> `LayerQuant` or None.
         dmq: DMQ's calibration pieces (`DMQConfig`), or None; `quantize_unet` applies them.
         tfmq: TFMQ-DM's pieces (`TFMQConfig`: temporal-feature cache, finite-set calibration), or None.
+        qdiff: Q-Diffusion's pieces (`QDiffConfig`: shortcut splitting, block reconstruction), or None.
         name: a label for reports; presets set it.
 
     Example:
@@ -213,6 +295,7 @@ class QuantConfig:
     module_type_overrides: dict[type, Optional[LayerQuant]] = field(default_factory=dict)
     dmq: Optional[DMQConfig] = None
     tfmq: Optional[TFMQConfig] = None
+    qdiff: Optional[QDiffConfig] = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -248,6 +331,8 @@ class QuantConfig:
             if self.tfmq.cache == "select" and not self.quantize_time_embedding:
                 raise ValueError("TFMQConfig(cache='select') chooses between caching and quantizing the time "
                                  "path, which quantize_time_embedding=False keeps in FP: use cache='all'.")
+        if self.qdiff is not None and not isinstance(self.qdiff, QDiffConfig):
+            raise ValueError(f"qdiff must be a QDiffConfig or None, got {type(self.qdiff).__name__}.")
 
     @property
     def default_layer(self) -> LayerQuant:
@@ -311,4 +396,10 @@ PRESETS: dict[str, dict] = {
     # cached where their error is large (disturbance-aware selection).
     "tfmq-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse", tfmq=TFMQConfig()),
     "tfmq-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", tfmq=TFMQConfig()),
+    "qdiff-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=True,
+                       quantize_time_embedding=True, quantize_skip_convs=True, quantize_attention_matmuls=True,
+                       qdiff=QDiffConfig(split_shortcut=True, reconstruction=ReconstructionConfig())),
+    "qdiff-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", quantize_first_last=True,
+                       quantize_time_embedding=True, quantize_skip_convs=True, quantize_attention_matmuls=True,
+                       qdiff=QDiffConfig(split_shortcut=True, reconstruction=ReconstructionConfig())),
 }

@@ -23,6 +23,7 @@ from .cpu import cpu_has_vnni, int16_pair_overflows
 from .export import require_exported
 from .observers import TimestepActivationObserver, WeightObserver
 from .passes.flatten_linear import flatten_linear_inputs
+from .passes.split_concat import split_concat_convs
 from .passes.analysis import (UNSUPPORTED_WEIGHTED_OPS, WEIGHTED_OPS, first_and_last_layers, module_path,
                               module_type_name,
                               resolve_type, shortcut_convs, time_embedding_nodes)
@@ -140,10 +141,14 @@ class DiffusionQuantizer(Quantizer):
         self.config = config or QuantConfig.preset("w8a8")
         self.has_vnni = cpu_has_vnni() if has_vnni is None else has_vnni
         self.decisions: list[LayerDecision] = []
+        self.split_convs: list[str] = []  # convs split by QDiffConfig.split_shortcut, by original node name
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
         require_exported(model, "DiffusionQuantizer")
         flatten_linear_inputs(model)
+        qdiff = self.config.qdiff
+        if qdiff is not None and qdiff.split_shortcut and self.config.act_bits is not None:
+            self.split_convs = split_concat_convs(model)
         return model
 
     def _context(self, model: GraphModule) -> AnnotationContext:

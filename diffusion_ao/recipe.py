@@ -1,6 +1,7 @@
-"""`quantize_unet`: the whole PTQ recipe of a `QuantConfig` in one call (export, TFMQ-DM's and DMQ's graph
-passes (temporal cache, LES, PTS), prepare, timestep-aware calibration, DMQ's timestep weighting, convert,
-TFMQ-DM's finite-set calibration and temporal-feature selection).
+"""`quantize_unet`: the whole PTQ recipe of a `QuantConfig` in one call: export; TFMQ-DM's and DMQ's graph
+passes (temporal cache, LES, PTS); prepare (with Q-Diffusion's shortcut splitting); timestep-aware
+calibration; DMQ's timestep weighting; Q-Diffusion's block reconstruction; convert; TFMQ-DM's finite-set
+calibration and temporal-feature selection.
 
 The PT2E steps stay available one by one (see the README); this is the path the benchmark uses.
 """
@@ -35,6 +36,7 @@ class QuantizationReport:
     pts: dict = field(default_factory=dict)
     timestep_weights: Optional[dict[float, float]] = None
     tfmq: Optional["TFMQReport"] = None
+    reconstruction: Optional["ReconstructionReport"] = None  # noqa: F821 (diffusion_ao.qdiff)
     calib_s: float = 0.0
 
 
@@ -46,8 +48,9 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
     Args:
         unet: a diffusers UNet2DModel / UNet2DConditionModel.
         data: calibration data from `collect_calibration_data` on the same UNet.
-        config: what to quantize and which methods to use (`config.dmq`, `config.tfmq`). With `config.tfmq`
-            the finite timestep set of the cache / finite-set calibration is `data.timesteps`.
+        config: what to quantize and which methods to use (`config.dmq`, `config.tfmq`, `config.qdiff`).
+            With `config.tfmq` the finite timestep set of the cache / finite-set calibration is
+            `data.timesteps`.
         has_vnni: override the CPU detection of `DiffusionQuantizer`.
         progress: show progress bars.
         **export_kwargs: passed to `export_unet` (e.g. `encoder_hidden_states_shape`).
@@ -82,6 +85,12 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
         reference = export_unet(unet, sample_shape=(1, *sample_shape(unet)), **export_kwargs)
         report.timestep_weights = adapt_timestep_weights(prepared, reference, data, r=dmq.weighting_r,
                                                          ema=dmq.weighting_ema, iterations=dmq.weighting_iterations)
+    recon = config.qdiff.reconstruction if config.qdiff is not None else None
+    if recon is not None and recon.iterations > 0:
+        from .qdiff import reconstruct_blocks
+        weights = report.timestep_weights if recon.use_timestep_weights else None
+        report.reconstruction = reconstruct_blocks(prepared, data, recon, timestep_weights=weights,
+                                                   progress=progress)
     tables, reference = [], None
     if tfmq is not None:
         reference = export_unet(unet, sample_shape=(1, *sample_shape(unet)), **export_kwargs)

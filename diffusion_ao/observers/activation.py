@@ -89,6 +89,7 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         self.label = "activation"  # set by `calibrate` to the consuming layer's name, for error messages
         self.stats: dict[Optional[float], TimestepStats] = {}
         self._weights: Optional[dict] = None
+        self.fixed_qparams: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
@@ -201,8 +202,15 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         best = int(torch.argmin(loss))
         return lo_c[best], hi_c[best]
 
+    def set_fixed_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Makes `calculate_qparams` return these qparams (e.g. step sizes learned by block reconstruction)
+        instead of the ones chosen from the statistics."""
+        self.fixed_qparams = (scale.detach().clone(), zero_point.detach().clone())
+
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fixed_qparams is not None:
+            return self.fixed_qparams[0].clone(), self.fixed_qparams[1].clone()
         lo, hi = self.chosen_range()
         return self._calculate_qparams(lo.reshape(()), hi.reshape(()))
 

@@ -33,6 +33,7 @@ class WeightObserver(UniformQuantizationObserverBase):
         self.register_buffer("min_val", torch.tensor([]))
         self.register_buffer("max_val", torch.tensor([]))
         self.weight: torch.Tensor | None = None
+        self.fixed_qparams: tuple[torch.Tensor, torch.Tensor] | None = None
         self.label = "weight"
 
     @torch.no_grad()
@@ -71,8 +72,15 @@ class WeightObserver(UniformQuantizationObserverBase):
             best_f = torch.where(better, f, best_f)
         return self.min_val * best_f, self.max_val * best_f
 
+    def set_fixed_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Makes `calculate_qparams` return these qparams (block reconstruction bakes integer weights on this
+        grid, which a new range search on the baked weights could otherwise move)."""
+        self.fixed_qparams = (scale.detach().clone(), zero_point.detach().clone())
+
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fixed_qparams is not None:
+            return self.fixed_qparams[0].clone(), self.fixed_qparams[1].clone()
         lo, hi = self.chosen_range()
         scale, zp = self._calculate_qparams(lo, hi)
         if not self.per_channel:

@@ -22,6 +22,8 @@ WEIGHTED_OPS = CONV_OPS | LINEAR_OPS
 UNSUPPORTED_WEIGHTED_OPS = {aten.conv1d.default, aten.conv3d.default, aten.conv_transpose1d.default,
                             aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 SCALE_META = "diffusion_ao_input_scale"  # marks a channel-scale multiply inserted in front of a layer
+# Set by `split_concat_convs` on each piece of a split conv: {"of": original node name, "shortcut": bool}.
+SPLIT_META = "diffusion_ao_split_of"
 EXPORT_PREFIX = "unet."  # export_unet wraps the UNet in a module whose attribute is `unet`
 
 
@@ -128,10 +130,15 @@ def first_and_last_layers(gm: GraphModule) -> tuple[set[Node], set[Node]]:
 
 def shortcut_convs(gm: GraphModule) -> set[Node]:
     """1x1 convs on a residual branch: their input also feeds another op (the block's main path), e.g. the
-    `conv_shortcut` of a ResBlock whose channel count changes."""
+    `conv_shortcut` of a ResBlock whose channel count changes. The pieces of a shortcut conv split by
+    `split_concat_convs` keep that role."""
     found = set()
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in CONV_OPS:
+            continue
+        if SPLIT_META in node.meta:  # its input is now one part of the concat: judge by the original conv
+            if node.meta[SPLIT_META]["shortcut"]:
+                found.add(node)
             continue
         weight = get_attr_tensor(gm, node.args[1])
         if weight is None or tuple(weight.shape[2:]) != (1, 1):

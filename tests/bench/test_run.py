@@ -67,6 +67,18 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
         select_rows(rows, "w2a2")
 
 
+def test_qdiff_ablation_adds_each_piece_in_turn():
+    rows = select_rows(default_rows(("qdiff",)), "qdiff-w4a6")
+    assert [r.name for r in rows] == ["fp32", "qdiff-w4a6-naive", "qdiff-w4a6-tw", "qdiff-w4a6-split",
+                                      "qdiff-w4a6-recon", "qdiff-w4a6-recon+dmq"]
+    naive, tw, split, recon, dmq = (r.config for r in rows[1:])
+    assert naive.act_observer == "minmax" and naive.timestep_aggregation == "global" and naive.qdiff is None
+    assert tw.timestep_aggregation == "weighted" and tw.qdiff is None
+    assert split.qdiff.split_shortcut and split.qdiff.reconstruction is None
+    assert recon.qdiff.reconstruction is not None and recon.dmq is None and dmq.dmq is not None
+    assert all(r.config.quantize_first_last and r.config.act_bits == 6 for r in rows[1:])
+
+
 def test_kernel_kind_is_int8_only_when_every_quantized_layer_lowered():
     assert kernel_kind({"qconv": 3, "qlinear": 2}, expected=5) == "int8"
     assert kernel_kind({"qconv": 3, "qlinear": 0}, expected=5) == "simulated"

@@ -1,0 +1,18 @@
+"""Q-Diffusion (METHODS.md §6, §7): block reconstruction with AdaRound weight rounding and LSQ activation step
+sizes, on a calibrated PT2E graph. Shortcut splitting is a graph pass: `diffusion_ao.passes.split_concat`.
+
+Example:
+    >>> prepared = prepare_pt2e(graph, DiffusionQuantizer(QuantConfig.preset("qdiff-w4a8")))
+    >>> calibrate(prepared, data)
+    >>> reconstruct_blocks(prepared, data, ReconstructionConfig(iterations=200))
+    >>> quantized = convert_pt2e(prepared)
+"""
+from .adaround import AdaRoundWeightQuantizer, annealed_beta, rectified_sigmoid, round_regularizer
+from .blocks import Block, block_from_nodes, find_blocks
+from .lsq import LSQActivationQuantizer
+from .reconstruction import BlockResult, ReconstructionReport, reconstruct_blocks, select_samples
+from .sim import QuantSim
+
+__all__ = ["AdaRoundWeightQuantizer", "Block", "BlockResult", "LSQActivationQuantizer", "QuantSim",
+           "ReconstructionReport", "annealed_beta", "block_from_nodes", "find_blocks", "rectified_sigmoid",
+           "reconstruct_blocks", "round_regularizer", "select_samples"]

@@ -1,0 +1,291 @@
+"""Q-Diffusion's block reconstruction (BRECQ with AdaRound + LSQ, METHODS.md §7), budgeted.
+
+For each block in graph order: cache, over a capped subset of the timestep-aware calibration data, the block's
+inputs as the quantized-so-far model computes them (earlier blocks already learned, as in BRECQ) and the block's
+floating-point outputs; then learn the AdaRound rounding of its weights and the LSQ step sizes of its activation
+quantizers to minimise the timestep-weighted relative output error. Only one block's cache is held at a time.
+Finally the result is baked into the prepared graph, so `convert_pt2e` gives ordinary q/dq ops, integer weights
+and the same int8 kernels.
+
+The FP targets come from the same prepared graph run with its observers bypassed, which is the FP exported graph
+(same nodes, same weights); this avoids matching nodes across two graphs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule
+from tqdm.auto import tqdm
+
+from ..calibration import CalibrationData, CalibrationStep
+from ..config import ReconstructionConfig
+from ..export import graph_input_names, require_exported
+from .adaround import annealed_beta, round_regularizer
+from .blocks import Block, build_block_module, find_blocks
+from .sim import QuantSim
+
+logger = logging.getLogger(__name__)
+CAPTURE_BATCH = 128
+
+
+@dataclass
+class BlockResult:
+    """What reconstruction did to one block. Losses are the timestep-weighted relative output error on the
+    block's cached calibration samples: with round-to-nearest and the observers' ranges, and after learning."""
+
+    name: str
+    iterations: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+
+
+@dataclass
+class ReconstructionReport:
+    """Per-block results, the total time, and the `QuantSim` holding the learned quantizers (None when nothing
+    was learned)."""
+
+    blocks: list[BlockResult] = field(default_factory=list)
+    seconds: float = 0.0
+    sim: Optional[QuantSim] = None
+
+
+def select_samples(data: CalibrationData, max_samples: int, seed: int) -> CalibrationData:
+    """At most `max_samples` samples, spread evenly over the timesteps, chosen at random within each step."""
+    generator = torch.Generator().manual_seed(seed)
+    steps = [s for s in data.steps if len(s.sample)]
+    per_step = [0] * len(steps)
+    for i in range(min(max_samples, sum(len(s.sample) for s in steps))):  # round-robin over the timesteps
+        j = i % len(steps)
+        while per_step[j] >= len(steps[j].sample):
+            j = (j + 1) % len(steps)
+        per_step[j] += 1
+    chosen = []
+    for step, n in zip(steps, per_step):
+        if n:
+            keep = torch.randperm(len(step.sample), generator=generator)[:n].sort().values
+            chosen.append(CalibrationStep(step.timestep, step.sample[keep],
+                                          {k: v[keep] for k, v in step.conditioning.items()}))
+    return CalibrationData(chosen)
+
+
+def _flat_inputs(gm: GraphModule, data: CalibrationData) -> tuple:
+    """All samples of `data` as one batch of graph inputs (x, t, *conditioning): the graph takes a timestep per
+    sample, so batches can mix timesteps."""
+    x = torch.cat([s.sample for s in data.steps])
+    t = torch.cat([torch.full((len(s.sample),), s.timestep) for s in data.steps])
+    cond = [torch.cat([s.conditioning[name] for s in data.steps]) for name in graph_input_names(gm)[2:]]
+    return (x, t, *cond)
+
+
+def capture_block_data(sim: QuantSim, block: Block, data: CalibrationData) -> tuple[list[torch.Tensor],
+                                                                                     list[torch.Tensor], torch.Tensor]:
+    """(block inputs from the quantized-so-far model, FP block outputs, timestep of each sample).
+
+    An input without the batch dimension (a constant the graph computes, e.g. the sinusoidal frequencies) is
+    returned once, as computed, and marked by `Block.batch_free`.
+    """
+    tensor_inputs = block.tensor_inputs
+    ins: list[list[torch.Tensor]] = [[] for _ in tensor_inputs]
+    outs: list[list[torch.Tensor]] = [[] for _ in block.outputs]
+    flat = _flat_inputs(sim.gm, data)
+    batch_free = set()
+    for start in range(0, len(flat[0]), CAPTURE_BATCH):
+        args = tuple(a[start:start + CAPTURE_BATCH] for a in flat)
+        n = len(args[0])
+        q = sim.run(args, tensor_inputs, quantized=True)
+        fp = sim.run(args, block.outputs, quantized=False)
+        # contiguous: conv outputs come channels-last, and this torch build's CPU conv backward crashes on
+        # small channels-last inputs
+        for i, (acc, node) in enumerate(zip(ins, tensor_inputs)):
+            value = q[node].detach().contiguous()
+            if value.dim() == 0 or value.shape[0] != n:
+                batch_free.add(i)
+            acc.append(value)
+        for acc, node in zip(outs, block.outputs):
+            value = fp[node].detach().contiguous()
+            if value.dim() == 0 or value.shape[0] != n:
+                raise ValueError(f"block {block.name!r}: output {node.name} has no batch dimension; it cannot be "
+                                 "reconstructed per sample (leave it out of the block).")
+            acc.append(value)
+    block.batch_free = frozenset(batch_free)
+    return ([a[0] if i in batch_free else torch.cat(a) for i, a in enumerate(ins)],
+            [torch.cat(a) for a in outs], flat[1])
+
+
+def _take(values: Sequence[torch.Tensor], idx, batch_free) -> list[torch.Tensor]:
+    return [v if i in batch_free else v[idx] for i, v in enumerate(values)]
+
+
+def _sample_weights(timesteps: torch.Tensor, weights: Optional[Mapping[float, float]]) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(len(timesteps))
+    missing = sorted({float(t) for t in timesteps.tolist()} - {float(k) for k in weights})
+    if missing:
+        raise ValueError(f"timestep_weights has no weight for timesteps {missing[:5]}: give one for every "
+                         "calibrated timestep (e.g. QuantizationReport.timestep_weights).")
+    w = torch.tensor([float(weights[float(t)]) for t in timesteps.tolist()])
+    if (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError("timestep_weights must be finite, non-negative and not all zero.")
+    return w * (len(w) / w.sum())
+
+
+def _loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], norms: Sequence[torch.Tensor],
+          w: torch.Tensor) -> torch.Tensor:
+    """Sum over outputs of the weighted mean per-sample squared error, relative to the output's mean square."""
+    total = 0.0
+    for out, ref, norm in zip(outputs, targets, norms):
+        per_sample = (out - ref).pow(2).reshape(len(ref), -1).mean(dim=1)
+        total = total + (w * per_sample).sum() / w.sum() / norm
+    return total
+
+
+@torch.no_grad()
+def _evaluate(module: GraphModule, ins, outs, norms, w, batch_free, batch: int = CAPTURE_BATCH) -> float:
+    total, n = 0.0, len(w)
+    for start in range(0, n, batch):
+        sl = slice(start, start + batch)
+        res = module(*_take(ins, sl, batch_free))
+        total += float(_loss(res, [o[sl] for o in outs], norms, w[sl])) * float(w[sl].sum())
+    return total / float(w.sum())
+
+
+def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config: ReconstructionConfig,
+                      timestep_weights: Optional[Mapping[float, float]] = None,
+                      bar: Optional[tqdm] = None) -> BlockResult:
+    """Learns the rounding of the block's weights and the step sizes of its activation quantizers in `sim`.
+
+    Args:
+        sim: the `QuantSim` of the calibrated graph (it remembers which quantizers earlier blocks learned).
+        block: from `find_blocks` or `block_from_nodes`.
+        data: calibration data; at most `config.max_samples` samples are cached.
+        config: the budget and learning settings.
+        timestep_weights: timestep -> loss weight, or None for uniform.
+        bar: a progress bar to advance by one per iteration.
+
+    Returns:
+        The block's `BlockResult` (loss with the initial and with the learned quantizers, iterations run, time).
+
+    Example:
+        >>> sim = QuantSim(prepared)
+        >>> result = reconstruct_block(sim, find_blocks(prepared)[3], data, ReconstructionConfig(iterations=100))
+        >>> sim.bake()
+    """
+    start_time = time.perf_counter()
+    data = select_samples(data, config.max_samples, config.seed)
+    owned = [t for t in block.observers(sim.gm) if t not in sim.learned]
+    weights = [sim.weights[t] for t in owned if t in sim.weights]
+    acts = [sim.activations[t] for t in owned if t in sim.activations]
+    module = build_block_module(sim.gm, block, sim.quantizers)
+    ins, outs, timesteps = capture_block_data(sim, block, data)
+    w = _sample_weights(timesteps, timestep_weights)
+    norms = [o.pow(2).mean().clamp_min(1e-12) for o in outs]
+    before = _evaluate(module, ins, outs, norms, w, block.batch_free)
+    generator = torch.Generator().manual_seed(config.seed + len(sim.learned))
+    params_w = [q.alpha for q in weights]
+    params_a = [q.scale for q in acts] if config.learn_act_scales else []
+    optimizers = ([torch.optim.Adam(params_w, lr=config.weight_lr)] if params_w else []) + \
+                 ([torch.optim.Adam(params_a, lr=config.act_lr)] if params_a else [])
+    for q in weights:
+        q.soft = True
+    for p in params_a:
+        p.requires_grad_(True)
+    check_every = max(1, config.iterations // 10)
+    best, stale, window, done = float("inf"), 0, [], 0
+    try:
+        with torch.enable_grad():
+            for it in range(config.iterations if optimizers else 0):
+                idx = torch.randint(0, len(w), (min(config.batch_size, len(w)),), generator=generator)
+                res = module(*_take(ins, idx, block.batch_free))
+                rec = _loss(res, [o[idx] for o in outs], norms, w[idx])
+                loss = rec
+                beta = annealed_beta(it, config.iterations, config.warmup, config.beta_start, config.beta_end)
+                if beta is not None and weights and config.round_weight > 0:
+                    loss = loss + config.round_weight * sum(round_regularizer(q.alpha, beta) for q in weights) / len(
+                        weights)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in optimizers:
+                    opt.step()
+                done = it + 1
+                window.append(float(rec.detach()))
+                if bar is not None:
+                    bar.update(1)
+                if config.early_stop_patience and beta is not None and done % check_every == 0:
+                    avg = sum(window) / len(window)
+                    window.clear()
+                    if avg < 0.99 * best:
+                        best, stale = avg, 0
+                    else:
+                        stale += 1
+                        if stale >= config.early_stop_patience:
+                            break
+    finally:
+        for q in weights:
+            q.soft = False
+        for p in params_a:
+            p.requires_grad_(False)
+    if bar is not None and done < config.iterations:
+        bar.update(config.iterations - done)
+    after = _evaluate(module, ins, outs, norms, w, block.batch_free)
+    sim.learned.update(owned)
+    return BlockResult(block.name, done, before, after, time.perf_counter() - start_time)
+
+
+def reconstruct_blocks(prepared: GraphModule, data: CalibrationData, config: ReconstructionConfig,
+                       blocks: Optional[Sequence[Block]] = None,
+                       timestep_weights: Optional[Mapping[float, float]] = None,
+                       progress: bool = True) -> ReconstructionReport:
+    """Block reconstruction of a calibrated graph, baked into it for `convert_pt2e`.
+
+    Args:
+        prepared: a graph from `prepare_pt2e(graph, DiffusionQuantizer(config))`, calibrated with `calibrate`.
+        data: the (timestep-aware) calibration data; at most `config.max_samples` samples are used.
+        config: the budget and learning settings (`ReconstructionConfig`). `iterations=0` leaves `prepared`
+            untouched (the plain path).
+        blocks: the blocks, in the order to reconstruct them (default: `find_blocks(prepared)`). Any node set
+            works as one block with several outputs: `block_from_nodes(prepared, nodes, name)`; an observer
+            already learned in an earlier block stays fixed.
+        timestep_weights: timestep -> weight of the loss (e.g. `QuantizationReport.timestep_weights`); None is
+            uniform.
+        progress: show a progress bar.
+
+    Returns:
+        A `ReconstructionReport` with per-block losses (before / after) and the time taken.
+
+    Example:
+        >>> prepared = prepare_pt2e(graph, DiffusionQuantizer(QuantConfig.preset("qdiff-w4a8")))
+        >>> calibrate(prepared, data)
+        >>> report = reconstruct_blocks(prepared, data, ReconstructionConfig(iterations=200))
+        >>> quantized = convert_pt2e(prepared)
+    """
+    require_exported(prepared, "reconstruct_blocks")
+    if not isinstance(config, ReconstructionConfig):
+        raise TypeError(f"reconstruct_blocks needs a ReconstructionConfig, got {type(config).__name__}.")
+    if not isinstance(data, CalibrationData):
+        raise TypeError(f"reconstruct_blocks needs CalibrationData, got {type(data).__name__}.")
+    data.validate()
+    report = ReconstructionReport()
+    if config.iterations == 0:
+        return report
+    start = time.perf_counter()
+    sim = QuantSim(prepared)
+    blocks = list(blocks) if blocks is not None else find_blocks(prepared)
+    subset = select_samples(data, config.max_samples, config.seed)
+    bar = tqdm(total=config.iterations * len(blocks), desc="reconstruction", disable=not progress, unit="it")
+    for block in blocks:
+        bar.set_postfix_str(block.name)
+        result = reconstruct_block(sim, block, subset, config, timestep_weights, bar)
+        logger.info("reconstruction %s: %d it, loss %.3g -> %.3g (%.1fs)", result.name, result.iterations,
+                    result.loss_before, result.loss_after, result.seconds)
+        report.blocks.append(result)
+    bar.close()
+    sim.bake()
+    report.sim = sim
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,132 @@
+"""`QuantSim`: the fake-quantized view of a calibrated PT2E graph that block reconstruction learns in.
+
+Every diffusion-ao observer of the prepared graph gets a stand-in: an `AdaRoundWeightQuantizer` for a weight
+observer, an `LSQActivationQuantizer` for an activation observer, both initialised from the observer's qparams
+(so before learning the simulation is the converted graph: round-to-nearest weights, the observers' ranges).
+`run` evaluates the prepared graph with the observers bypassed (floating point) or replaced by the stand-ins
+(quantized), and returns the values of chosen nodes, stopping as soon as it has them. `bake` writes the learned
+result back so that `convert_pt2e` produces ordinary q/dq ops with the learned integers and step sizes.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from ..observers import TimestepActivationObserver, WeightObserver
+from ..passes.analysis import get_attr_tensor
+from .adaround import AdaRoundWeightQuantizer
+from .lsq import LSQActivationQuantizer
+
+
+class _Done(Exception):
+    pass
+
+
+class _SimInterpreter(Interpreter):
+    def __init__(self, gm: GraphModule, quantizers: dict[str, torch.nn.Module], quantized: bool,
+                 wanted: set[Node]) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.quantizers, self.quantized, self.wanted, self.found = quantizers, quantized, wanted, {}
+
+    def call_module(self, target, args, kwargs):
+        if target not in self.quantizers:  # not an observer (e.g. export's guard module)
+            return super().call_module(target, args, kwargs)
+        return self.quantizers[target](args[0]) if self.quantized else args[0]  # FP: observers are identities
+
+    def run_node(self, n: Node):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.found[n] = out
+            if len(self.found) == len(self.wanted):
+                raise _Done
+        return out
+
+
+class QuantSim:
+    """Learnable fake-quantizers for the observers of a calibrated graph.
+
+    Args:
+        prepared: a calibrated graph from `prepare_pt2e(graph, DiffusionQuantizer(config))` + `calibrate`.
+
+    Attributes:
+        weights: observer target -> `AdaRoundWeightQuantizer`.
+        activations: observer target -> `LSQActivationQuantizer`.
+        weight_nodes: observer target -> the get_attr node of its weight.
+    """
+
+    def __init__(self, prepared: GraphModule) -> None:
+        self.gm = prepared
+        self.weights: dict[str, AdaRoundWeightQuantizer] = {}
+        self.activations: dict[str, LSQActivationQuantizer] = {}
+        self.weight_nodes: dict[str, Node] = {}
+        self.qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the observers' qparams at the start
+        self.learned: set[str] = set()
+        for node in prepared.graph.nodes:
+            if node.op != "call_module":
+                continue
+            obs = prepared.get_submodule(node.target)
+            if isinstance(obs, WeightObserver):
+                weight = get_attr_tensor(prepared, node.args[0])
+                if weight is None:
+                    raise ValueError(f"QuantSim: the weight observer {node.target} does not read a constant.")
+                scale, zp = self.qparams[node.target] = obs.calculate_qparams()
+                q = AdaRoundWeightQuantizer(weight, scale, zp, obs.quant_min, obs.quant_max, obs.ch_axis)
+                q.soft = False
+                self.weights[node.target] = q
+                self.weight_nodes[node.target] = node.args[0]
+            elif isinstance(obs, TimestepActivationObserver):
+                scale, zp = self.qparams[node.target] = obs.calculate_qparams()
+                self.activations[node.target] = LSQActivationQuantizer(scale, zp, obs.quant_min, obs.quant_max,
+                                                                       learn=False)
+            elif "observer" in type(obs).__name__.lower() or "fake_quant" in type(obs).__name__.lower():
+                raise ValueError(f"QuantSim supports diffusion-ao observers only; {node.target} is a "
+                                 f"{type(obs).__name__}. Prepare the graph with DiffusionQuantizer.")
+        if not self.weights and not self.activations:
+            raise ValueError("QuantSim found no diffusion-ao observers: pass a graph prepared with "
+                             "DiffusionQuantizer and calibrated, before convert_pt2e.")
+
+    @property
+    def quantizers(self) -> dict[str, torch.nn.Module]:
+        return {**self.weights, **self.activations}
+
+    @torch.no_grad()
+    def run(self, args: tuple, wanted: Iterable[Node], quantized: bool) -> dict[Node, torch.Tensor]:
+        """Runs the graph (floating point or fake-quantized) until every `wanted` node is computed."""
+        tap = _SimInterpreter(self.gm, self.quantizers, quantized, set(wanted))
+        try:
+            tap.run(*args)
+        except _Done:
+            pass
+        missing = set(wanted) - set(tap.found)
+        if missing:
+            raise RuntimeError(f"QuantSim.run: nodes {sorted(n.name for n in missing)} were never computed.")
+        return tap.found
+
+    @torch.no_grad()
+    def bake(self) -> int:
+        """Writes the learned rounding and step sizes into the prepared graph; returns how many quantizers.
+
+        Each learned weight is replaced (out of place: the eager model's parameters are not touched) by
+        scale * (hard codes - zero point), and its observer is pinned to that grid, so `convert_pt2e` quantizes it
+        back to exactly the learned integers. Each learned activation observer returns the learned step size.
+        """
+        for target in sorted(self.learned):
+            obs = self.gm.get_submodule(target)
+            scale, zp = self.qparams[target]
+            if target in self.weights:
+                q = self.weights[target]
+                node = self.weight_nodes[target]
+                *path, leaf = node.target.split(".")
+                owner = self.gm.get_submodule(".".join(path)) if path else self.gm
+                old = getattr(owner, leaf)
+                new = q.baked_weight().to(old.dtype)
+                setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=False)
+                        if isinstance(old, torch.nn.Parameter) else new)
+                obs.set_fixed_qparams(scale, zp)
+            else:
+                q = self.activations[target]
+                learned = q.scale.detach().abs().clamp_min(1e-8).reshape(scale.shape).to(scale.dtype)
+                obs.set_fixed_qparams(learned, zp)
+        return len(self.learned)
