@@ -132,8 +132,9 @@ def dmq_rows(bits: str) -> list[RowSpec]:
 def tfmq_rows(bits: str) -> list[RowSpec]:
     """TFMQ-DM's ablation at `bits` ("w4a8" / "w4a6"), on diffusion-ao's baseline of that width (time path
     quantized): + cache of every temporal feature, + finite-set calibration of every activation (conv inputs
-    then simulated), FSC of the temporal activations alone, and the `tfmq-<bits>` preset (FSC on the temporal
-    activations + disturbance-aware selection of the features to cache). A TIAR row comes once TIAR exists."""
+    then simulated), FSC of the temporal activations alone, + TIAR (the quantized TIB reconstructed jointly), and
+    the `tfmq-<bits>` preset (FSC on the temporal activations, TIAR, then disturbance-aware selection of the
+    features to cache)."""
     from diffusion_ao.config import TFMQConfig
 
     base = QuantConfig.preset(bits)
@@ -141,6 +142,7 @@ def tfmq_rows(bits: str) -> list[RowSpec]:
              ("cache", TFMQConfig(cache="all", fsc="none")),
              ("cache+fsc", TFMQConfig(cache="all", fsc="all")),
              ("fsc-temporal", TFMQConfig(cache="none", fsc="temporal")),
+             ("fsc-temporal+tiar", TFMQConfig(cache="none", fsc="temporal", tiar=True)),
              ("select", QuantConfig.preset(f"tfmq-{bits}").tfmq)]
     return [_config_row(f"tfmq-{bits}-{label}", "tfmq", f"tfmq-{bits}",
                         base.replace(tfmq=tfmq, name=f"tfmq-{bits}-{label}")) for label, tfmq in steps]

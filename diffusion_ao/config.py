@@ -136,8 +136,9 @@ class TFMQConfig:
             conv inputs then run simulated, see passes/finite_set.py) or "none".
         cache_budget_bytes: the most bytes of `[T, C]` cache buffers "select" may use (None: no limit).
         max_feature_error: relative MSE (over the finite set) below which "select" keeps a feature quantized.
-        tiar: reconstruct the quantized TIB's temporal features jointly (TIAR). Not implemented yet: it is to
-            be built on the block-reconstruction API of diffusion_ao.qdiff; True raises NotImplementedError.
+        tiar: reconstruct the quantized TIB's temporal features jointly (TIAR: AdaRound + LSQ on the whole time
+            path as one block, `diffusion_ao.tfmq.tiar`), before finite-set calibration and selection.
+        tiar_iterations: TIAR's optimisation steps.
     """
 
     cache: Literal["none", "all", "select"] = "select"
@@ -145,6 +146,7 @@ class TFMQConfig:
     cache_budget_bytes: Optional[int] = None
     max_feature_error: float = 1e-3
     tiar: bool = False
+    tiar_iterations: int = 500
 
     def __post_init__(self) -> None:
         _check_choice("cache", self.cache, TFMQ_CACHE)
@@ -156,9 +158,8 @@ class TFMQConfig:
             raise ValueError(f"max_feature_error must be >= 0, got {self.max_feature_error!r}.")
         if self.cache_budget_bytes is not None and self.cache != "select":
             raise ValueError("cache_budget_bytes only applies to cache='select'.")
-        if self.tiar:
-            from .tfmq.tiar import require_tiar  # fails here, before any export or calibration, until wired
-            require_tiar()
+        if isinstance(self.tiar_iterations, bool) or not isinstance(self.tiar_iterations, int) or self.tiar_iterations < 0:
+            raise ValueError(f"tiar_iterations must be an int >= 0, got {self.tiar_iterations!r}.")
 
 
 @dataclass(frozen=True)
@@ -394,8 +395,8 @@ PRESETS: dict[str, dict] = {
     "dmq-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", dmq=DMQConfig()),
     # TFMQ-DM's pieces at the project's default scope: temporal features quantized with finite-set calibration,
     # cached where their error is large (disturbance-aware selection).
-    "tfmq-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse", tfmq=TFMQConfig()),
-    "tfmq-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", tfmq=TFMQConfig()),
+    "tfmq-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse", tfmq=TFMQConfig(tiar=True)),
+    "tfmq-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", tfmq=TFMQConfig(tiar=True)),
     "qdiff-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=True,
                        quantize_time_embedding=True, quantize_skip_convs=True, quantize_attention_matmuls=True,
                        qdiff=QDiffConfig(split_shortcut=True, reconstruction=ReconstructionConfig())),

@@ -94,7 +94,7 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
     tables, reference = [], None
     if tfmq is not None:
         reference = export_unet(unet, sample_shape=(1, *sample_shape(unet)), **export_kwargs)
-        tables = tfmq_steps.before_convert(prepared, reference, data, tfmq)
+        tables = tfmq_steps.before_convert(prepared, data, tfmq, report.tfmq)
     converted = convert_pt2e(prepared)
     if tfmq is not None:
         tfmq_steps.after_convert(converted, reference, tables, tfmq, report.tfmq, quantizer.decisions)

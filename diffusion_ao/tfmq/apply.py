@@ -1,7 +1,8 @@
 """`quantize_unet`'s TFMQ-DM steps (a `TFMQConfig`), at their three places in the PT2E flow:
 
 * `before_prepare`: cache="all" caches every temporal feature (the TIB leaves the graph before it is annotated).
-* `before_convert`: TIAR (hook; not implemented) and the per-timestep qparams of finite-set calibration.
+* `before_convert`: TIAR (joint reconstruction of the quantized TIB) and the per-timestep qparams of
+  finite-set calibration.
 * `after_convert`: finite-set calibration's graph rewrite; cache="select" measures every temporal feature's error
   and caches the worst ones (FP values from the reference export) in the converted graph.
 
@@ -22,7 +23,7 @@ from ..config import TFMQConfig
 from ..passes.finite_set import FSCTable, apply_finite_set_calibration, finite_set_tables
 from ..passes.temporal_cache import TemporalCache, cache_temporal_features, normalise_timesteps
 from .selection import FeatureChoice, select_cached_features, temporal_feature_errors
-from .tiar import require_tiar
+from .tiar import reconstruct_temporal_features
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +38,17 @@ class TFMQReport:
         fsc_pairs: {"int8": n, "simulated": m}: quantize/dequantize pairs with per-timestep qparams left to the
             int8 kernels / rewritten as simulated fake quantization (counted before selection caches any).
         selection: disturbance-aware selection's decisions (cache="select").
+        tiar: TIAR's reconstruction report (loss of the temporal features before / after), if it ran.
     """
 
     timesteps: list[float]
     cache: Optional[TemporalCache] = None
     fsc_pairs: dict[str, int] = field(default_factory=dict)
     selection: list[FeatureChoice] = field(default_factory=list)
+    tiar: Optional[object] = None  # TIAR's ReconstructionReport (diffusion_ao.qdiff)
 
 
 def before_prepare(graph: GraphModule, data: CalibrationData, tfmq: TFMQConfig) -> TFMQReport:
-    if tfmq.tiar:
-        require_tiar()  # fail before any work
     report = TFMQReport(timesteps=normalise_timesteps(data.timesteps))
     if tfmq.cache == "all":
         report.cache = cache_temporal_features(graph, report.timesteps)
@@ -56,11 +57,10 @@ def before_prepare(graph: GraphModule, data: CalibrationData, tfmq: TFMQConfig) 
     return report
 
 
-def before_convert(prepared: GraphModule, reference: GraphModule, data: CalibrationData,
-                   tfmq: TFMQConfig) -> list[FSCTable]:
+def before_convert(prepared: GraphModule, data: CalibrationData, tfmq: TFMQConfig,
+                   report: TFMQReport) -> list[FSCTable]:
     if tfmq.tiar:
-        from .tiar import reconstruct_temporal_features
-        reconstruct_temporal_features(prepared, reference, data)
+        report.tiar = reconstruct_temporal_features(prepared, data, tfmq.tiar_iterations)
     if tfmq.fsc == "none":
         return []
     return finite_set_tables(prepared, data.timesteps, scope=tfmq.fsc)

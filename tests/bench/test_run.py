@@ -60,7 +60,7 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
     with_tfmq = default_rows(("tfmq",))
     assert [r.name for r in select_rows(with_tfmq, "tfmq-w4a6")] == [
         "fp32", "tfmq-w4a6-baseline", "tfmq-w4a6-cache", "tfmq-w4a6-cache+fsc", "tfmq-w4a6-fsc-temporal",
-        "tfmq-w4a6-select"]
+        "tfmq-w4a6-fsc-temporal+tiar", "tfmq-w4a6-select"]
     with pytest.raises(ValueError, match="Unknown ablation"):
         default_rows(("les",))
     with pytest.raises(ValueError, match="match no row"):

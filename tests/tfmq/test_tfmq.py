@@ -1,4 +1,4 @@
-"""TFMQ-DM through `quantize_unet`: config validation, the presets, disturbance-aware selection, the TIAR hook."""
+"""TFMQ-DM through `quantize_unet`: config validation, the presets, disturbance-aware selection, TIAR."""
 import pytest
 import torch
 
@@ -19,6 +19,7 @@ torch.set_num_threads(1)
     (dict(cache_budget_bytes=-1), "cache_budget_bytes"),
     (dict(cache="all", cache_budget_bytes=10), "only applies to cache='select'"),
     (dict(max_feature_error=float("nan")), "max_feature_error"),
+    (dict(tiar_iterations=-1), "tiar_iterations"),
 ])
 def test_tfmq_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -31,7 +32,7 @@ def test_quant_config_checks_tfmq_against_its_scope():
     with pytest.raises(ValueError, match="needs act_bits"):
         QuantConfig(act_bits=None, tfmq=TFMQConfig(fsc="temporal"))
     assert "time-emb:FP(cached)" in QuantConfig.preset("tfmq-scope").scope
-    assert QuantConfig.preset("tfmq-w4a8").tfmq == TFMQConfig() and QuantConfig.preset("tfmq-w4a6").act_bits == 6
+    assert QuantConfig.preset("tfmq-w4a8").tfmq == TFMQConfig(tiar=True) and QuantConfig.preset("tfmq-w4a6").act_bits == 6
 
 
 def test_selection_caches_the_worst_features_within_the_budget():
@@ -87,8 +88,33 @@ def test_tfmq_scope_preset_runs_with_the_tib_cached(unet, data):
     assert not any("time_emb" in d.module for d in report.quantizer.decisions)  # never seen by the quantizer
 
 
-def test_tiar_is_a_clear_not_implemented_hook(unet, data):
-    with pytest.raises(NotImplementedError, match="TIAR"):
-        TFMQConfig(tiar=True)
-    with pytest.raises(NotImplementedError, match="TIAR"):
-        reconstruct_temporal_features(None, None, data)
+def test_tiar_brings_the_quantized_temporal_features_closer_to_fp(unet, data):
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from diffusion_ao import DiffusionQuantizer, calibrate
+
+    reference = export_unet(unet, sample_shape=(1, 1, 8, 8))
+    errors = {}
+    for iterations in (0, 150):
+        prepared = prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)),
+                                DiffusionQuantizer(QuantConfig.preset("w4a8")))
+        calibrate(prepared, data, progress=False)
+        report = reconstruct_temporal_features(prepared, data, iterations=iterations)
+        if iterations:
+            assert [b.name for b in report.blocks] == ["temporal features"]
+            assert report.blocks[0].loss_after < report.blocks[0].loss_before
+        feature_errors = temporal_feature_errors(convert_pt2e(prepared), reference, data.timesteps)
+        errors[iterations] = sum(e for e, _ in feature_errors.values())
+    print(f"TIAR: summed relative MSE of the temporal features {errors[0]:.3e} -> {errors[150]:.3e}")
+    assert errors[150] < errors[0]
+
+
+def test_tiar_has_nothing_to_do_when_the_time_path_is_fp(unet, data):
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from diffusion_ao import DiffusionQuantizer, calibrate
+
+    config = QuantConfig.preset("w4a8").replace(quantize_time_embedding=False)
+    prepared = prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), DiffusionQuantizer(config))
+    calibrate(prepared, data, progress=False)
+    assert reconstruct_temporal_features(prepared, data, iterations=10) is None
