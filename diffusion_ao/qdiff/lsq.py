@@ -9,10 +9,7 @@ import math
 
 import torch
 
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward, identity backward."""
-    return (torch.round(x) - x).detach() + x
+from ..primitives import fake_quantize_ste
 
 
 def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -47,5 +44,4 @@ class LSQActivationQuantizer(torch.nn.Module):
         s = self.scale
         if s.requires_grad and torch.is_grad_enabled():
             s = scale_gradient(s.abs().clamp_min(1e-8), 1.0 / math.sqrt(x.numel() * max(1, self.quant_max)))
-        q = torch.clamp(round_ste(x * (1.0 / s)) + self.zero_point, self.quant_min, self.quant_max)
-        return (q - self.zero_point) * s
+        return fake_quantize_ste(x, s, self.zero_point, self.quant_min, self.quant_max)
