@@ -50,7 +50,7 @@ def write_report(meta: dict, rows: list[dict], path: Path, notes: Optional[list[
         "FP32 samples of the same seeds). PSNR/SSIM: paired with the FP32 sample of the same seed. Coverage: "
         "fraction of the 10 classes the classifier finds in at least 2% of the samples. kernels: `int8` when "
         "inductor lowered every quantized conv/linear to a oneDNN int8 kernel, `simulated` when q/dq runs in fp32. "
-        "MiB: tensors the graph uses (sub-8-bit weights are stored one per int8 byte here).",
+        "MiB: tensors the graph uses, weight codes counted at their packed bit width (as `save_quantized` stores them).",
         "",
         latency_note,
         "",
