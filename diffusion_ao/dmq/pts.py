@@ -5,6 +5,20 @@ with the per-tensor step divided by 2^k_c: equivalently x_c is multiplied by 2^k
 consumer's weight column by 2^-k_c, which `scale_input_channels` folds exactly (powers of two are exact in
 floating point). k_c is chosen per calibration sample and timestep by quantization MSE, then by a vote: the
 most frequent k wins if its share reaches kappa, else k_c = 0.
+
+On integer kernels the factor has a price DMQ's fake-quantized simulation does not pay: 2^-k_c is folded into
+weight column c before the weights are quantized, so that column's weight rounding error reaches the output
+2^k_c times larger (the row's weight step is unchanged, the column's values shrink). At 4-bit weights that can
+outweigh the finer activation step. So a sample's choice of k_c minimises its estimated share of the layer's
+output error, activation and weight terms together (`output_errors`), not the activation MSE alone.
+
+Two choices keep the simulation honest to the deployed per-tensor quantizer, whose one range is chosen by the
+layer's own activation observer over every calibration timestep (MSE-clipped, timestep-weighted):
+- every sample is quantized with that deployed range, not its own min/max (a single sample's range is far
+  narrower at most timesteps, so per-sample ranges understate the step and misjudge clipping);
+- k_c is capped so that 2^k_c times channel c's calibrated range stays inside the deployed range. Scaling a
+  channel past it is clipped, or widens the range the observer picks after folding and so coarsens every
+  other channel.
 """
 from __future__ import annotations
 
@@ -26,31 +40,101 @@ def channel_spread(absmax: torch.Tensor) -> float:
     return float(absmax.max() / absmax.median().clamp_min(1e-12))
 
 
-def per_sample_channel_errors(rows: torch.Tensor, bits: int, max_k: int) -> torch.Tensor:
+def range_preserving_max_k(channel_min: torch.Tensor, channel_max: torch.Tensor, lo: float, hi: float,
+                           max_k: int) -> torch.Tensor:
+    """Per channel, the largest k <= max_k with 2^k * [channel_min, channel_max] inside [lo, hi].
+
+    Args:
+        channel_min, channel_max: (C,) calibrated per-channel extremes.
+        lo, hi: the deployed range of the tensor (lo <= 0 <= hi).
+        max_k: largest exponent allowed at all.
+
+    Returns:
+        (C,) long tensor in 0..max_k; the channels that set the range get 0.
+    """
+    inf = torch.full_like(channel_max, float("inf"))
+    headroom = torch.minimum(torch.where(channel_max > 0, hi / channel_max, inf),
+                             torch.where(channel_min < 0, lo / channel_min, inf))
+    return torch.floor(torch.log2(headroom)).clamp(0, max_k).long()
+
+
+def deployed_range(observer) -> tuple[float, float]:
+    """The real interval [lo, hi] a calibrated affine observer's qparams represent."""
+    scale, zero_point = observer.calculate_qparams()
+    scale, zero_point = float(scale.reshape(())), float(zero_point.reshape(()))
+    return (observer.quant_min - zero_point) * scale, (observer.quant_max - zero_point) * scale
+
+
+def per_sample_channel_errors(rows: torch.Tensor, bits: int, max_k: int, lo: float | None = None,
+                              hi: float | None = None) -> torch.Tensor:
     """Quantization MSE of every channel of every sample for each k in 0..max_k.
 
-    Each sample uses its own per-tensor affine range (min/max of the sample, unsigned `bits`-bit codes); channel
-    c is scaled by 2^k before quantization and back after.
+    Channel c is scaled by 2^k, quantized with one affine per-tensor range (unsigned `bits`-bit codes) and scaled
+    back.
 
     Args:
         rows: (N, positions, C) from `channels_last_rows`.
         bits: activation bits.
         max_k: largest exponent.
+        lo, hi: the deployed range (from `deployed_range` of the layer's observer). If omitted, each sample
+            uses its own min/max.
 
     Returns:
         (max_k + 1, N, C) mean squared errors.
     """
     qmin, qmax = int_range(bits, signed=False)
-    lo = rows.amin(dim=(1, 2)).clamp(max=0.0)
-    hi = rows.amax(dim=(1, 2)).clamp(min=0.0)
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-12).view(-1, 1, 1)
-    zero_point = (qmin - torch.round(lo.view(-1, 1, 1) / scale)).clamp(qmin, qmax)
+    if lo is None or hi is None:
+        lo_t, hi_t = rows.amin(dim=(1, 2)), rows.amax(dim=(1, 2))
+    else:
+        lo_t, hi_t = torch.full((len(rows),), float(lo)), torch.full((len(rows),), float(hi))
+    lo_t, hi_t = lo_t.clamp(max=0.0), hi_t.clamp(min=0.0)
+    scale = ((hi_t - lo_t) / (qmax - qmin)).clamp_min(1e-12).view(-1, 1, 1)
+    zero_point = (qmin - torch.round(lo_t.view(-1, 1, 1) / scale)).clamp(qmin, qmax)
     errors = []
     for k in range(max_k + 1):
         factor = 2.0 ** k
         recon = fake_quantize(rows * factor, scale, zero_point, qmin, qmax) / factor
         errors.append((recon - rows).pow(2).mean(dim=1))
     return torch.stack(errors)
+
+
+def weight_error_per_k(weight: torch.Tensor, weight_spec, max_k: int) -> torch.Tensor:
+    """(max_k + 1, C): squared rounding error of input column c after folding 2^-k into it, summed over output
+    channels and kernel positions and expressed at the column's original scale (times 4^k).
+
+    The rows' quantization scales are those of the unscaled weight: scaling a column down never raises a row's
+    max, so this slightly overstates the error where the scaled column held the row's max.
+    """
+    if weight_spec is None:
+        return torch.zeros(max_k + 1, weight.shape[1])
+    observer = weight_spec.observer_or_fake_quant_ctr()
+    observer(weight)
+    scale, zero_point = observer.calculate_qparams()
+    shape = (-1,) + (1,) * (weight.dim() - 1) if getattr(observer, "per_channel", True) else ()
+    scale, zero_point = scale.reshape(shape).float(), zero_point.reshape(shape).float()
+    dims = [d for d in range(weight.dim()) if d != 1]
+    errors = []
+    for k in range(max_k + 1):
+        folded = weight * 2.0 ** -k
+        err = fake_quantize(folded, scale, zero_point, observer.quant_min, observer.quant_max) - folded
+        errors.append(err.pow(2).sum(dim=dims) * 4.0 ** k)
+    return torch.stack(errors)
+
+
+def output_errors(rows: torch.Tensor, activation_errors: torch.Tensor, weight: torch.Tensor,
+                  weight_errors: torch.Tensor) -> torch.Tensor:
+    """Each channel's share of the layer's output error for each k, per sample: its activation MSE times the
+    energy of its weight column, plus its (2^k-amplified) weight error times its mean square input.
+
+    Args:
+        rows: (N, positions, C) layer input.
+        activation_errors: (K + 1, N, C) from `per_sample_channel_errors`.
+        weight: the layer's FP weight, input channels on dim 1.
+        weight_errors: (K + 1, C) from `weight_error_per_k`.
+    """
+    column_energy = weight.pow(2).sum(dim=[d for d in range(weight.dim()) if d != 1])  # (C,)
+    mean_square = rows.pow(2).mean(dim=1)  # (N, C)
+    return activation_errors * column_energy + weight_errors.unsqueeze(1) * mean_square
 
 
 @dataclass
@@ -67,11 +151,15 @@ class PowerOfTwoVotes:
         self.votes = torch.zeros(self.max_k + 1, self.num_channels, dtype=torch.long)
         self.total_mse = torch.zeros(self.max_k + 1, self.num_channels, dtype=torch.float64)
 
-    def add(self, errors: torch.Tensor) -> None:
-        """errors: (max_k + 1, N, C) from `per_sample_channel_errors`."""
+    def add(self, errors: torch.Tensor, k_cap: torch.Tensor | None = None) -> None:
+        """errors: (max_k + 1, N, C) from `per_sample_channel_errors` or `output_errors`; k_cap: (C,) largest k
+        a channel may take (from `range_preserving_max_k`), or None for no cap."""
+        if k_cap is not None:
+            allowed = torch.arange(self.max_k + 1).view(-1, 1) <= k_cap.view(1, -1)  # (K + 1, C)
+            errors = errors.masked_fill(~allowed.unsqueeze(1), float("inf"))
         best = errors.argmin(dim=0)  # (N, C); ties go to the smaller k
         self.votes += torch.nn.functional.one_hot(best, self.max_k + 1).sum(dim=0).T
-        self.total_mse += errors.double().sum(dim=1)
+        self.total_mse += errors.double().sum(dim=1)  # inf where capped, so by_mse respects the cap too
 
     def by_vote(self, kappa: float = 0.85) -> torch.Tensor:
         """Each channel's most voted k if its share is at least kappa, else 0."""
@@ -109,34 +197,52 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
         {layer module path: {"spread", "k" (list per channel), "fold" ("producer" | "multiply")}} for every
         layer that got non-trivial factors.
     """
-    from ..passes.analysis import CONV_OPS, module_path
+    from ..observers import timestep_context
+    from ..passes.analysis import CONV_OPS, get_attr_tensor, module_path
     from ..passes.capture import run_with_input_callbacks
-    from ..passes.channel_scaling import scale_input_channels
+    from ..passes.channel_scaling import conv_groups, scale_input_channels
     from ..quantizer import DiffusionQuantizer
 
     settings = config.dmq
     planned = {n: p for n, p in DiffusionQuantizer(config).planned_layers(graph).items() if p.input_spec}
     channel_dim = {n.name: 1 if n.target in CONV_OPS else -1 for n in planned}
-    absmax: dict[str, torch.Tensor] = {}
+    channel_min: dict[str, torch.Tensor] = {}
+    channel_max: dict[str, torch.Tensor] = {}
+    observers = {n.name: p.input_spec.observer_or_fake_quant_ctr() for n, p in planned.items()}
 
-    def record_absmax(name):
+    def record_extremes(name):
         def callback(x, timestep):
-            a = channels_last_rows(x, channel_dim[name]).abs().amax(dim=(0, 1))
-            absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
+            rows = channels_last_rows(x, channel_dim[name]).float()
+            lo, hi = rows.amin(dim=(0, 1)), rows.amax(dim=(0, 1))
+            channel_min[name] = torch.minimum(channel_min.get(name, lo), lo)
+            channel_max[name] = torch.maximum(channel_max.get(name, hi), hi)
+            with timestep_context(timestep):
+                observers[name](x)
         return callback
 
-    run_with_input_callbacks(graph, data, {n.name: record_absmax(n.name) for n in planned}, progress=progress,
+    run_with_input_callbacks(graph, data, {n.name: record_extremes(n.name) for n in planned}, progress=progress,
                              desc="PTS: channel spread")
+    absmax = {name: torch.maximum(channel_min[name].abs(), channel_max[name].abs()) for name in channel_max}
     chosen = {n: channel_spread(absmax[n.name]) for n in planned if n.name in absmax}
-    chosen = {n: spread for n, spread in chosen.items() if spread >= settings.pts_min_spread}
+    chosen = {n: spread for n, spread in chosen.items() if spread >= settings.pts_min_spread
+              and not (n.target in CONV_OPS and conv_groups(n) != 1)}  # per-input-channel factors need groups=1
     if not chosen:
         return {}
     votes = {n.name: PowerOfTwoVotes(len(absmax[n.name]), settings.pts_max_k) for n in chosen}
+    tensor_range = {n.name: deployed_range(observers[n.name]) for n in chosen}
+    k_cap = {n.name: range_preserving_max_k(channel_min[n.name], channel_max[n.name], *tensor_range[n.name],
+                                            settings.pts_max_k) for n in chosen}
+    weights = {n.name: get_attr_tensor(graph, n.args[1]).detach().float() for n in chosen}
+    weight_errors = {n.name: weight_error_per_k(weights[n.name], planned[n].weight_spec, settings.pts_max_k)
+                     for n in chosen}
 
     def record_votes(node):
         def callback(x, timestep):
             rows = channels_last_rows(x, channel_dim[node.name]).float()
-            votes[node.name].add(per_sample_channel_errors(rows, planned[node].layer.act_bits, settings.pts_max_k))
+            activation = per_sample_channel_errors(rows, planned[node].layer.act_bits, settings.pts_max_k,
+                                                   *tensor_range[node.name])
+            errors = output_errors(rows, activation, weights[node.name], weight_errors[node.name])
+            votes[node.name].add(errors, k_cap[node.name])
         return callback
 
     run_with_input_callbacks(graph, data, {n.name: record_votes(n) for n in chosen}, progress=progress,
