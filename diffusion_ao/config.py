@@ -79,7 +79,8 @@ class DMQConfig:
         pts_kappa: share of votes a k needs to be used (else k = 0).
         pts_min_spread: max / median of the per-channel |x| max at which a layer input gets PTS. 2 by default:
             the shipped digits model has no input above 3.9 (its skip concats reach 2.6), far below the outlier
-            channels of large latent diffusion models, and at 2 the vote still keeps most channels at k = 0.
+            channels of large latent diffusion models; the vote itself keeps k = 0 wherever the folded factor
+            costs more (weight rounding) than it gains (activation step).
     """
 
     les: bool = True
