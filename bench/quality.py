@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_ao import CalibrationData
-from diffusion_ao.metrics import (class_coverage, classifier_features, frechet_distance, psnr_paired, relative_mse,
+from diffusion_ao.metrics import (class_coverage, classifier_features, epsilon_gain, frechet_distance, psnr_paired,
+                                  relative_mse,
                                   ssim_paired)
 from diffusion_ao.sampling import run_sampler
 
@@ -84,6 +85,12 @@ def per_timestep_relative_mse(preds: list[torch.Tensor], reference: list[torch.T
     return [relative_mse(p, r) for p, r in zip(preds, reference)]
 
 
+def per_timestep_gain(preds: list[torch.Tensor], reference: list[torch.Tensor]) -> list[float]:
+    """The noise prediction's gain over FP at each timestep (`epsilon_gain`): a systematic over- (> 0) or
+    under-prediction that relative MSE does not separate from noise, and that the sampler accumulates."""
+    return [epsilon_gain(p, r) for p, r in zip(preds, reference)]
+
+
 @dataclass
 class QualityMetrics:
     """Sample-quality numbers of one row, against the real digits and the FP samples of the same seeds."""
@@ -93,6 +100,7 @@ class QualityMetrics:
     psnr_fp: float
     ssim_fp: float
     coverage: float
+    contrast_fp: float  # std of the samples / std of the FP samples (same seeds): 1 is FP's contrast
 
 
 def quality_metrics(images: torch.Tensor, fp_images: torch.Tensor, fp_features: torch.Tensor,
@@ -103,4 +111,5 @@ def quality_metrics(images: torch.Tensor, fp_images: torch.Tensor, fp_features: 
                           fd_fp=frechet_distance(feats, fp_features),
                           psnr_fp=psnr_paired(images, fp_images),
                           ssim_fp=ssim_paired(images, fp_images),
-                          coverage=class_coverage(images, classifier))
+                          coverage=class_coverage(images, classifier),
+                          contrast_fp=float(images.std() / fp_images.std().clamp_min(1e-12)))

@@ -6,6 +6,7 @@ from typing import Optional
 
 COLUMNS = [("name", "row"), ("weight_bits", "W"), ("act_bits", "A"), ("fd_real", "FD real"),
            ("fd_fp", "FD vs FP"), ("psnr_fp", "PSNR vs FP"), ("ssim_fp", "SSIM vs FP"), ("coverage", "coverage"),
+           ("contrast_fp", "contrast vs FP"),
            ("latency_ms", "latency ms"), ("speedup_vs_fp32_compiled", "x FP32 compiled"), ("kernels", "kernels"),
            ("size_mb", "MiB"), ("calib_s", "calib s")]
 
@@ -48,7 +49,9 @@ def write_report(meta: dict, rows: list[dict], path: Path, notes: Optional[list[
         "",
         "FD: Fréchet distance in the shipped digit classifier's feature space (to the real digits, or to the "
         "FP32 samples of the same seeds). PSNR/SSIM: paired with the FP32 sample of the same seed. Coverage: "
-        "fraction of the 10 classes the classifier finds in at least 2% of the samples. kernels: `int8` when "
+        "fraction of the 10 classes the classifier finds in at least 2% of the samples. Contrast vs FP: the "
+        "samples' standard deviation over FP32's (same seeds); a systematic gain in the noise prediction "
+        "(`timestep_gain` in results.json) shows up here while per-step MSE hides it. kernels: `int8` when "
         "inductor lowered every quantized conv/linear to a oneDNN int8 kernel, `simulated` when q/dq runs in fp32. "
         "MiB: tensors the graph uses, weight codes counted at their packed bit width (as `save_quantized` stores them).",
         "",

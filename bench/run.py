@@ -32,8 +32,8 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  
 
 from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
 from bench.plots import save_per_timestep_plot, save_sample_grid  # noqa: E402
-from bench.quality import (batched_forward, make_noise, noise_predictions, per_timestep_relative_mse,  # noqa: E402
-                           quality_metrics, sample_images)
+from bench.quality import (batched_forward, make_noise, noise_predictions, per_timestep_gain,  # noqa: E402
+                           per_timestep_relative_mse, quality_metrics, sample_images)
 from bench.report import write_report  # noqa: E402
 from bench.rows import ABLATIONS, RowSpec, default_rows, select_rows  # noqa: E402
 from diffusion_ao import (as_diffusers_unet, collect_calibration_data, compile_for_cpu,  # noqa: E402
@@ -189,11 +189,13 @@ def main(argv: Optional[list[str]] = None) -> Path:
             model, calib_s, decisions = fp_forward, 0.0, []
             row.update(kernels="fp32", kernel_counts=None, size_mb=size_mb(unet), calib_s=0.0)
             row["timestep_rel_mse"] = [0.0] * len(heldout)
+            row["timestep_gain"] = [0.0] * len(heldout)
             sampled = fp_images
         else:
             converted, calib_s, decisions = build_quantized(spec, unet, shape, calib, progress)
-            errors[spec.name] = per_timestep_relative_mse(noise_predictions(converted, heldout, args.batch),
-                                                          fp_reference)
+            predictions = noise_predictions(converted, heldout, args.batch)
+            errors[spec.name] = per_timestep_relative_mse(predictions, fp_reference)
+            row["timestep_gain"] = per_timestep_gain(predictions, fp_reference)
             counts = None
             model = converted
             if not args.no_compile:
@@ -210,7 +212,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         images[spec.name] = sampled
         results.append(row)
         print(f"[bench]   fd_real {metrics.fd_real:.1f} fd_fp {metrics.fd_fp:.1f} psnr {metrics.psnr_fp:.1f} "
-              f"coverage {metrics.coverage:.2f} calib {calib_s:.1f}s", flush=True)
+              f"coverage {metrics.coverage:.2f} contrast {metrics.contrast_fp:.3f} calib {calib_s:.1f}s", flush=True)
 
     latency = {}
     if timed:

@@ -148,6 +148,20 @@ def relative_mse(pred: Tensor, reference: Tensor) -> float:
     return float((pred - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-12))
 
 
+def epsilon_gain(pred: Tensor, reference: Tensor) -> float:
+    """<pred - reference, reference> / <reference, reference>: the part of an error that scales the reference.
+
+    A noise prediction that is (1 + g) times the true one has gain g. Relative MSE cannot tell a gain from noise
+    of the same power, but a sampler integrates a gain over every step: an over-predicted epsilon removes too
+    much noise and lowers the samples' contrast.
+
+    Example:
+        >>> epsilon_gain(1.25 * torch.ones(4), torch.ones(4))
+        0.25
+    """
+    return float(((pred - reference) * reference).sum() / reference.pow(2).sum().clamp_min(1e-12))
+
+
 def psnr_paired(a: Tensor, b: Tensor, cap_db: float = PSNR_CAP_DB) -> float:
     """Mean over the batch of the per-image PSNR between paired images, in dB.
 

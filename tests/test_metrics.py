@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffusion_ao.metrics import (
-    PSNR_CAP_DB, class_coverage, class_histogram, classifier_features, fd_to_reference, frechet_distance,
-    psnr_paired, ssim_paired,
+    PSNR_CAP_DB, class_coverage, class_histogram, classifier_features, epsilon_gain, fd_to_reference,
+    frechet_distance, psnr_paired, ssim_paired,
 )
 from diffusion_ao.models.classifier import load_classifier
 from diffusion_ao.models.digits import load_digits_tensor, split_indices
@@ -180,3 +180,13 @@ def test_classifier_features_batching_matches_single_pass(classifier, digits):
     batched = classifier_features(images[:100], classifier, batch_size=32)
     assert full.shape == (100, classifier.num_features)
     torch.testing.assert_close(full, batched)
+
+
+@settings(deadline=None, max_examples=50)
+@given(gain=st.floats(-0.5, 0.5), seed=st.integers(0, 1000))
+def test_epsilon_gain_recovers_a_scale_and_ignores_orthogonal_noise(gain, seed):
+    g = torch.Generator().manual_seed(seed)
+    reference = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    noise -= (noise * reference).sum() / reference.pow(2).sum() * reference  # orthogonal to the reference
+    assert epsilon_gain((1 + gain) * reference + noise, reference) == pytest.approx(gain, abs=1e-9)

@@ -7,7 +7,8 @@ from bench.rows import default_rows, select_rows
 from bench.run import kernel_kind, main
 
 REQUIRED = ("method", "preset", "weight_bits", "act_bits", "scope", "fd_real", "fd_fp", "psnr_fp", "ssim_fp",
-            "coverage", "latency_ms", "speedup_vs_fp32_compiled", "kernels", "size_mb", "calib_s")
+            "coverage", "contrast_fp", "timestep_gain", "latency_ms", "speedup_vs_fp32_compiled", "kernels",
+            "size_mb", "calib_s")
 TINY = ["--num-samples", "16", "--batch", "16", "--steps", "3", "--calib-samples", "4", "--heldout-samples", "4",
         "--no-progress"]
 
@@ -24,7 +25,8 @@ def _check_outputs(run_dir, results, names):
         assert not missing, f"{row['name']} lacks {missing}"
         assert row["fd_real"] > 0 and 0 <= row["coverage"] <= 1 and row["size_mb"] > 0
     fp = results["rows"][0]
-    assert fp["fd_fp"] == pytest.approx(0, abs=1e-3) and fp["psnr_fp"] == 100.0
+    assert fp["fd_fp"] == pytest.approx(0, abs=1e-3) and fp["psnr_fp"] == 100.0 and fp["contrast_fp"] == 1.0
+    assert all(len(r["timestep_gain"]) == len(r["timestep_rel_mse"]) for r in results["rows"])
     assert results["meta"]["fp_seed_to_seed_fd"] > 0
     report = (run_dir / "report.md").read_text()
     assert all(f"| {n} |" in report for n in names)
