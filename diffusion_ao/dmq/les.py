@@ -90,9 +90,8 @@ class LayerQuantSim(torch.nn.Module):
     def _quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
         obs = self.weight_spec.observer_or_fake_quant_ctr(grid=WEIGHT_SEARCH_GRID)
         obs(w.detach())
-        scale, zp = obs.calculate_qparams()
-        shape = (-1,) + (1,) * (w.dim() - 1) if obs.per_channel else ()
-        return fake_quantize_ste(w, scale.reshape(shape), zp.reshape(shape).float(), obs.quant_min, obs.quant_max)
+        scale, zp = obs.broadcast_qparams()
+        return fake_quantize_ste(w, scale, zp, obs.quant_min, obs.quant_max)
 
     @torch.no_grad()
     def refresh_activation_range(self, inputs: dict[float, torch.Tensor]) -> None:

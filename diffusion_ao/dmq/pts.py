@@ -109,9 +109,7 @@ def weight_error_per_k(weight: torch.Tensor, weight_spec, max_k: int) -> torch.T
         return torch.zeros(max_k + 1, weight.shape[1])
     observer = weight_spec.observer_or_fake_quant_ctr()
     observer(weight)
-    scale, zero_point = observer.calculate_qparams()
-    shape = (-1,) + (1,) * (weight.dim() - 1) if getattr(observer, "per_channel", True) else ()
-    scale, zero_point = scale.reshape(shape).float(), zero_point.reshape(shape).float()
+    scale, zero_point = observer.broadcast_qparams()
     dims = [d for d in range(weight.dim()) if d != 1]
     errors = []
     for k in range(max_k + 1):
@@ -230,6 +228,8 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
         return {}
     votes = {n.name: PowerOfTwoVotes(len(absmax[n.name]), settings.pts_max_k) for n in chosen}
     tensor_range = {n.name: deployed_range(observers[n.name]) for n in chosen}
+    # the observer's own code range: 7 bits for 8-bit activations where reduce_range is on (no VNNI)
+    code_bits = {n.name: (observers[n.name].quant_max - observers[n.name].quant_min).bit_length() for n in chosen}
     k_cap = {n.name: range_preserving_max_k(channel_min[n.name], channel_max[n.name], *tensor_range[n.name],
                                             settings.pts_max_k) for n in chosen}
     weights = {n.name: get_attr_tensor(graph, n.args[1]).detach().float() for n in chosen}
@@ -239,7 +239,7 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
     def record_votes(node):
         def callback(x, timestep):
             rows = channels_last_rows(x, channel_dim[node.name]).float()
-            activation = per_sample_channel_errors(rows, planned[node].layer.act_bits, settings.pts_max_k,
+            activation = per_sample_channel_errors(rows, code_bits[node.name], settings.pts_max_k,
                                                    *tensor_range[node.name])
             errors = output_errors(rows, activation, weights[node.name], weight_errors[node.name])
             votes[node.name].add(errors, k_cap[node.name])

@@ -87,5 +87,17 @@ class WeightObserver(UniformQuantizationObserverBase):
             return scale.reshape(()), zp.reshape(())
         return scale, zp
 
+    def broadcast_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`calculate_qparams` shaped to broadcast against the observed weight (per channel along `ch_axis`),
+        the zero point as float, ready for `fake_quantize`."""
+        scale, zero_point = self.calculate_qparams()
+        if not self.per_channel:
+            return scale, zero_point.float()
+        if self.weight is None:
+            raise RuntimeError(f"The observer of {self.label} saw no data: call it on the weight first.")
+        shape = [1] * self.weight.dim()
+        shape[self.ch_axis] = -1
+        return scale.reshape(shape), zero_point.reshape(shape).float()
+
     def extra_repr(self) -> str:
         return f"method={self.method}, per_channel={self.per_channel}, range=({self.quant_min}, {self.quant_max})"
