@@ -258,9 +258,9 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
     Returns:
         {layer module path: `LESResult`} for every layer LES looked at.
     """
-    from ..passes.analysis import CONV_OPS, get_attr_tensor, module_path
+    from ..passes.analysis import CONV_OPS, conv_groups, get_attr_tensor, module_path
     from ..passes.capture import run_with_input_callbacks
-    from ..passes.channel_scaling import conv_groups, scale_input_channels
+    from ..passes.channel_scaling import scale_input_channels
     from ..quantizer import DiffusionQuantizer
 
     dmq = config.dmq

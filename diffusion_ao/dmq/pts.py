@@ -196,9 +196,9 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
         layer that got non-trivial factors.
     """
     from ..observers import timestep_context
-    from ..passes.analysis import CONV_OPS, get_attr_tensor, module_path
+    from ..passes.analysis import CONV_OPS, conv_groups, get_attr_tensor, module_path
     from ..passes.capture import run_with_input_callbacks
-    from ..passes.channel_scaling import conv_groups, scale_input_channels
+    from ..passes.channel_scaling import scale_input_channels
     from ..quantizer import DiffusionQuantizer
 
     settings = config.dmq

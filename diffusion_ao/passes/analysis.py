@@ -54,12 +54,24 @@ def resolve_type(qualified_name: str) -> Optional[type]:
         return None
 
 
+def scale_chain(x: Node) -> tuple[Node, list[Node]]:
+    """(the value under them, the multiplies) for `x` behind channel-scale multiplies that
+    `scale_input_channels` inserted; `x` itself and [] when there are none."""
+    scales = []
+    while isinstance(x, Node) and x.meta.get(SCALE_META):
+        scales.append(x)
+        x = x.args[0]
+    return x, scales
+
+
 def unscaled_input(node: Node) -> Node:
     """The input of a layer node, looking through channel-scale multiplies inserted by `scale_input_channels`."""
-    x = node.args[0]
-    while isinstance(x, Node) and x.meta.get(SCALE_META):
-        x = x.args[0]
-    return x
+    return scale_chain(node.args[0])[0]
+
+
+def conv_groups(node: Node) -> int:
+    """The `groups` argument of an aten conv2d node (positional in exported graphs; 1 when omitted)."""
+    return node.args[6] if len(node.args) > 6 else 1
 
 
 def get_attr_tensor(gm: GraphModule, node) -> Optional[torch.Tensor]:
@@ -72,7 +84,7 @@ def get_attr_tensor(gm: GraphModule, node) -> Optional[torch.Tensor]:
     return obj
 
 
-def _is_shape_value(node: Node) -> bool:
+def is_shape_value(node: Node) -> bool:
     # sym_size & co. read a tensor's shape, not its values: `timestep * ones(sample.shape[0])` must not make the
     # time embedding depend on the sample.
     val = node.meta.get("val")
@@ -85,7 +97,7 @@ def input_dependencies(gm: GraphModule) -> dict[Node, frozenset[str]]:
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             deps[node] = frozenset([node.name])
-        elif _is_shape_value(node):
+        elif is_shape_value(node):
             deps[node] = frozenset()
         else:
             acc: set[str] = set()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .analysis import CONV_OPS, LINEAR_OPS, SCALE_META, get_attr_tensor
+from .analysis import CONV_OPS, LINEAR_OPS, SCALE_META, conv_groups, get_attr_tensor
 
 aten = torch.ops.aten
 GROUP_NORM_OPS = {aten.group_norm.default}
@@ -22,17 +22,24 @@ def _input_channel_view(node: Node, s: torch.Tensor, ndim: int) -> torch.Tensor:
     return s.view(-1, *([1] * (ndim - 2))) if node.target in CONV_OPS else s
 
 
-def _rescale_constant(gm: GraphModule, attr_node: Node, factor: torch.Tensor) -> None:
-    """Replaces the constant behind a `get_attr` node by `constant * factor`, out of place: exported graphs
-    share their parameters with the eager model, which must not change."""
+def replace_constant(gm: GraphModule, attr_node: Node, make_new, requires_grad: bool | None = None) -> None:
+    """Replaces the constant behind a `get_attr` node by `make_new(old)` (cast to the old dtype), out of place:
+    exported graphs share their parameters with the eager model, which must not change. A parameter stays a
+    parameter, with `requires_grad` (default: the old one's)."""
     *path, leaf = attr_node.target.split(".")
     owner = gm.get_submodule(".".join(path)) if path else gm
     old = getattr(owner, leaf)
-    new = (old.detach() * factor).to(old.dtype)
+    new = make_new(old).to(old.dtype)
     if isinstance(old, torch.nn.Parameter):
-        setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+        grad = old.requires_grad if requires_grad is None else requires_grad
+        setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=grad))
     else:
         setattr(owner, leaf, new)
+
+
+def _rescale_constant(gm: GraphModule, attr_node: Node, factor: torch.Tensor) -> None:
+    """Replaces the constant behind a `get_attr` node by `constant * factor`, out of place."""
+    replace_constant(gm, attr_node, lambda old: old.detach() * factor)
 
 
 def _fold_into_producer(gm: GraphModule, producer: Node, inv_s: torch.Tensor) -> bool:
@@ -58,10 +65,6 @@ def _fold_into_producer(gm: GraphModule, producer: Node, inv_s: torch.Tensor) ->
         _rescale_constant(gm, producer.args[2], inv_s)
         return True
     return False
-
-
-def conv_groups(node: Node) -> int:
-    return node.args[6] if len(node.args) > 6 else 1
 
 
 def scale_input_channels(gm: GraphModule, node: Node, s: torch.Tensor, fold_producer: bool = True) -> str:

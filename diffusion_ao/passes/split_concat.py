@@ -13,25 +13,16 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .analysis import CONV_OPS, SCALE_META, SPLIT_META, get_attr_tensor
+from .analysis import CONV_OPS, SCALE_META, SPLIT_META, conv_groups, get_attr_tensor, scale_chain, shortcut_convs
 
 aten = torch.ops.aten
 CAT_OPS = {aten.cat.default, aten.concat.default}
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
-def _through_scales(x: Node) -> tuple[Node, list[Node]]:
-    """Looks through channel-scale multiplies (PTS / LES) between a conv and its input."""
-    scales = []
-    while isinstance(x, Node) and x.meta.get(SCALE_META):
-        scales.append(x)
-        x = x.args[0]
-    return x, scales
-
-
 def _concat_parts(conv: Node) -> tuple[Node, list[Node], list[Node]] | None:
     """(cat node, its inputs, scale multiplies in between) if `conv` consumes a channel concat, else None."""
-    cat, scales = _through_scales(conv.args[0])
+    cat, scales = scale_chain(conv.args[0])
     if not isinstance(cat, Node) or cat.op != "call_function" or cat.target not in CAT_OPS:
         return None
     parts = list(cat.args[0])
@@ -79,8 +70,6 @@ def split_concat_convs(gm: GraphModule, only: set[str] | None = None) -> list[st
     Example:
         >>> split = split_concat_convs(graph)   # e.g. ['conv2d_16', 'conv2d_19', ...]
     """
-    from .analysis import shortcut_convs
-
     shortcuts = {n.name for n in shortcut_convs(gm)}
     graph, done = gm.graph, []
     for conv in list(graph.nodes):
@@ -88,8 +77,7 @@ def split_concat_convs(gm: GraphModule, only: set[str] | None = None) -> list[st
             continue
         found = _concat_parts(conv)
         weight = get_attr_tensor(gm, conv.args[1])
-        groups = conv.args[6] if len(conv.args) > 6 else conv.kwargs.get("groups", 1)
-        if found is None or weight is None or groups != 1 or conv.kwargs:
+        if found is None or weight is None or conv_groups(conv) != 1 or conv.kwargs:
             continue
         cat, parts, scales = found
         bias = conv.args[2] if len(conv.args) > 2 else None

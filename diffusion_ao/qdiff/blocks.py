@@ -15,7 +15,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..observers import TimestepActivationObserver, WeightObserver
-from ..passes.analysis import module_path
+from ..passes.analysis import EXPORT_PREFIX, get_attr_tensor, is_shape_value, module_path
 
 # Module classes (by name) whose nodes are reconstructed together (Q-Diffusion / BRECQ's block granularity).
 BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "BasicTransformerBlock")
@@ -42,16 +42,11 @@ class Block:
     @property
     def tensor_inputs(self) -> list[Node]:
         """The inputs fed to the block's module: all but sizes (recomputed inside, see `build_block_module`)."""
-        return [n for n in self.inputs if not _is_size(n)]
+        return [n for n in self.inputs if not is_shape_value(n)]
 
     def observers(self, gm: GraphModule) -> list[str]:
         """Targets of the diffusion-ao observer modules inside the block."""
         return [n.target for n in self.nodes if is_observer(gm, n)]
-
-
-def _is_size(node: Node) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool)
 
 
 def is_observer(gm: GraphModule, node: Node) -> bool:
@@ -147,14 +142,13 @@ def find_blocks(gm: GraphModule) -> list[Block]:
         groups.setdefault(key, []).append(node)
         if quantized:
             observed.add(key)
-    prefix = "unet."
     blocks = []
     claimed: set[Node] = set()
     for key, nodes in groups.items():
         if key not in observed:
             continue
         label = key[len("layer:"):] if key.startswith("layer:") else key
-        label = label[len(prefix):] if label.startswith(prefix) else label
+        label = label[len(EXPORT_PREFIX):] if label.startswith(EXPORT_PREFIX) else label
         block = block_from_nodes(gm, nodes, label)
         overlap = claimed.intersection(block.nodes)
         if overlap:
@@ -197,10 +191,7 @@ def build_block_module(gm: GraphModule, block: Block, quantizers: dict[str, torc
             if a.op != "get_attr":
                 raise ValueError(f"block {block.name!r}: {a.name} is read before it is computed.")
             env[a] = graph.get_attr(a.target)
-            obj = gm
-            for part in a.target.split("."):
-                obj = getattr(obj, part)
-            root[a.target] = obj
+            root[a.target] = get_attr_tensor(gm, a)
         return env[a]
 
     for n in block.nodes:

@@ -56,6 +56,8 @@ class ReconstructionReport:
 
 def select_samples(data: CalibrationData, max_samples: int, seed: int) -> CalibrationData:
     """At most `max_samples` samples, spread evenly over the timesteps, chosen at random within each step."""
+    if data.num_samples <= max_samples and all(len(s.sample) for s in data.steps):
+        return data  # everything fits: keeping all samples in order is what the selection would return
     generator = torch.Generator().manual_seed(seed)
     steps = [s for s in data.steps if len(s.sample)]
     per_step = [0] * len(steps)

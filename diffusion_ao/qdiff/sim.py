@@ -16,6 +16,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from ..observers import TimestepActivationObserver, WeightObserver
 from ..passes.analysis import get_attr_tensor
+from ..passes.channel_scaling import replace_constant
 from .adaround import AdaRoundWeightQuantizer
 from .lsq import LSQActivationQuantizer
 
@@ -117,13 +118,7 @@ class QuantSim:
             scale, zp = self.qparams[target]
             if target in self.weights:
                 q = self.weights[target]
-                node = self.weight_nodes[target]
-                *path, leaf = node.target.split(".")
-                owner = self.gm.get_submodule(".".join(path)) if path else self.gm
-                old = getattr(owner, leaf)
-                new = q.baked_weight().to(old.dtype)
-                setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=False)
-                        if isinstance(old, torch.nn.Parameter) else new)
+                replace_constant(self.gm, self.weight_nodes[target], lambda old: q.baked_weight(), requires_grad=False)
                 obs.set_fixed_qparams(scale, zp)
             else:
                 q = self.activations[target]
