@@ -74,7 +74,7 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
                     len(report.les))
     if dmq is not None and dmq.pts:
         from .dmq import apply_power_of_two_scaling
-        report.pts = apply_power_of_two_scaling(graph, data, config, progress=progress)
+        report.pts = apply_power_of_two_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
         logger.info("PTS: %d layers scaled: %s", len(report.pts), sorted(report.pts))
     prepared = prepare_pt2e(graph, quantizer)
     calibrate(prepared, data, progress=progress)

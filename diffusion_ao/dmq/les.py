@@ -191,7 +191,7 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
         sim.log_s.zero_()
         loss_unscaled = evaluate()
         sim.log_s.copy_(init.clamp_min(EPS).log())
-        loss_init = best = evaluate()
+        loss_init = best = loss_unscaled if bool((init == 1).all()) else evaluate()  # s = 1 was just evaluated
     best_log_s, history, stale = sim.log_s.detach().clone(), [best], 0
     optimizer = torch.optim.Adam([sim.log_s], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(iterations, 1))

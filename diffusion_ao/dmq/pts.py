@@ -182,7 +182,8 @@ def factors(k: torch.Tensor) -> torch.Tensor:
     return torch.pow(2.0, -k.double()).float()
 
 
-def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progress: bool = True) -> dict[str, dict]:
+def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progress: bool = True,
+                               has_vnni: bool | None = None) -> dict[str, dict]:
     """Chooses and folds PTS factors for every quantized layer input with a high channel spread.
 
     Args:
@@ -190,6 +191,7 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
         data: calibration data.
         config: the `QuantConfig`; `config.dmq` holds the PTS settings, the layers are those it quantizes.
         progress: show a progress bar.
+        has_vnni: as for `DiffusionQuantizer`, so that the simulated ranges are the ones `prepare_pt2e` gets.
 
     Returns:
         {layer module path: {"spread", "k" (list per channel), "fold" ("producer" | "multiply")}} for every
@@ -202,7 +204,8 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
     from ..quantizer import DiffusionQuantizer
 
     settings = config.dmq
-    planned = {n: p for n, p in DiffusionQuantizer(config).planned_layers(graph).items() if p.input_spec}
+    quantizer = DiffusionQuantizer(config, has_vnni=has_vnni)
+    planned = {n: p for n, p in quantizer.planned_layers(graph).items() if p.input_spec}
     channel_dim = {n.name: 1 if n.target in CONV_OPS else -1 for n in planned}
     channel_min: dict[str, torch.Tensor] = {}
     channel_max: dict[str, torch.Tensor] = {}

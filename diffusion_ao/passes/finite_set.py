@@ -32,6 +32,8 @@ from ..observers import TimestepActivationObserver
 from .analysis import LINEAR_OPS, input_dependencies, module_path
 from .temporal_cache import normalise_timesteps, timestep_index_node
 
+FSC_SCALE_PREFIX = "fsc_scale_"  # the per-timestep scale tables; `timestep_guard` recognises FSC graphs by it
+
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 FSC_META = "diffusion_ao_fsc"
@@ -156,7 +158,7 @@ def apply_finite_set_calibration(converted: GraphModule, tables: list[FSCTable],
         if any(p[1] is not q for p in pairs):
             raise ValueError(f"apply_finite_set_calibration: the consumers of {table.observer} do not share one "
                              "quantize node.")
-        scale_name, zp_name = f"fsc_scale_{k}", f"fsc_zero_point_{k}"  # timestep_guard looks for "fsc_scale_"
+        scale_name, zp_name = f"{FSC_SCALE_PREFIX}{k}", f"fsc_zero_point_{k}"
         converted.register_buffer(scale_name, table.scales.clone())
         converted.register_buffer(zp_name, table.zero_points.clone())
         with g.inserting_before(q):

@@ -285,14 +285,3 @@ def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
     gm.recompile()
     return info
 
-
-def check_timesteps(known: torch.Tensor, timestep: torch.Tensor) -> None:
-    """Raises a ValueError naming the unseen values if `timestep` has values outside `known`."""
-    t = timestep.detach().reshape(-1).to(known.device, torch.float32)
-    unseen = t[~torch.isin(t, known)]
-    if unseen.numel():
-        shown = ", ".join(f"{v:g}" for v in unseen.unique()[:5].tolist())
-        raise ValueError(f"Timestep(s) {shown} are not in the finite set this quantized UNet was cached/"
-                         f"calibrated for ({len(known)} values: {', '.join(f'{v:g}' for v in known[:8].tolist())}"
-                         f"{', ...' if len(known) > 8 else ''}). Sample with the same scheduler and step count as "
-                         "the calibration data, or quantize again without TFMQConfig.cache / fsc.")

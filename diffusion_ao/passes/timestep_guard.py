@@ -11,9 +11,20 @@ from typing import Callable, Optional
 
 import torch
 
-from .temporal_cache import TIMESTEPS_BUFFER, check_timesteps
+from .finite_set import FSC_SCALE_PREFIX
+from .temporal_cache import TIMESTEPS_BUFFER
 
-FSC_BUFFER_PREFIX = "fsc_scale_"
+
+def check_timesteps(known: torch.Tensor, timestep: torch.Tensor) -> None:
+    """Raises a ValueError naming the unseen values if `timestep` has values outside `known`."""
+    t = timestep.detach().reshape(-1).to(known.device, torch.float32)
+    unseen = t[~torch.isin(t, known)]
+    if unseen.numel():
+        shown = ", ".join(f"{v:g}" for v in unseen.unique()[:5].tolist())
+        raise ValueError(f"Timestep(s) {shown} are not in the finite set this quantized UNet was cached/"
+                         f"calibrated for ({len(known)} values: {', '.join(f'{v:g}' for v in known[:8].tolist())}"
+                         f"{', ...' if len(known) > 8 else ''}). Sample with the same scheduler and step count as "
+                         "the calibration data, or quantize again without TFMQConfig.cache / fsc.")
 
 
 def _graph_of(model: torch.nn.Module) -> Optional[torch.nn.Module]:
@@ -36,7 +47,7 @@ def timestep_guard(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], 
     if graph is None:
         return None
     known = getattr(graph, TIMESTEPS_BUFFER)
-    per_timestep_qparams = any(name.startswith(FSC_BUFFER_PREFIX) for name, _ in graph.named_buffers())
+    per_timestep_qparams = any(name.startswith(FSC_SCALE_PREFIX) for name, _ in graph.named_buffers())
 
     def guard(timestep: torch.Tensor) -> None:
         check_timesteps(known, timestep)

@@ -11,7 +11,6 @@ of the scheduler and step count the calibration data was collected with.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -71,7 +70,7 @@ def after_convert(converted: GraphModule, reference: GraphModule, tables: list[F
     """FSC rewrite, then (cache="select") selection and caching; marks cached layers FP in `decisions`."""
     without_fsc = None
     if tfmq.cache == "select" and tables:
-        without_fsc = temporal_feature_errors(copy.deepcopy(converted), reference, report.timesteps)
+        without_fsc = temporal_feature_errors(converted, reference, report.timesteps)  # reads only
     report.fsc_pairs = apply_finite_set_calibration(converted, tables, report.timesteps)
     if tables:
         logger.info("TFMQ FSC: %s", report.fsc_pairs)
