@@ -258,15 +258,14 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
     Returns:
         {layer module path: `LESResult`} for every layer LES looked at.
     """
-    from ..passes.analysis import CONV_OPS, conv_groups, get_attr_tensor, module_path
+    from ..passes.analysis import get_attr_tensor, module_path
     from ..passes.capture import run_with_input_callbacks
-    from ..passes.channel_scaling import scale_input_channels
+    from ..passes.channel_scaling import scale_input_channels, scaling_blocker
     from ..quantizer import DiffusionQuantizer
 
     dmq = config.dmq
     planned = DiffusionQuantizer(config, has_vnni=has_vnni).planned_layers(graph)
-    targets = [n for n, p in planned.items() if p.input_spec is not None and len(n.args[1].users) == 1
-               and not (n.target in CONV_OPS and conv_groups(n) != 1)]
+    targets = [n for n, p in planned.items() if p.input_spec is not None and scaling_blocker(graph, n) is None]
     subset = data.subset(dmq.les_samples_per_step)
     per_sample = {n: math.prod(n.args[0].meta["val"].shape[1:]) * 4 for n in targets}
     nbytes = {n: per_sample[n] * subset.num_samples for n in targets}

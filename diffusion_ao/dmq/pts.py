@@ -198,9 +198,9 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
         layer that got non-trivial factors.
     """
     from ..observers import timestep_context
-    from ..passes.analysis import CONV_OPS, conv_groups, get_attr_tensor, module_path
+    from ..passes.analysis import CONV_OPS, get_attr_tensor, module_path
     from ..passes.capture import run_with_input_callbacks
-    from ..passes.channel_scaling import scale_input_channels
+    from ..passes.channel_scaling import scale_input_channels, scaling_blocker
     from ..quantizer import DiffusionQuantizer
 
     settings = config.dmq
@@ -225,8 +225,8 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
                              desc="PTS: channel spread")
     absmax = {name: torch.maximum(channel_min[name].abs(), channel_max[name].abs()) for name in channel_max}
     chosen = {n: channel_spread(absmax[n.name]) for n in planned if n.name in absmax}
-    chosen = {n: spread for n, spread in chosen.items() if spread >= settings.pts_min_spread
-              and not (n.target in CONV_OPS and conv_groups(n) != 1)}  # per-input-channel factors need groups=1
+    chosen = {n: spread for n, spread in chosen.items()
+              if spread >= settings.pts_min_spread and scaling_blocker(graph, n) is None}
     if not chosen:
         return {}
     votes = {n.name: PowerOfTwoVotes(len(absmax[n.name]), settings.pts_max_k) for n in chosen}

@@ -67,6 +67,17 @@ def _fold_into_producer(gm: GraphModule, producer: Node, inv_s: torch.Tensor) ->
     return False
 
 
+def scaling_blocker(gm: GraphModule, node: Node) -> str | None:
+    """Why `scale_input_channels` cannot scale `node`'s input channels, or None if it can."""
+    if node.target not in CONV_OPS and node.target not in LINEAR_OPS:
+        return f"scale_input_channels supports conv2d and linear nodes, got {node.target}."
+    if get_attr_tensor(gm, node.args[1]) is None or len(node.args[1].users) != 1:
+        return f"The weight of {node.name} is not a constant used only by it; cannot fold a scale."
+    if node.target in CONV_OPS and conv_groups(node) != 1:
+        return f"{node.name} is a grouped conv; per-input-channel scales need groups=1."
+    return None
+
+
 def scale_input_channels(gm: GraphModule, node: Node, s: torch.Tensor, fold_producer: bool = True) -> str:
     """Rewrites `node` (conv2d or linear) to compute W diag(s) on diag(1/s) x. Modifies `gm` in place.
 
@@ -82,13 +93,10 @@ def scale_input_channels(gm: GraphModule, node: Node, s: torch.Tensor, fold_prod
     Example:
         >>> scale_input_channels(graph, conv_node, torch.tensor([1.0, 0.5, 0.25]))
     """
-    if node.target not in CONV_OPS and node.target not in LINEAR_OPS:
-        raise ValueError(f"scale_input_channels supports conv2d and linear nodes, got {node.target}.")
+    blocker = scaling_blocker(gm, node)
+    if blocker is not None:
+        raise ValueError(blocker)
     weight = get_attr_tensor(gm, node.args[1])
-    if weight is None or len(node.args[1].users) != 1:
-        raise ValueError(f"The weight of {node.name} is not a constant used only by it; cannot fold a scale.")
-    if node.target in CONV_OPS and conv_groups(node) != 1:
-        raise ValueError(f"{node.name} is a grouped conv; per-input-channel scales need groups=1.")
     s = s.detach().to(weight.dtype).flatten()
     if s.numel() != weight.shape[1] or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
         raise ValueError(f"scales for {node.name} must be {weight.shape[1]} finite positive values.")
