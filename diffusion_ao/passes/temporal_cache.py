@@ -17,10 +17,12 @@ set (a RuntimeError naming the problem, eager and compiled), and `QuantizedUNet`
 message that lists the cached values. There is no silent fallback: a cache is built for one scheduler and step
 count; build it again (or quantize without `TFMQConfig.cache`) for another.
 
-Exactness: the cached values are computed by the graph's own ops, one timestep at a time on a batch of 2. They
-equal the uncached graph's bit for bit whenever its GEMMs give the same rows for every batch size, which holds
-for the small time MLPs of the test UNets; for wider MLPs the uncached FP graph itself differs by a few ulps
-between batch sizes, and the cache matches it up to that.
+Exactness: the cached values are computed by the graph's own ops, one timestep at a time on a batch of 2. At that
+batch size (one timestep per batch) the cached graph equals the uncached one bit for bit: same kernels, same
+values. At other batch sizes the GEMM kernels (MKL / oneDNN) may block and round a different M differently, so
+the uncached FP graph itself differs by a few ulps between batch sizes; whether it does depends on the CPU and
+the library versions (on an AVX-512 machine the test UNets' time MLPs round batch 1 and 4 differently from 2),
+and the cache matches it up to that rounding.
 """
 from __future__ import annotations
 
