@@ -7,10 +7,19 @@ from hypothesis import strategies as st
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from diffusion_ao import DiffusionQuantizer, QuantConfig, calibrate, collect_calibration_data, export_unet
+from diffusion_ao.cpu import cpu_has_vnni, int16_pair_overflows
 from diffusion_ao.gpu import Int8Conv2d, Int8Linear, int_mm, lower_to_int_mm, time_vs_bf16
+from diffusion_ao.primitives import int_range
 from tests.conftest import snr_db
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# On CPU, torch._int_mm is oneDNN's s8 x s8 GEMM. Without VNNI it shifts the first operand to uint8 (+128) and adds
+# pairs of u8 x s8 products in int16, so it is exact only where those pairs cannot overflow: a 7-bit second
+# operand, or a first operand below 0 (a uint8 activation of at most 7 bits, shifted by -128), which is the range
+# the quantizer picks there for 8-bit weights. CUDA's is exact for all codes. Checked on both kinds of CPU
+# kernel by `test_cpu_int_mm_without_vnni_is_exact_only_where_int16_pairs_cannot_overflow`.
+EXACT_ON_THIS_CPU_WEIGHT_BITS = 8 if cpu_has_vnni() else max(b for b in range(2, 9) if not int16_pair_overflows(b, 8))
 
 
 def _codes(shape, lo, hi, seed):
@@ -20,8 +29,39 @@ def _codes(shape, lo, hi, seed):
 @settings(max_examples=30, deadline=None)
 @given(m=st.integers(1, 40), k=st.integers(1, 30), n=st.integers(1, 20), seed=st.integers(0, 2**16))
 def test_int_mm_pads_any_shape_exactly(m, k, n, seed):
-    a, b = _codes((m, k), -128, 127, seed).to(torch.int8), _codes((k, n), -128, 127, seed + 1).to(torch.int8)
+    lo, hi = int_range(EXACT_ON_THIS_CPU_WEIGHT_BITS, signed=True)
+    a, b = _codes((m, k), -128, 127, seed).to(torch.int8), _codes((k, n), lo, hi, seed + 1).to(torch.int8)
     assert torch.equal(int_mm(a, b), a.to(torch.int64).matmul(b.to(torch.int64)).to(torch.int32))
+
+
+_INT_MM_RANGES = """
+import json, torch
+from diffusion_ao.cpu import cpu_has_vnni
+from diffusion_ao.gpu import int_mm
+g = torch.Generator().manual_seed(0)
+wrong = {}
+for name, (a_lo, a_hi), (b_lo, b_hi) in [("full", (-128, 127), (-128, 127)), ("7-bit weights", (-128, 127), (-64, 63)),
+                                         ("7-bit activations", (-128, -1), (-128, 127))]:
+    a = torch.randint(a_lo, a_hi + 1, (64, 288), generator=g).to(torch.int8)
+    b = torch.randint(b_lo, b_hi + 1, (288, 32), generator=g).to(torch.int8)
+    wrong[name] = int((int_mm(a, b) != a.long().matmul(b.long()).int()).sum())
+print(json.dumps({"has_vnni": cpu_has_vnni(), "wrong": wrong}))
+"""
+
+
+@pytest.mark.parametrize("cap", [None, "AVX2"])
+def test_cpu_int_mm_without_vnni_is_exact_only_where_int16_pairs_cannot_overflow(cap):
+    """The CPU stand-in for cuBLAS' int8 GEMM, uncapped and with oneDNN capped to AVX2 (a CPU without VNNI)."""
+    from tests.test_cpu import _run_capped, _x86_flags, onednn_ran_without_vnni
+    if cap == "AVX2" and "avx2" not in _x86_flags():
+        pytest.skip("the CPU lacks AVX2")
+    result, isa, kernels = _run_capped(_INT_MM_RANGES, cap)
+    print(f"int_mm under {cap or 'no cap'} ({isa}, {kernels}): wrong elements {result['wrong']}")
+    if cap == "AVX2" and not onednn_ran_without_vnni(isa, kernels):
+        pytest.skip(f"this oneDNN build does not honour ONEDNN_MAX_CPU_ISA=AVX2 (isa: {isa!r})")
+    wrong = result["wrong"]
+    assert wrong["7-bit weights"] == wrong["7-bit activations"] == 0
+    assert (wrong["full"] == 0) is result["has_vnni"]
 
 
 @settings(max_examples=30, deadline=None)
@@ -29,7 +69,10 @@ def test_int_mm_pads_any_shape_exactly(m, k, n, seed):
        stride=st.sampled_from([1, 2]), padding=st.sampled_from([0, 1]), kernel=st.sampled_from([1, 3]))
 def test_int8_conv_and_linear_equal_the_dequantized_float64_reference(zp, wbits, seed, stride, padding, kernel):
     lo, hi = -(2 ** (wbits - 1)), 2 ** (wbits - 1) - 1
-    x_q = _codes((2, 5, 7, 6), 0, 255, seed).to(torch.uint8)
+    # The activation range the quantizer gives these weights on this CPU (7 bits where int16 pairs overflow).
+    act_max = int_range(7 if not cpu_has_vnni() and int16_pair_overflows(wbits, 8) else 8, signed=False)[1]
+    zp = min(zp, act_max)
+    x_q = _codes((2, 5, 7, 6), 0, act_max, seed).to(torch.uint8)
     w_q = _codes((4, 5, kernel, kernel), lo, hi, seed + 1).to(torch.int8)
     w_scale, bias, x_scale = torch.rand(4, dtype=torch.float64) + 0.1, torch.randn(4, dtype=torch.float64), 0.05
     x = (x_q.double() - zp) * x_scale
