@@ -19,11 +19,19 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _row_cell(row: dict, key: str) -> str:
+    """A row's value; over several calibration seeds, "mean (min–max)"."""
+    spread = row.get("spread", {}).get(key)
+    if spread is None:
+        return _cell(row.get(key))
+    return f"{_cell(spread['mean'])} ({_cell(spread['min'])}–{_cell(spread['max'])})"
+
+
 def results_table(rows: list[dict]) -> str:
     """The markdown table of every row."""
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(_row_cell(row, key) for key, _ in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -47,6 +55,10 @@ def write_report(meta: dict, rows: list[dict], path: Path, notes: Optional[list[
         "",
         results_table(rows),
         "",
+        *([f"**Calibration seeds**: every quantized row was calibrated {len(meta['calib_seeds'])} times (calibration "
+           f"trajectory seeds {meta['calib_seeds']}, method seeds 0..{len(meta['calib_seeds']) - 1}); FD, PSNR, "
+           "SSIM and contrast show the mean (min–max) over them. Samples, per-timestep errors, kernels, latency "
+           "and calib s are those of the first seed.", ""] if len(meta.get("calib_seeds", [])) > 1 else []),
         "FD: Fréchet distance in the shipped digit classifier's feature space (to the real digits, or to the "
         "FP32 samples of the same seeds). PSNR/SSIM: paired with the FP32 sample of the same seed. Coverage: "
         "fraction of the 10 classes the classifier finds in at least 2% of the samples. Contrast vs FP: the "

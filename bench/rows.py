@@ -100,6 +100,14 @@ def diffusion_ao_row(preset: str) -> RowSpec:
     return _config_row(f"diffusion-ao-{preset}", "diffusion-ao", preset, QuantConfig.preset(preset))
 
 
+def preset_row(preset: str) -> RowSpec:
+    """Any diffusion-ao preset as one row, named after it (e.g. "dmq-w4a8"); its method family is the preset's
+    prefix ("dmq", "tfmq", "qdiff") or "diffusion-ao"."""
+    family = preset.split("-")[0]
+    method = family if family in ("dmq", "tfmq", "qdiff") else "diffusion-ao"
+    return _config_row(preset, method, preset, QuantConfig.preset(preset))
+
+
 def x86_inductor_quantizer() -> Quantizer:
     """torchao's `X86InductorQuantizer` with its default (W8A8) global config."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -191,18 +199,24 @@ def default_rows(ablations: tuple[str, ...] = ()) -> list[RowSpec]:
 def select_rows(rows: list[RowSpec], methods: Optional[str]) -> list[RowSpec]:
     """The rows selected by a comma-separated `--methods` filter; the FP32 reference is always kept.
 
+    A preset name that no row matches (e.g. "dmq-w4a8" without `--ablation dmq`) adds that preset as a row.
+
     Args:
         rows: all rows, in table order.
-        methods: e.g. "fp32,w8a8" or "naive-w4a6,x86-default"; None or "" selects every row.
+        methods: e.g. "fp32,w8a8" or "naive-w4a6,x86-default,dmq-w4a6"; None or "" selects every row.
 
     Raises:
-        ValueError: if a token matches no row.
+        ValueError: if a token matches no row and names no preset.
     """
+    from diffusion_ao.config import PRESETS
+
     if not methods:
         return list(rows)
     tokens = [t.strip() for t in methods.split(",") if t.strip()]
-    unknown = [t for t in tokens if not any(r.matches(t) for r in rows)]
+    unmatched = [t for t in tokens if not any(r.matches(t) for r in rows)]
+    unknown = [t for t in unmatched if t not in PRESETS]
     if unknown:
-        raise ValueError(f"--methods: {unknown} match no row; rows are {[r.name for r in rows]} (a method "
-                         f"family or preset name selects all its rows).")
-    return [r for r in rows if r.is_reference or any(r.matches(t) for t in tokens)]
+        raise ValueError(f"--methods: {unknown} match no row and name no preset; rows are {[r.name for r in rows]} "
+                         f"(a method family or preset name selects all its rows), presets are {sorted(PRESETS)}.")
+    return ([r for r in rows if r.is_reference or any(r.matches(t) for t in tokens)]
+            + [preset_row(t) for t in unmatched])

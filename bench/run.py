@@ -66,6 +66,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=1000, help="samples per row (the same seeds for each)")
     p.add_argument("--batch", type=int, default=250, help="samples per UNet call (compiled once per row)")
     p.add_argument("--calib-samples", type=int, default=64, help="FP trajectories recorded for calibration")
+    p.add_argument("--calib-seeds", type=int, default=1, help="calibrate every quantized row this many times, "
+                   "each with its own calibration trajectories and method seeds, and report the mean and min-max "
+                   "of the quality columns (samples, latency and per-timestep errors come from the first seed)")
     p.add_argument("--heldout-samples", type=int, default=32, help="held-out trajectories for per-timestep error")
     p.add_argument("--methods", default=None, help="comma-separated row names, method families or presets "
                    "(the FP32 reference always runs)")
@@ -85,7 +88,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
         args.no_compile = True
-    for name in ("steps", "num_samples", "batch", "calib_samples", "heldout_samples", "latency_rounds"):
+    for name in ("steps", "num_samples", "batch", "calib_samples", "calib_seeds", "heldout_samples", "latency_rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_samples < 2:
@@ -103,11 +106,18 @@ def real_digit_features(classifier) -> torch.Tensor:
     return classifier_features(images, classifier)
 
 
-def build_quantized(spec: RowSpec, unet, shape, calib, progress: bool) -> tuple[torch.fx.GraphModule, float, list]:
-    """export -> prepare -> calibrate -> convert for one row; returns the converted graph, calibration seconds
-    and the quantizer's layer decisions (empty for peers without them)."""
+def calibration_seed(base_seed: int, k: int) -> int:
+    """The seed of calibration run k's trajectories: k = 0 is the bench's usual one (base + 1); the others stay
+    clear of the held-out (base + 2) and sampling (base, base + 1000) seeds."""
+    return base_seed + 1 + 10_007 * k
+
+
+def build_quantized(spec: RowSpec, unet, shape, calib, progress: bool,
+                    seed: int = 0) -> tuple[torch.fx.GraphModule, float, list]:
+    """export -> prepare -> calibrate -> convert for one row, its methods seeded with `seed`; returns the converted
+    graph, calibration seconds and the quantizer's layer decisions (empty for peers without them)."""
     if spec.config is not None:
-        converted, report = quantize_unet(unet, calib, spec.config, progress=progress)
+        converted, report = quantize_unet(unet, calib, spec.config.with_seed(seed), progress=progress)
         return converted, report.calib_s, list(report.quantizer.decisions)
     graph = export_unet(unet, sample_shape=(1, *shape))
     quantizer = spec.make_quantizer()
@@ -116,6 +126,18 @@ def build_quantized(spec: RowSpec, unet, shape, calib, progress: bool) -> tuple[
     spec.calibrate(prepared, calib, progress)
     converted = convert_pt2e(prepared)
     return converted, time.perf_counter() - start, list(getattr(quantizer, "decisions", []))
+
+
+SPREAD_KEYS = ("fd_real", "fd_fp", "psnr_fp", "ssim_fp", "contrast_fp")
+
+
+def seed_spread(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean, min and max over calibration runs of each quality column in `SPREAD_KEYS`."""
+    spread = {}
+    for key in SPREAD_KEYS:
+        values = [float(r[key]) for r in runs]
+        spread[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    return spread
 
 
 def expected_kernels(decisions: list) -> Optional[int]:
@@ -157,8 +179,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
     print(f"[bench] {len(rows)} rows, {args.num_samples} samples x {args.steps} {args.scheduler} steps, "
           f"{threads} threads, compile={'no' if args.no_compile else 'yes'}", flush=True)
 
-    calib = collect_calibration_data(unet, scheduler, num_samples=args.calib_samples,
-                                     num_inference_steps=args.steps, seed=args.seed + 1, progress=progress)
+    calibs = [collect_calibration_data(unet, scheduler, num_samples=args.calib_samples,
+                                       num_inference_steps=args.steps, seed=calibration_seed(args.seed, k),
+                                       progress=progress) for k in range(args.calib_seeds)]
+    calib = calibs[0]
     heldout = collect_calibration_data(unet, scheduler, num_samples=args.heldout_samples,
                                        num_inference_steps=args.steps, seed=args.seed + 2, progress=False)
     noise = make_noise(args.num_samples, shape, args.batch, seed=args.seed)
@@ -209,10 +233,27 @@ def main(argv: Optional[list[str]] = None) -> Path:
                                     args.steps, args.batch, args.seed, f"{spec.name} samples", progress)
         metrics = quality_metrics(sampled, fp_images, fp_features, real_features, classifier)
         row.update(asdict(metrics))
+        if len(calibs) > 1 and not spec.is_reference:
+            runs = [dict(seed=0, calib_seed=calibration_seed(args.seed, 0), calib_s=round(calib_s, 2), **asdict(metrics))]
+            for k in range(1, len(calibs)):
+                print(f"[bench]   calibration seed {k}", flush=True)
+                converted_k, calib_s_k, _ = build_quantized(spec, unet, shape, calibs[k], progress, seed=k)
+                model_k = converted_k if args.no_compile else compile_for_cpu(converted_k)
+                sampled_k = sample_images(as_diffusers_unet(model_k, like=unet), scheduler, noise, args.num_samples,
+                                          args.steps, args.batch, args.seed, f"{spec.name} seed {k}", progress)
+                runs.append(dict(seed=k, calib_seed=calibration_seed(args.seed, k), calib_s=round(calib_s_k, 2),
+                                 **asdict(quality_metrics(sampled_k, fp_images, fp_features, real_features,
+                                                          classifier))))
+            row["calib_runs"] = runs
+            row["spread"] = seed_spread(runs)
         images[spec.name] = sampled
         results.append(row)
         print(f"[bench]   fd_real {metrics.fd_real:.1f} fd_fp {metrics.fd_fp:.1f} psnr {metrics.psnr_fp:.1f} "
               f"coverage {metrics.coverage:.2f} contrast {metrics.contrast_fp:.3f} calib {calib_s:.1f}s", flush=True)
+        if "spread" in row:
+            print("[bench]   over calibration seeds: " + ", ".join(
+                f"{key} {v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}]" for key, v in row["spread"].items()),
+                flush=True)
 
     latency = {}
     if timed:
@@ -229,6 +270,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
     meta = {"model": args.model, "scheduler": args.scheduler, "steps": args.steps, "num_samples": args.num_samples,
             "batch": args.batch, "calib_samples": args.calib_samples, "calib_steps": len(calib),
+            "calib_seeds": [calibration_seed(args.seed, k) for k in range(args.calib_seeds)],
             "heldout_samples": args.heldout_samples, "seed": args.seed, "threads": threads, "quick": args.quick,
             "compiled": not args.no_compile, "cpu": cpu_name(), "cpu_vnni": cpu_has_vnni(),
             "torch": torch.__version__, "python": platform.python_version(), "fp_seed_to_seed_fd": fp_floor,

@@ -32,6 +32,11 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported: choose one of {', '.join(map(repr, allowed))}.")
 
 
+def _check_seed(owner: str, seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{owner}.seed={seed!r}: use an int >= 0.")
+
+
 @dataclass(frozen=True)
 class LayerQuant:
     """Bit widths for one layer, used in `QuantConfig.module_name_overrides` / `module_type_overrides`.
@@ -81,6 +86,7 @@ class DMQConfig:
             the shipped digits model has no input above 3.9 (its skip concats reach 2.6), far below the outlier
             channels of large latent diffusion models; the vote itself keeps k = 0 wherever the folded factor
             costs more (weight rounding) than it gains (activation step).
+        seed: seeds LES's minibatch draws.
     """
 
     les: bool = True
@@ -100,8 +106,10 @@ class DMQConfig:
     pts_max_k: int = 3
     pts_kappa: float = 0.85
     pts_min_spread: float = 2.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_seed("DMQConfig", self.seed)
         _check_choice("pts_selection", self.pts_selection, PTS_SELECTIONS)
         _check_choice("les_init", self.les_init, LES_INITS)
         if (not 0 <= self.les_alpha <= 1 or self.les_iterations < 0 or self.les_lr <= 0
@@ -140,6 +148,7 @@ class TFMQConfig:
         tiar: reconstruct the quantized TIB's temporal features jointly (TIAR: AdaRound + LSQ on the whole time
             path as one block, `diffusion_ao.tfmq.tiar`), before finite-set calibration and selection.
         tiar_iterations: TIAR's optimisation steps.
+        seed: seeds TIAR's sample choice and minibatches.
     """
 
     cache: Literal["none", "all", "select"] = "select"
@@ -148,8 +157,10 @@ class TFMQConfig:
     max_feature_error: float = 1e-3
     tiar: bool = False
     tiar_iterations: int = 500
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_seed("TFMQConfig", self.seed)
         _check_choice("cache", self.cache, TFMQ_CACHE)
         _check_choice("fsc", self.fsc, TFMQ_FSC)
         if self.cache_budget_bytes is not None and (isinstance(self.cache_budget_bytes, bool) or not isinstance(
@@ -362,6 +373,25 @@ class QuantConfig:
     def replace(self, **changes) -> "QuantConfig":
         """A copy with some fields changed (and validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def with_seed(self, seed: int) -> "QuantConfig":
+        """A copy whose methods all draw their random choices from `seed` (LES minibatches, TIAR's and block
+        reconstruction's samples and minibatches). Calibration data has its own seed
+        (`collect_calibration_data(seed=...)`).
+
+        Example:
+            >>> QuantConfig.preset("dmq-w4a8").with_seed(2).dmq.seed
+            2
+        """
+        changes = {}
+        if self.dmq is not None:
+            changes["dmq"] = dataclasses.replace(self.dmq, seed=seed)
+        if self.tfmq is not None:
+            changes["tfmq"] = dataclasses.replace(self.tfmq, seed=seed)
+        if self.qdiff is not None and self.qdiff.reconstruction is not None:
+            changes["qdiff"] = dataclasses.replace(
+                self.qdiff, reconstruction=dataclasses.replace(self.qdiff.reconstruction, seed=seed))
+        return self.replace(**changes)
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":

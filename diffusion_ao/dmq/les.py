@@ -293,7 +293,7 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
                 init = torch.ones(sim.weight.shape[1])
             r = dmq.weighting_r if dmq.timestep_weighting else 0.0
             result = learn_scales(sim, inputs, init, dmq.les_iterations, lr=dmq.les_lr, weighting_r=r,
-                                  weighting_ema=dmq.weighting_ema)
+                                  weighting_ema=dmq.weighting_ema, seed=dmq.seed)
             if result.loss_learned < result.loss_unscaled * (1 - dmq.les_min_gain):
                 learned[node] = result.scales
             results[module_path(node) or node.name] = result

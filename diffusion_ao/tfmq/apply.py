@@ -59,7 +59,7 @@ def before_prepare(graph: GraphModule, data: CalibrationData, tfmq: TFMQConfig) 
 def before_convert(prepared: GraphModule, data: CalibrationData, tfmq: TFMQConfig,
                    report: TFMQReport) -> list[FSCTable]:
     if tfmq.tiar:
-        report.tiar = reconstruct_temporal_features(prepared, data, tfmq.tiar_iterations)
+        report.tiar = reconstruct_temporal_features(prepared, data, tfmq.tiar_iterations, seed=tfmq.seed)
     if tfmq.fsc == "none":
         return []
     return finite_set_tables(prepared, data.timesteps, scope=tfmq.fsc)

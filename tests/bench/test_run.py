@@ -4,6 +4,7 @@ import json
 import pytest
 
 from bench.rows import default_rows, select_rows
+from diffusion_ao import QuantConfig
 from bench.run import kernel_kind, main
 
 REQUIRED = ("method", "preset", "weight_bits", "act_bits", "scope", "fd_real", "fd_fp", "psnr_fp", "ssim_fp",
@@ -44,6 +45,24 @@ def test_quick_bench_writes_every_field(tmp_path):
     assert mean(rows["diffusion-ao-w4a8"]) > mean(rows["naive-w8a8"]) > 0
 
 
+def test_calib_seeds_report_the_spread_of_every_quantized_row(tmp_path):
+    run_dir, results = _run(tmp_path, "--quick", "--methods", "naive-w8a8", "--calib-seeds", "2")
+    fp, row = results["rows"]
+    assert "calib_runs" not in fp and "spread" not in fp  # the reference is not calibrated
+    runs = row["calib_runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and len({r["calib_seed"] for r in runs}) == 2
+    assert results["meta"]["calib_seeds"] == [r["calib_seed"] for r in runs]
+    assert runs[0]["fd_fp"] == row["fd_fp"]  # the first seed is the row's own build
+    assert runs[0]["fd_fp"] != runs[1]["fd_fp"]  # other trajectories give other ranges
+    for key, s in row["spread"].items():
+        values = [r[key] for r in runs]
+        assert s["min"] == min(values) and s["max"] == max(values)
+        assert s["mean"] == pytest.approx(sum(values) / 2)
+    report = (run_dir / "report.md").read_text()
+    spread = row["spread"]["fd_fp"]
+    assert f"({spread['min']:.3g}–{spread['max']:.3g})" in report and "Calibration seeds" in report
+
+
 @pytest.mark.slow
 def test_compiled_bench_measures_latency_on_int8_kernels(tmp_path):
     run_dir, results = _run(tmp_path, "--methods", "diffusion-ao-w8a8", "--latency-rounds", "3")
@@ -65,8 +84,13 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
         "tfmq-w4a6-fsc-temporal+tiar", "tfmq-w4a6-select"]
     with pytest.raises(ValueError, match="Unknown ablation"):
         default_rows(("les",))
-    with pytest.raises(ValueError, match="match no row"):
+    with pytest.raises(ValueError, match="match no row and name no preset"):
         select_rows(rows, "w2a2")
+    # A preset without a row of its own becomes one row named after it.
+    picked = select_rows(rows, "naive-w4a8,dmq-w4a6,qdiff-w4a8")
+    assert [(r.name, r.method) for r in picked] == [("fp32", "fp32"), ("naive-w4a8", "naive-minmax"),
+                                                    ("dmq-w4a6", "dmq"), ("qdiff-w4a8", "qdiff")]
+    assert picked[2].config == QuantConfig.preset("dmq-w4a6")
 
 
 def test_qdiff_ablation_adds_each_piece_in_turn():

@@ -1,0 +1,30 @@
+"""QuantConfig helpers: `with_seed` reaches every method's random choices and nothing else."""
+import dataclasses
+
+import pytest
+
+from diffusion_ao import QuantConfig
+from diffusion_ao.config import PRESETS, DMQConfig, ReconstructionConfig, TFMQConfig
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_with_seed_sets_every_method_seed_and_changes_nothing_else(preset):
+    config = QuantConfig.preset(preset)
+    seeded = config.with_seed(3)
+    seeds = [m.seed for m in (seeded.dmq, seeded.tfmq) if m is not None]
+    if seeded.qdiff is not None and seeded.qdiff.reconstruction is not None:
+        seeds.append(seeded.qdiff.reconstruction.seed)
+    assert seeds == [3] * len(seeds)
+    assert seeded.with_seed(0) == config  # every default seed is 0: only the seeds changed
+
+
+@pytest.mark.parametrize("cls", [DMQConfig, TFMQConfig, ReconstructionConfig])
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_seed_must_be_a_non_negative_int(cls, seed):
+    with pytest.raises(ValueError, match="seed"):
+        cls(seed=seed)
+
+
+def test_with_seed_keeps_a_config_without_methods_unchanged():
+    config = QuantConfig.preset("w4a8")
+    assert config.with_seed(5) == config and dataclasses.replace(config) == config
