@@ -1,7 +1,10 @@
 """export -> prepare -> calibrate -> convert -> compile on tiny UNets, against the FP model.
 
 The SNR bounds were measured on these random-weight tiny models (see the closing note of issue 2) and sit a
-few dB below the measured values; a trained model quantizes better than random weights.
+few dB below the measured values; a trained model quantizes better than random weights. Eager accuracy is checked
+with both activation ranges (VNNI detection forced both ways); compiled graphs use this CPU's own choice, and
+must compute their q/dq graph (`kernel_error_fraction`), which also catches the int16 overflow of CPUs without
+VNNI.
 """
 import pytest
 import torch
@@ -10,7 +13,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from diffusion_ao import (DiffusionQuantizer, QuantConfig, as_diffusers_unet, calibrate, collect_calibration_data,
                           compile_for_cpu, count_int8_kernels, export_unet)
-from tests.conftest import snr_db, tiny_conditional_unet
+from tests.conftest import KERNEL_ERROR_FRACTION, kernel_error_fraction, snr_db, tiny_conditional_unet
 
 torch.set_num_threads(2)
 
@@ -56,17 +59,31 @@ def _quantized_layer_counts(quantizer):
     return convs, linears
 
 
-def test_w8a8_eager_and_compiled_close_to_fp(unet, data, w8a8, w8a8_compiled):
-    quantized, _ = w8a8
-    fast, _ = w8a8_compiled
+W8A8_MIN_SNR_DB = 25.0  # 8-bit activations (measured 30.9 dB)
+ONE_BIT_DB = 20 * torch.log10(torch.tensor(2.0)).item()  # a step twice as large: at most 6.02 dB more noise
+
+
+def test_w8a8_eager_close_to_fp_with_either_activation_range(unet, data, w8a8):
+    """Full-range (VNNI) and 7-bit (no VNNI) activations, whichever this CPU has: the other one is forced."""
     x, t = _probe_inputs(data)
     ref = unet(x, t).sample
-    eager, compiled = quantized(x, t), fast(x, t)
-    print(f"W8A8 SNR vs FP: eager {snr_db(ref, eager):.1f} dB, compiled {snr_db(ref, compiled):.1f} dB")
-    assert snr_db(ref, eager) > 25.0
-    assert snr_db(ref, compiled) > 25.0
-    # The compiled int8 kernels must compute what the q/dq graph says (this catches the AVX2 int16 overflow).
-    assert snr_db(eager, compiled) > 30.0
+    quantized, quantizer = w8a8
+    other, _ = _quantize(unet, data, "w8a8", has_vnni=not quantizer.has_vnni)
+    snr = {quantizer.has_vnni: snr_db(ref, quantized(x, t)), not quantizer.has_vnni: snr_db(ref, other(x, t))}
+    print(f"W8A8 eager SNR vs FP: 8-bit activations {snr[True]:.1f} dB, 7-bit {snr[False]:.1f} dB")
+    assert snr[True] > W8A8_MIN_SNR_DB
+    assert W8A8_MIN_SNR_DB - ONE_BIT_DB < snr[False] < snr[True]
+
+
+def test_w8a8_compiled_computes_the_qdq_graph_with_this_cpus_range(unet, data, w8a8, w8a8_compiled):
+    quantized, quantizer = w8a8
+    fast, _ = w8a8_compiled
+    x, t = _probe_inputs(data)
+    ref, eager, compiled = unet(x, t).sample, quantized(x, t), fast(x, t)
+    fraction = kernel_error_fraction(ref, eager, compiled)
+    print(f"W8A8 (VNNI {quantizer.has_vnni}) compiled: SNR vs FP {snr_db(ref, compiled):.1f} dB, kernel error "
+          f"{fraction:.2e} of the quantization error")
+    assert fraction < KERNEL_ERROR_FRACTION
 
 
 def test_every_quantized_conv_and_linear_runs_as_a_onednn_int8_kernel(w8a8, w8a8_compiled):
@@ -101,11 +118,10 @@ def test_without_vnni_w8a8_uses_7_bit_activations_and_compiled_matches_eager(une
     assert ranges == {(0, 127)}
     fast = compile_for_cpu(quantized)
     x, t = _probe_inputs(data)
-    assert snr_db(quantized(x, t), fast(x, t)) > 30.0
+    assert kernel_error_fraction(unet(x, t).sample, quantized(x, t), fast(x, t)) < KERNEL_ERROR_FRACTION
 
 
 def test_with_vnni_w8a8_uses_the_full_range_and_4_bit_weights_never_reduce(unet, data):
-    graph = export_unet(unet, sample_shape=(1, 1, 8, 8))
     for preset, vnni, expected in (("w8a8", True, {(0, 255)}), ("w4a8", False, {(0, 255)}), ("w4a6", False, {(0, 63)})):
         quantizer = DiffusionQuantizer(QuantConfig.preset(preset), has_vnni=vnni)
         quantizer.annotate(export_unet(unet, sample_shape=(1, 1, 8, 8)))
