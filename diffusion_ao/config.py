@@ -70,7 +70,8 @@ class DMQConfig:
         les_iterations: Adam steps per layer (DMQ: ~6k on a GPU; the default fits a CPU budget).
         les_lr: learning rate on log(s).
         les_samples_per_step: calibration trajectories per timestep whose layer inputs LES learns from.
-        les_min_gain: a layer keeps s = 1 unless LES lowers its loss by this fraction.
+        les_min_gain: a layer keeps s = 1 unless LES lowers its expected quantization error (the smooth loss it
+            learns on, `dmq.les.learn_scales`) by this fraction.
         les_max_capture_mib: memory for captured layer inputs; layers are learned in groups that fit.
         timestep_weighting: adapt per-timestep weights lambda_t = (1 - L_t / sum L)^r of the activation ranges
             (needs `timestep_aggregation="weighted"`).

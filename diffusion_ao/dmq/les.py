@@ -2,15 +2,18 @@
 
 For a quantized conv/linear y = W x with input channels c, LES learns s_c > 0 and computes
 y = (W diag(s)) (diag(1/s) x): exact in floating point, but it moves quantization difficulty between the
-activation x/s and the weight W s. s is learned per layer by minimising the layer's output error under fake
+activation x/s and the weight W s. s is learned per layer by minimising the layer's output error under
 quantization of both, weighted per timestep with DMQ's adaptive weights (§3), starting from s = 1 (DMQ) or
 SmoothQuant's closed form. Unlike DMQ's code, which divides by s at run time, the learned scales are folded
 into the graph (`scale_input_channels`): W s into the weight before it is quantized, 1/s into the producer
 of x or a per-channel multiply that inductor fuses into the quantize op.
 
-The simulated quantizers are the ones `prepare_pt2e` will insert: the weight observer, and the activation
-observer with its per-timestep statistics, fed x/s of every calibration timestep and refreshed while s is
-learned, so that LES optimises the ranges the deployed model will use.
+Unlike DMQ, the loss is the *expected* quantization error (each rounding replaced by seeded uniform noise of
+one step, the steps following s), not the error through a straight-through rounding: the latter is a
+staircase in s, and learning on it made the scales, and the model's FD, depend on the last bits of the FP
+inputs, i.e. on the CPU (`learn_scales` has the measurements). The ranges are the deployed observers': the
+weight observer, and the activation observer with its per-timestep statistics fed x/s of every calibration
+timestep, so that LES optimises the ranges the deployed model will use.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .timestep_weights import AdaptiveTimestepWeights
 
 WEIGHT_SEARCH_GRID = 21  # candidate weight ranges per step (the final weight observer searches finer)
 EPS = 1e-8
+SMOOTH_MAX_TEMPERATURE = 0.05  # of the max: values within a few % of it share the range's gradient
 
 
 def smoothquant_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -52,8 +56,35 @@ def smoothquant_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: fl
     return s / s.log().mean().exp()
 
 
+def smooth_max(values: torch.Tensor, temperature: float = SMOOTH_MAX_TEMPERATURE) -> torch.Tensor:
+    """Per row, the softmax-weighted mean of the values, with a temperature of `temperature` times the row's
+    |max|: the max itself when one value stands out, the mean of the top values when several are within a few
+    percent of it. Unlike the max, its gradient does not jump from one entry to another as the values move,
+    which made the learned scales depend on the inputs' last bits.
+
+    Args:
+        values: (rows, n).
+        temperature: relative temperature (0 would be the max).
+
+    Returns:
+        (rows,) smooth maxima, never above the max.
+
+    Example:
+        >>> smooth_max(torch.tensor([[1.0, 4.0]]))
+        tensor([4.])
+    """
+    top = values.amax(dim=1, keepdim=True).detach()
+    weights = torch.softmax((values - top) / (temperature * top.abs()).clamp_min(EPS), dim=1)
+    return (weights * values).sum(dim=1)
+
+
 class LayerQuantSim(torch.nn.Module):
     """One conv/linear node of an exported graph with its planned quantizers, differentiable in log(s).
+
+    Two forwards: `forward` quantizes x/s and W s exactly as the deployed graph will (the activation observer's
+    per-timestep range choice, the weight observer's per-channel range); `noisy` replaces each rounding by a
+    given uniform noise of one step (pseudo-quantization noise) on a grid whose step sizes follow s, which makes
+    the layer error a smooth function of s (see `learn_scales`).
 
     Args:
         gm: the exported graph holding the node's weight and bias.
@@ -75,6 +106,10 @@ class LayerQuantSim(torch.nn.Module):
         self.rest = tuple(node.args[3:])
         self.input_spec, self.weight_spec = planned.input_spec, planned.weight_spec
         self.act_qparams: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by refresh_activation_range
+        self.act_clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (low, high) ratio to x/s's min/max
+        self.weight_clip: Optional[torch.Tensor] = None  # per output channel: range / max |W s|
+        self.x_min: Optional[torch.Tensor] = None  # per input channel, over all inputs
+        self.x_max: Optional[torch.Tensor] = None
         self.log_s = torch.nn.Parameter(torch.zeros(self.weight.shape[1]))
 
     def _x_view(self, s: torch.Tensor) -> torch.Tensor:
@@ -87,31 +122,75 @@ class LayerQuantSim(torch.nn.Module):
         """The FP output."""
         return self.op(x, self.weight, self.bias, *self.rest)
 
-    def _quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
+    def _weight_observer(self, w: torch.Tensor):
         obs = self.weight_spec.observer_or_fake_quant_ctr(grid=WEIGHT_SEARCH_GRID)
         obs(w.detach())
+        return obs
+
+    def _quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
+        obs = self._weight_observer(w)
         scale, zp = obs.broadcast_qparams()
         return fake_quantize_ste(w, scale, zp, obs.quant_min, obs.quant_max)
 
+    def _weight_absmax(self, w: torch.Tensor) -> torch.Tensor:
+        """Per output channel smooth max |w|, shaped to broadcast against w."""
+        return smooth_max(w.abs().reshape(len(w), -1)).view(-1, *([1] * (w.dim() - 1)))
+
+    def _act_minmax(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Smooth min and max of x/s over all inputs (0 included, as the affine grid includes it)."""
+        lo = -smooth_max(-(self.x_min / s).reshape(1, -1))
+        hi = smooth_max((self.x_max / s).reshape(1, -1))
+        return lo.reshape(()).clamp_max(0.0), hi.reshape(()).clamp_min(0.0)
+
     @torch.no_grad()
     def refresh_activation_range(self, inputs: dict[float, torch.Tensor]) -> None:
-        """Chooses the activation qparams of x/s as the deployed observer would, from `inputs` (timestep -> x)."""
+        """Chooses the qparams of x/s and W s as the deployed observers would, from `inputs` (timestep -> x), and
+        records how far each range clips relative to the min/max (what `noisy` keeps while s moves)."""
+        if self.x_min is None:
+            dims = lambda x: (0, *range(2, x.dim())) if self.is_conv else tuple(range(x.dim() - 1))  # noqa: E731
+            self.x_min = torch.stack([x.amin(dim=dims(x)) for x in inputs.values()]).amin(dim=0)
+            self.x_max = torch.stack([x.amax(dim=dims(x)) for x in inputs.values()]).amax(dim=0)
         observer = self.input_spec.observer_or_fake_quant_ctr()
-        s = self._x_view(self.log_s.exp())
+        s = self.log_s.exp()
         for t, x in inputs.items():
             with timestep_context(t):
-                observer(x / s)
+                observer(x / self._x_view(s))
         scale, zp = observer.calculate_qparams()
-        self.act_qparams = (scale.reshape(()), zp.reshape(()).float())
+        scale, zp = scale.reshape(()), zp.reshape(()).float()
+        self.act_qparams = (scale, zp)
+        lo, hi = self._act_minmax(s)
+        q_lo, q_hi = (observer.quant_min - zp) * scale, (observer.quant_max - zp) * scale
+        self.act_clip = (q_lo / lo if lo < 0 else torch.ones(()), q_hi / hi if hi > 0 else torch.ones(()))
+        w = self.weight * self._w_view(s)
+        w_scale, _ = self._weight_observer(w).broadcast_qparams()
+        half_levels = (self.weight_spec.quant_max - self.weight_spec.quant_min) / 2
+        self.weight_clip = w_scale * half_levels / self._weight_absmax(w).clamp_min(EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The output with x/s and W s fake-quantized (gradients reach log_s straight through the rounding)."""
+        """The output with x/s and W s fake-quantized as deployed (straight-through gradients)."""
         if self.act_qparams is None:
             raise RuntimeError("LayerQuantSim: call refresh_activation_range(inputs) before running the layer.")
         s = self.log_s.exp()
         scale, zp = self.act_qparams
         xq = fake_quantize_ste(x / self._x_view(s), scale, zp, self.input_spec.quant_min, self.input_spec.quant_max)
         return self.op(xq, self._quantize_weight(self.weight * self._w_view(s)), self.bias, *self.rest)
+
+    def noisy(self, x: torch.Tensor, noise_x: torch.Tensor, noise_w: torch.Tensor) -> torch.Tensor:
+        """The output with each rounding replaced by `noise * step` (noise uniform in [-1/2, 1/2], shaped like x
+        and the weight), every step and clipping bound a smooth function of s: the activation range is the clip
+        ratios of the last refresh times the exact min/max of x/s, the weight range likewise per output channel.
+        """
+        if self.act_clip is None:
+            raise RuntimeError("LayerQuantSim: call refresh_activation_range(inputs) before running the layer.")
+        s = self.log_s.exp()
+        lo, hi = self._act_minmax(s)
+        lo, hi = lo * self.act_clip[0], hi * self.act_clip[1]
+        step = (hi - lo) / (self.input_spec.quant_max - self.input_spec.quant_min)
+        xq = torch.minimum(torch.maximum(x / self._x_view(s), lo), hi) + step * noise_x
+        w = self.weight * self._w_view(s)
+        w_step = self.weight_clip * self._weight_absmax(w) / ((self.weight_spec.quant_max - self.weight_spec.quant_min) / 2)
+        wq = torch.minimum(torch.maximum(w, w_step * self.weight_spec.quant_min), w_step * self.weight_spec.quant_max)
+        return self.op(xq, wq + w_step * noise_w, self.bias, *self.rest)
 
 
 def per_sample_relative_error(pred: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -122,38 +201,54 @@ def per_sample_relative_error(pred: torch.Tensor, reference: torch.Tensor) -> to
 
 @dataclass
 class LESResult:
-    """What LES did to one layer. Losses are the mean over timesteps of the relative output error."""
+    """What LES did to one layer. Losses are the mean over timesteps of the layer's relative output error:
+    `loss_*` the expected error under quantization noise (what LES minimises and decides by, smooth in s),
+    `deployed_*` the error with the deployed round-to-nearest quantizers (for reports)."""
 
     loss_unscaled: float  # s = 1: plain quantization
     loss_init: float  # the initial s (1 or SmoothQuant)
-    loss_learned: float  # the best s found
+    loss_learned: float  # the returned s (the learned one, or the initial one if learning did not beat it)
     iterations: int
     scales: torch.Tensor
-    history: list[float] = field(default_factory=list)  # evaluation loss at every evaluation point
+    deployed_unscaled: float = float("nan")
+    deployed_learned: float = float("nan")
     fold: Optional[str] = None  # "producer" / "multiply" once folded; None when s stayed at 1
 
 
-def _timestep_losses(sim: LayerQuantSim, x: torch.Tensor, reference: torch.Tensor, step_ids: torch.Tensor,
-                     num_steps: int) -> torch.Tensor:
-    """(num_steps,) mean relative error per timestep; one forward over samples of every timestep, so that the
-    activation range is shared across timesteps as in the deployed per-tensor quantizer."""
-    errors = per_sample_relative_error(sim(x), reference)
+def _per_timestep(errors: torch.Tensor, step_ids: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """(num_steps,) mean of per-sample `errors` per timestep id."""
     sums = torch.zeros(num_steps, dtype=errors.dtype).index_add(0, step_ids, errors)
-    counts = torch.bincount(step_ids, minlength=num_steps).clamp_min(1)
-    return sums / counts
+    return sums / torch.bincount(step_ids, minlength=num_steps).clamp_min(1)
+
+
+def _optimizer(params, lr):
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _uniform(shape, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape, generator=generator) - 0.5
 
 
 def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: torch.Tensor, iterations: int,
                  lr: float = 1e-2, batch_per_step: int = 2, weighting_r: float = 0.0, weighting_ema: float = 0.95,
-                 eval_every: int = 20, patience: int = 5, seed: int = 0) -> LESResult:
-    """Learns the scales of one layer; returns the best s seen on the evaluation data (all of `inputs`).
+                 seed: int = 0) -> LESResult:
+    """Learns the scales of one layer by minimising its expected quantization error, a smooth function of s.
 
-    Each iteration draws `batch_per_step` samples from every timestep, weights the per-timestep losses with
-    DMQ's adaptive weights (uniform when `weighting_r` is 0), and takes an Adam step on log(s) with a cosine
-    learning rate. Every `eval_every` iterations the activation range is chosen again by the deployed observer
-    for the current s, and the uniform mean over timesteps of the loss on all of `inputs` is evaluated with it;
-    the best s so far is kept, and training stops after `patience` evaluations without
-    improvement. The returned loss therefore never exceeds the initial one.
+    DMQ learns s through the rounding with a straight-through gradient. That loss is a staircase in s: with
+    4-bit weights, which weights round up or down changes with every small move of s, so the loss has a rough
+    component that no gradient predicts, and Adam on the straight-through guess wanders over it. A 1-ulp change
+    of the inputs (another CPU's FP rounding) moved such scales by up to e^0.37 and the layer loss they reached
+    by up to 25 %, and the model's FD by 2x. Here each rounding is replaced by uniform noise of one
+    quantization step (drawn from `seed`, the same on every machine), and the steps and clipping bounds follow
+    s: the activation range is the exact min/max of x/s times the clip ratios the deployed observer chooses
+    at the initial s, the weight range per output channel likewise. The loss is then smooth in s and in the
+    data, so the learned s moves with the rounding only as much as the rounding itself, and its gradient sees
+    what s trades: a wider activation step against wider weight steps.
+
+    Each iteration draws `batch_per_step` samples from every timestep, weights the per-timestep losses with DMQ's
+    adaptive weights (uniform when `weighting_r` is 0) and takes an Adam step on log(s) with a cosine learning
+    rate. The learned s is returned if its expected loss on all of `inputs` (one fixed noise draw) is below
+    the initial s's, else the initial s: the returned loss never exceeds the initial one.
 
     Args:
         sim: the layer (its `log_s` is overwritten).
@@ -163,8 +258,7 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
         lr: Adam learning rate on log(s).
         batch_per_step: samples per timestep in each iteration.
         weighting_r, weighting_ema: DMQ's adaptive timestep weights (r = 0: uniform).
-        eval_every, patience: evaluation interval and early-stopping patience (in evaluations).
-        seed: seed of the batch draws.
+        seed: seed of the batch and noise draws.
 
     Example:
         >>> result = learn_scales(LayerQuantSim(graph, node, planned[node]), {951.0: x1, 1.0: x2},
@@ -172,8 +266,8 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
         >>> result.loss_learned <= result.loss_init
         True
     """
-    if iterations < 0 or lr <= 0 or batch_per_step < 1 or eval_every < 1 or patience < 1:
-        raise ValueError("learn_scales needs iterations >= 0, lr > 0, batch_per_step, eval_every, patience >= 1.")
+    if iterations < 0 or lr <= 0 or batch_per_step < 1:
+        raise ValueError("learn_scales needs iterations >= 0, lr > 0 and batch_per_step >= 1.")
     if not inputs:
         raise ValueError("learn_scales got no inputs: capture the layer's inputs over the calibration data first.")
     timesteps = list(inputs)
@@ -181,46 +275,47 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
     ids_all = torch.cat([torch.full((len(inputs[t]),), i) for i, t in enumerate(timesteps)])
     starts = torch.tensor([0] + [len(inputs[t]) for t in timesteps]).cumsum(0)
     sizes = torch.tensor([len(inputs[t]) for t in timesteps])
+    generator = torch.Generator().manual_seed(seed)
+    eval_noise = (_uniform(x_all.shape, generator), _uniform(sim.weight.shape, generator))
+
+    def per_timestep_loss(pred: torch.Tensor, reference: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return _per_timestep(per_sample_relative_error(pred, reference), ids, len(timesteps))
+
     with torch.no_grad():
         reference = sim.reference(x_all)
-
-        def evaluate() -> float:
-            sim.refresh_activation_range(inputs)
-            return float(_timestep_losses(sim, x_all, reference, ids_all, len(timesteps)).mean())
-
         sim.log_s.zero_()
-        loss_unscaled = evaluate()
-        sim.log_s.copy_(init.clamp_min(EPS).log())
-        loss_init = best = loss_unscaled if bool((init == 1).all()) else evaluate()  # s = 1 was just evaluated
-    best_log_s, history, stale = sim.log_s.detach().clone(), [best], 0
-    optimizer = torch.optim.Adam([sim.log_s], lr=lr)
+        sim.refresh_activation_range(inputs)
+        deployed_unscaled = float(per_timestep_loss(sim(x_all), reference, ids_all).mean())
+        loss_unscaled = float(per_timestep_loss(sim.noisy(x_all, *eval_noise), reference, ids_all).mean())
+        init_log_s = init.clamp_min(EPS).log()
+        sim.log_s.copy_(init_log_s)
+        sim.refresh_activation_range(inputs)  # the clip ratios the noisy loss keeps while s is learned
+        loss_init = float(per_timestep_loss(sim.noisy(x_all, *eval_noise), reference, ids_all).mean())
+    optimizer = _optimizer([sim.log_s], lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(iterations, 1))
     weights = AdaptiveTimestepWeights(weighting_r, weighting_ema)
-    generator = torch.Generator().manual_seed(seed)
     batch_ids = torch.arange(len(timesteps)).repeat_interleave(batch_per_step)
-    done = 0
-    for done in range(1, iterations + 1):
+    for _ in range(iterations):
         rows = starts[batch_ids] + (torch.rand(len(batch_ids), generator=generator) * sizes[batch_ids]).long()
-        losses = _timestep_losses(sim, x_all[rows], reference[rows], batch_ids, len(timesteps))
+        x = x_all[rows]
+        pred = sim.noisy(x, _uniform(x.shape, generator), _uniform(sim.weight.shape, generator))
+        losses = per_timestep_loss(pred, reference[rows], batch_ids)
         lam = weights.update({t: float(v) for t, v in zip(timesteps, losses.detach())})
         loss = (losses * torch.tensor([lam[t] for t in timesteps], dtype=losses.dtype)).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-        if done % eval_every == 0 or done == iterations:
-            with torch.no_grad():
-                value = evaluate()
-            history.append(value)
-            if value < best:
-                best, best_log_s, stale = value, sim.log_s.detach().clone(), 0
-            else:
-                stale += 1
-                if stale >= patience:
-                    break
     with torch.no_grad():
-        sim.log_s.copy_(best_log_s)
-    return LESResult(loss_unscaled, loss_init, best, done, best_log_s.exp(), history)
+        learned_log_s = sim.log_s.detach().clone()
+        loss_learned = float(per_timestep_loss(sim.noisy(x_all, *eval_noise), reference, ids_all).mean())
+        if iterations == 0 or loss_learned >= loss_init:
+            learned_log_s, loss_learned = init_log_s, loss_init
+        sim.log_s.copy_(learned_log_s)
+        sim.refresh_activation_range(inputs)
+        deployed_learned = float(per_timestep_loss(sim(x_all), reference, ids_all).mean())
+    return LESResult(loss_unscaled, loss_init, loss_learned, iterations, learned_log_s.exp(),
+                     deployed_unscaled=deployed_unscaled, deployed_learned=deployed_learned)
 
 
 def _input_absmax(x: torch.Tensor, is_conv: bool) -> torch.Tensor:
@@ -297,7 +392,7 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
             if result.loss_learned < result.loss_unscaled * (1 - dmq.les_min_gain):
                 learned[node] = result.scales
             results[module_path(node) or node.name] = result
-            bar.set_postfix_str(f"{node.name}: {result.loss_unscaled:.2e} -> {result.loss_learned:.2e}")
+            bar.set_postfix_str(f"{node.name}: {result.deployed_unscaled:.2e} -> {result.deployed_learned:.2e}")
             bar.update(1)
     bar.close()
     for node, s in learned.items():
