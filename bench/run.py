@@ -234,7 +234,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
         metrics = quality_metrics(sampled, fp_images, fp_features, real_features, classifier)
         row.update(asdict(metrics))
         if len(calibs) > 1 and not spec.is_reference:
-            runs = [dict(seed=0, calib_seed=calibration_seed(args.seed, 0), calib_s=round(calib_s, 2), **asdict(metrics))]
+            runs = [dict(seed=0, calib_seed=calibration_seed(args.seed, 0), calib_s=round(calib_s, 2),
+                         **asdict(metrics))]
             for k in range(1, len(calibs)):
                 print(f"[bench]   calibration seed {k}", flush=True)
                 converted_k, calib_s_k, _ = build_quantized(spec, unet, shape, calibs[k], progress, seed=k)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import CalibrationData
 from ..observers import timestep_context
-from ..primitives import fake_quantize_ste
+from ..primitives import fake_quantize
 from .timestep_weights import AdaptiveTimestepWeights
 
 WEIGHT_SEARCH_GRID = 21  # candidate weight ranges per step (the final weight observer searches finer)
@@ -105,7 +105,7 @@ class LayerQuantSim(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.rest = tuple(node.args[3:])
         self.input_spec, self.weight_spec = planned.input_spec, planned.weight_spec
-        self.act_qparams: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by refresh_activation_range
+        self.act_qparams: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set by refresh_ranges
         self.act_clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (low, high) ratio to x/s's min/max
         self.weight_clip: Optional[torch.Tensor] = None  # per output channel: range / max |W s|
         self.x_min: Optional[torch.Tensor] = None  # per input channel, over all inputs
@@ -130,7 +130,11 @@ class LayerQuantSim(torch.nn.Module):
     def _quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
         obs = self._weight_observer(w)
         scale, zp = obs.broadcast_qparams()
-        return fake_quantize_ste(w, scale, zp, obs.quant_min, obs.quant_max)
+        return fake_quantize(w, scale, zp, obs.quant_min, obs.quant_max)
+
+    def _channel_dims(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The dimensions of x other than its channels (dim 1 of a conv input, the last of a linear's)."""
+        return (0, *range(2, x.dim())) if self.is_conv else tuple(range(x.dim() - 1))
 
     def _weight_absmax(self, w: torch.Tensor) -> torch.Tensor:
         """Per output channel smooth max |w|, shaped to broadcast against w."""
@@ -143,13 +147,12 @@ class LayerQuantSim(torch.nn.Module):
         return lo.reshape(()).clamp_max(0.0), hi.reshape(()).clamp_min(0.0)
 
     @torch.no_grad()
-    def refresh_activation_range(self, inputs: dict[float, torch.Tensor]) -> None:
+    def refresh_ranges(self, inputs: dict[float, torch.Tensor]) -> None:
         """Chooses the qparams of x/s and W s as the deployed observers would, from `inputs` (timestep -> x), and
         records how far each range clips relative to the min/max (what `noisy` keeps while s moves)."""
         if self.x_min is None:
-            dims = lambda x: (0, *range(2, x.dim())) if self.is_conv else tuple(range(x.dim() - 1))  # noqa: E731
-            self.x_min = torch.stack([x.amin(dim=dims(x)) for x in inputs.values()]).amin(dim=0)
-            self.x_max = torch.stack([x.amax(dim=dims(x)) for x in inputs.values()]).amax(dim=0)
+            self.x_min = torch.stack([x.amin(dim=self._channel_dims(x)) for x in inputs.values()]).amin(dim=0)
+            self.x_max = torch.stack([x.amax(dim=self._channel_dims(x)) for x in inputs.values()]).amax(dim=0)
         observer = self.input_spec.observer_or_fake_quant_ctr()
         s = self.log_s.exp()
         for t, x in inputs.items():
@@ -167,29 +170,30 @@ class LayerQuantSim(torch.nn.Module):
         self.weight_clip = w_scale * half_levels / self._weight_absmax(w).clamp_min(EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The output with x/s and W s fake-quantized as deployed (straight-through gradients)."""
+        """The output with x/s and W s fake-quantized as deployed."""
         if self.act_qparams is None:
-            raise RuntimeError("LayerQuantSim: call refresh_activation_range(inputs) before running the layer.")
+            raise RuntimeError("LayerQuantSim: call refresh_ranges(inputs) before running the layer.")
         s = self.log_s.exp()
         scale, zp = self.act_qparams
-        xq = fake_quantize_ste(x / self._x_view(s), scale, zp, self.input_spec.quant_min, self.input_spec.quant_max)
+        xq = fake_quantize(x / self._x_view(s), scale, zp, self.input_spec.quant_min, self.input_spec.quant_max)
         return self.op(xq, self._quantize_weight(self.weight * self._w_view(s)), self.bias, *self.rest)
 
     def noisy(self, x: torch.Tensor, noise_x: torch.Tensor, noise_w: torch.Tensor) -> torch.Tensor:
         """The output with each rounding replaced by `noise * step` (noise uniform in [-1/2, 1/2], shaped like x
         and the weight), every step and clipping bound a smooth function of s: the activation range is the clip
-        ratios of the last refresh times the exact min/max of x/s, the weight range likewise per output channel.
+        ratios of the last refresh times the smooth min/max of x/s, the weight range likewise per output channel.
         """
         if self.act_clip is None:
-            raise RuntimeError("LayerQuantSim: call refresh_activation_range(inputs) before running the layer.")
+            raise RuntimeError("LayerQuantSim: call refresh_ranges(inputs) before running the layer.")
         s = self.log_s.exp()
         lo, hi = self._act_minmax(s)
         lo, hi = lo * self.act_clip[0], hi * self.act_clip[1]
         step = (hi - lo) / (self.input_spec.quant_max - self.input_spec.quant_min)
         xq = torch.minimum(torch.maximum(x / self._x_view(s), lo), hi) + step * noise_x
         w = self.weight * self._w_view(s)
-        w_step = self.weight_clip * self._weight_absmax(w) / ((self.weight_spec.quant_max - self.weight_spec.quant_min) / 2)
-        wq = torch.minimum(torch.maximum(w, w_step * self.weight_spec.quant_min), w_step * self.weight_spec.quant_max)
+        qmin, qmax = self.weight_spec.quant_min, self.weight_spec.quant_max
+        w_step = self.weight_clip * self._weight_absmax(w) / ((qmax - qmin) / 2)
+        wq = torch.minimum(torch.maximum(w, w_step * qmin), w_step * qmax)
         return self.op(xq, wq + w_step * noise_w, self.bias, *self.rest)
 
 
@@ -284,12 +288,12 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
     with torch.no_grad():
         reference = sim.reference(x_all)
         sim.log_s.zero_()
-        sim.refresh_activation_range(inputs)
+        sim.refresh_ranges(inputs)
         deployed_unscaled = float(per_timestep_loss(sim(x_all), reference, ids_all).mean())
         loss_unscaled = float(per_timestep_loss(sim.noisy(x_all, *eval_noise), reference, ids_all).mean())
         init_log_s = init.clamp_min(EPS).log()
         sim.log_s.copy_(init_log_s)
-        sim.refresh_activation_range(inputs)  # the clip ratios the noisy loss keeps while s is learned
+        sim.refresh_ranges(inputs)  # the clip ratios the noisy loss keeps while s is learned
         loss_init = float(per_timestep_loss(sim.noisy(x_all, *eval_noise), reference, ids_all).mean())
     optimizer = _optimizer([sim.log_s], lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(iterations, 1))
@@ -312,15 +316,10 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
         if iterations == 0 or loss_learned >= loss_init:
             learned_log_s, loss_learned = init_log_s, loss_init
         sim.log_s.copy_(learned_log_s)
-        sim.refresh_activation_range(inputs)
+        sim.refresh_ranges(inputs)
         deployed_learned = float(per_timestep_loss(sim(x_all), reference, ids_all).mean())
     return LESResult(loss_unscaled, loss_init, loss_learned, iterations, learned_log_s.exp(),
                      deployed_unscaled=deployed_unscaled, deployed_learned=deployed_learned)
-
-
-def _input_absmax(x: torch.Tensor, is_conv: bool) -> torch.Tensor:
-    x = x.movedim(1, -1) if is_conv else x
-    return x.reshape(-1, x.shape[-1]).abs().amax(dim=0)
 
 
 def _chunks(nodes: list[Node], bytes_per_node: dict[Node, int], budget: int) -> list[list[Node]]:
@@ -380,7 +379,7 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
             inputs = {t: torch.cat(chunks) for t, chunks in captured.pop(node.name).items()}
             sim = LayerQuantSim(graph, node, planned[node])
             if dmq.les_init == "smoothquant":
-                x_absmax = torch.stack([_input_absmax(x, sim.is_conv) for x in inputs.values()]).amax(dim=0)
+                x_absmax = torch.stack([x.abs().amax(dim=sim._channel_dims(x)) for x in inputs.values()]).amax(dim=0)
                 w = get_attr_tensor(graph, node.args[1]).detach()
                 w_absmax = w.movedim(1, 0).reshape(w.shape[1], -1).abs().amax(dim=1)
                 init = smoothquant_scales(x_absmax, w_absmax, dmq.les_alpha)

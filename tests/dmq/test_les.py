@@ -64,9 +64,9 @@ def test_the_simulated_layer_at_s_one_is_the_fp_layer_up_to_quantization():
     x = torch.randn(4, 16)
     ref = sim.reference(x)
     assert torch.equal(ref, gm(x, torch.zeros(4)))
-    with pytest.raises(RuntimeError, match="refresh_activation_range"):
+    with pytest.raises(RuntimeError, match="refresh_ranges"):
         sim(x)
-    sim.refresh_activation_range({1.0: x})
+    sim.refresh_ranges({1.0: x})
     err = (sim(x) - ref).pow(2).mean() / ref.pow(2).mean()
     assert 0 < err < 0.05  # 4-bit weights, 8-bit activations: a small but non-zero error
 
