@@ -208,8 +208,10 @@ def test_cpu_has_vnni_agrees_with_the_int8_kernel_onednn_runs(cap):
     """On this machine, under each cap: VNNI detected <=> oneDNN's int8 conv is a VNNI or AMX kernel."""
     _x86_flags()
     result, isa, kernels = _run_capped(_ONE_INT8_CONV, cap)
-    assert kernels, "oneDNN logged no int8 kernel"
-    uses_vnni = any("vnni" in k or "amx" in k for k in kernels)
+    named = {k for k in kernels if any(tag in k for tag in ("sse41", "avx", "amx"))}
+    if not named:  # e.g. "gemm:jit": the kernel's name does not say which instructions it uses
+        pytest.skip(f"oneDNN's int8 conv kernel names do not tell its ISA here: {kernels}")
+    uses_vnni = any("vnni" in k or "amx" in k for k in named)
     assert result["has_vnni"] is uses_vnni, (isa, kernels)
 
 
