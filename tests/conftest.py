@@ -42,6 +42,18 @@ def kernel_error_fraction(fp: torch.Tensor, eager: torch.Tensor, compiled: torch
     return ((compiled - eager).pow(2).mean() / (eager - fp).pow(2).mean()).item()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def module_threads(request):
+    """Runs a module's tests with its `TORCH_THREADS` (set at import time, the last module collected would set
+    it for the whole run), and restores the previous count after them."""
+    threads = getattr(request.module, "TORCH_THREADS", None)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def scheduler() -> DDIMScheduler:
     return DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)

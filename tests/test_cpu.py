@@ -223,7 +223,7 @@ from diffusion_ao.calibration import CalibrationData, CalibrationStep
 from diffusion_ao.cpu import cpu_has_vnni
 from tests.test_cpu import SigmoidNet
 
-torch.set_num_threads(2)
+TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
 torch.manual_seed(0)
 model = SigmoidNet().eval()
 x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 500.0)

@@ -15,7 +15,7 @@ from diffusion_ao import (DiffusionQuantizer, QuantConfig, as_diffusers_unet, ca
                           compile_for_cpu, count_int8_kernels, export_unet)
 from tests.conftest import KERNEL_ERROR_FRACTION, kernel_error_fraction, snr_db, tiny_conditional_unet
 
-torch.set_num_threads(2)
+TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
 
 
 def _quantize(unet, data, preset, has_vnni=None, **export_kwargs):

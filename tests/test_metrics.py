@@ -17,7 +17,7 @@ from diffusion_ao.metrics import (
 from diffusion_ao.models.classifier import load_classifier
 from diffusion_ao.models.digits import load_digits_tensor, split_indices
 
-torch.set_num_threads(1)
+TORCH_THREADS = 1  # set for this module's tests by conftest.module_threads
 
 
 @pytest.fixture(scope="module")

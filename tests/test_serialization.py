@@ -14,7 +14,7 @@ from diffusion_ao.serialization import (CONFIG_FILE, GRAPH_FILE, TENSORS_FILE, l
                                         tensor_key)
 from diffusion_ao.size import graph_tensor_targets, size_mb, weight_code_bits
 
-torch.set_num_threads(2)
+TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from diffusion_ao.models.classifier import (
 )
 from diffusion_ao.models.digits import load_digits_tensor, split_indices
 
-torch.set_num_threads(1)
+TORCH_THREADS = 1  # set for this module's tests by conftest.module_threads
 
 
 def test_shipped_classifier_loads_offline_and_is_accurate_on_held_out_split():

@@ -7,7 +7,7 @@ from diffusion_ao.models.classifier import load_classifier
 from diffusion_ao.models.digits import load_digits_tensor
 from diffusion_ao.sampling import run_sampler
 
-torch.set_num_threads(2)
+TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
 
 
 def _confidence(images: torch.Tensor) -> torch.Tensor:

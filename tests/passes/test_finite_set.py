@@ -15,7 +15,7 @@ from diffusion_ao.passes.temporal_cache import cache_temporal_features, evaluate
 from diffusion_ao.primitives import fake_quantize
 from tests.conftest import KERNEL_ERROR_FRACTION, kernel_error_fraction
 
-torch.set_num_threads(1)
+TORCH_THREADS = 1  # set for this module's tests by conftest.module_threads
 
 
 @settings(max_examples=10, deadline=None)

@@ -12,7 +12,7 @@ from diffusion_ao.passes.analysis import CONV_OPS, SPLIT_META, shortcut_convs
 from diffusion_ao.passes.channel_scaling import scale_input_channels
 from diffusion_ao.passes.split_concat import split_concat_convs
 
-torch.set_num_threads(2)
+TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
 qdequant = torch.ops.quantized_decomposed.dequantize_per_tensor.default
 
 

@@ -19,7 +19,7 @@ from diffusion_ao.passes.temporal import find_temporal_blocks
 from diffusion_ao.passes.temporal_cache import CACHE_META, cache_temporal_features
 from tests.conftest import tiny_conditional_unet, tiny_unet
 
-torch.set_num_threads(1)
+TORCH_THREADS = 1  # set for this module's tests by conftest.module_threads
 
 
 def class_conditional_unet() -> UNet2DModel:

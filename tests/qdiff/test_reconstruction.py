@@ -12,7 +12,7 @@ from diffusion_ao.qdiff.blocks import is_observer
 from diffusion_ao.qdiff.reconstruction import reconstruct_block, select_samples
 from diffusion_ao.recipe import quantize_unet
 
-torch.set_num_threads(2)
+TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
 qdq_channel = torch.ops.quantized_decomposed.dequantize_per_channel.default
 # Q-Diffusion's scope at W4A8 with min-max activation ranges (quick to calibrate on the tiny model).
 CONFIG = QuantConfig.preset("qdiff-w4a8").replace(act_observer="minmax", qdiff=QDiffConfig())

@@ -10,7 +10,7 @@ from diffusion_ao.recipe import quantize_unet
 from diffusion_ao.sampling import run_sampler
 from diffusion_ao.tfmq import reconstruct_temporal_features, select_cached_features, temporal_feature_errors
 
-torch.set_num_threads(1)
+TORCH_THREADS = 1  # set for this module's tests by conftest.module_threads
 
 
 @pytest.mark.parametrize("kwargs, message", [
