@@ -13,6 +13,7 @@ import torch
 from torchao.quantization.pt2e.quantizer import Quantizer
 
 from diffusion_ao import CalibrationData, QuantConfig
+from diffusion_ao.graph import call_graph, graph_input_names
 
 # (prepared graph, calibration data, show progress) -> None
 CalibrateFn = Callable[[torch.fx.GraphModule, CalibrationData, bool], None]
@@ -68,9 +69,9 @@ def plain_forward_calibrate(prepared: torch.fx.GraphModule, data: CalibrationDat
         data: the calibration data shared by all rows.
         progress: unused (one forward per step is quick); kept for the `CalibrateFn` signature.
     """
+    names = graph_input_names(prepared)
     for step in data.steps:
-        n = len(step.sample)
-        prepared(step.sample, torch.full((n,), step.timestep), **step.conditioning)
+        call_graph(prepared, step.graph_inputs(), names)
 
 
 def fp32_row() -> RowSpec:

@@ -5,19 +5,17 @@ every node, in registration order, and the first that returns True owns the node
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch.fx import Node
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
 
+from .annotation_context import AnnotationContext
 from .passes.analysis import CONV_OPS, LINEAR_OPS
 
-if TYPE_CHECKING:
-    from .quantizer import AnnotationContext
-
 aten = torch.ops.aten
-Annotator = Callable[[Node, "AnnotationContext"], bool]
+Annotator = Callable[[Node, AnnotationContext], bool]
 ANNOTATORS: dict[str, Annotator] = {}
 
 # op -> positions of the two (or three) tensors multiplied inside attention
@@ -37,7 +35,7 @@ def register_annotator(pattern: str) -> Callable[[Annotator], Annotator]:
     return register
 
 
-def _annotate_weighted(node: Node, ctx: "AnnotationContext") -> bool:
+def _annotate_weighted(node: Node, ctx: AnnotationContext) -> bool:
     layer = ctx.layer_for(node)
     if layer is None:
         return False
@@ -49,17 +47,17 @@ def _annotate_weighted(node: Node, ctx: "AnnotationContext") -> bool:
 
 
 @register_annotator("conv2d")
-def annotate_conv2d(node: Node, ctx: "AnnotationContext") -> bool:
+def annotate_conv2d(node: Node, ctx: AnnotationContext) -> bool:
     return node.target in CONV_OPS and _annotate_weighted(node, ctx)
 
 
 @register_annotator("linear")
-def annotate_linear(node: Node, ctx: "AnnotationContext") -> bool:
+def annotate_linear(node: Node, ctx: AnnotationContext) -> bool:
     return node.target in LINEAR_OPS and _annotate_weighted(node, ctx)
 
 
 @register_annotator("attention")
-def annotate_attention(node: Node, ctx: "AnnotationContext") -> bool:
+def annotate_attention(node: Node, ctx: AnnotationContext) -> bool:
     """Quantizes the operands of the attention matmuls (Q, K, V). Simulated: no CPU int8 attention kernel."""
     if node.target not in ATTENTION_OPERANDS or not ctx.config.quantize_attention_matmuls:
         return False

@@ -1,8 +1,9 @@
 """Timestep-aware calibration data (Q-Diffusion, METHODS.md §2) and the calibration loop.
 
-`collect_calibration_data` runs the floating-point UNet with any diffusers scheduler from Gaussian noise and
-records what the network sees at every step: the scaled input x_t, the scheduler's real timestep value and the
-conditioning. Everything is keyed by that timestep value, so any scheduler and step count work.
+`CalibrationData` holds what a denoiser sees at every sampler step, keyed by the real timestep value, so any
+scheduler and step count work. `capture_calibration_data` (in `pipeline_calibration`) records it from the user's
+own diffusers pipeline call, guidance halves included; `collect_calibration_data` runs this project's sampler on
+a UNet without a pipeline.
 """
 from __future__ import annotations
 
@@ -12,18 +13,46 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .export import CLASS_LABELS, ENCODER_HIDDEN_STATES, require_exported
+from .denoisers import SAMPLE, TIMESTEP
+from .graph import call_graph, graph_input_names, require_exported
 from .observers import TimestepActivationObserver, WeightObserver, timestep_context
 from .sampling import run_sampler, sample_shape
 
 
+CLASS_LABELS, ENCODER_HIDDEN_STATES = "class_labels", "encoder_hidden_states"
+
+
 @dataclass
 class CalibrationStep:
-    """The UNet inputs recorded at one sampler step."""
+    """The denoiser inputs recorded at one sampler step, by graph input name (see `diffusion_ao.denoisers`).
+
+    Attributes:
+        timestep: the timestep value the denoiser received (the same for every sample of the step).
+        sample: the noisy latents, (batch, ...).
+        conditioning: the other batched inputs (text embeddings, class labels, guidance, ...), batch first.
+        shared: inputs without a batch dimension (Flux's `img_ids`), the same for every sample.
+    """
 
     timestep: float
     sample: torch.Tensor
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+    def graph_inputs(self, start: int = 0, stop: Optional[int] = None,
+                     rows: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """The exported graph's inputs for samples `start:stop` (or the indices `rows`), by input name."""
+        index = rows if rows is not None else slice(start, stop)
+        x = self.sample[index]
+        return {SAMPLE: x, TIMESTEP: torch.full((len(x),), self.timestep),
+                **{k: v[index] for k, v in self.conditioning.items()}, **self.shared}
+
+    def select(self, rows: torch.Tensor) -> "CalibrationStep":
+        """A step with only the samples at `rows`."""
+        return CalibrationStep(self.timestep, self.sample[rows], {k: v[rows] for k, v in self.conditioning.items()},
+                               dict(self.shared))
 
 
 @dataclass
@@ -48,7 +77,7 @@ class CalibrationData:
         if not self.steps:
             raise ValueError("The calibration data is empty: collect it with collect_calibration_data(...).")
         for s in self.steps:
-            tensors = {"sample": s.sample, **s.conditioning}
+            tensors = {"sample": s.sample, **s.conditioning, **s.shared}
             for name, t in tensors.items():
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise ValueError(f"The calibration data has NaN/Inf in '{name}' at timestep {s.timestep}: "
@@ -56,9 +85,14 @@ class CalibrationData:
 
     def subset(self, samples_per_step: int) -> "CalibrationData":
         """The first `samples_per_step` samples of every step (a cheaper calibration set)."""
-        return CalibrationData([CalibrationStep(s.timestep, s.sample[:samples_per_step],
-                                                {k: v[:samples_per_step] for k, v in s.conditioning.items()})
-                                for s in self.steps])
+        return CalibrationData([s.select(torch.arange(min(samples_per_step, len(s)))) for s in self.steps])
+
+    def batches(self, batch_size: int):
+        """(step, graph inputs) for every batch of at most `batch_size` samples, step by step (one timestep
+        per batch)."""
+        for step in self.steps:
+            for start in range(0, len(step), batch_size):
+                yield step, step.graph_inputs(start, start + batch_size)
 
 
 @torch.no_grad()
@@ -68,7 +102,8 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
                              encoder_hidden_states: Optional[torch.Tensor] = None,
                              class_labels: Optional[torch.Tensor] = None,
                              progress: bool = True) -> CalibrationData:
-    """Runs the FP sampler and records the UNet inputs at its steps.
+    """Runs this project's FP sampler on a UNet and records its inputs at every step (no pipeline, no guidance;
+    with a pipeline, `capture_calibration_data` records what its own call feeds the denoiser).
 
     Args:
         unet: the floating-point diffusers UNet.
@@ -173,12 +208,9 @@ def calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, batch_size:
     data.validate()
     total = data.num_samples
     bar = tqdm(total=total, desc="calibrating", disable=not progress, unit="sample")
-    for step in data.steps:
+    names = graph_input_names(prepared)
+    for step, inputs in data.batches(batch_size):
         with timestep_context(step.timestep):
-            for start in range(0, len(step.sample), batch_size):
-                x = step.sample[start:start + batch_size]
-                t = torch.full((len(x),), step.timestep)
-                cond = {k: v[start:start + batch_size] for k, v in step.conditioning.items()}
-                prepared(x, t, **cond)
-                bar.update(len(x))
+            call_graph(prepared, inputs, names)
+        bar.update(len(inputs[SAMPLE]))
     bar.close()

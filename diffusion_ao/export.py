@@ -1,40 +1,55 @@
-"""Export a diffusers UNet to an FX graph for PT2E, and put a quantized graph back into a pipeline.
+"""Export any diffusers denoiser to an FX graph for PT2E, and put a quantized graph back into a pipeline.
 
-The exported graph takes `(sample, timestep[, encoder_hidden_states][, class_labels])`, all with a dynamic
-batch dimension, and returns the prediction tensor. `timestep` is a float tensor of shape (batch,).
+`export_denoiser(model, example)` traces one call of the model with `torch.export`. Every tensor argument of the
+call becomes a named graph input with a dynamic batch dimension (`diffusion_ao.denoisers` says how each family's
+arguments are named: the latent is always `sample`, the timestep always `timestep`, a float tensor of shape
+(batch,)); the graph returns the prediction tensor. `QuantizedDenoiser` wraps a quantized graph so that it
+replaces `pipe.unet` / `pipe.transformer` with the original's call signature, config and output type.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, UNet2DModel
-from diffusers.models.unets.unet_2d import UNet2DOutput
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from diffusers.models.upsampling import Upsample2D
 
-# Names of the exported graph's inputs; the quantizer and calibration look them up by these names.
-SAMPLE, TIMESTEP, ENCODER_HIDDEN_STATES, CLASS_LABELS = "sample", "timestep", "encoder_hidden_states", "class_labels"
-MAX_BATCH = 4096
+from .calibration import CLASS_LABELS, ENCODER_HIDDEN_STATES, CalibrationStep
+from .denoisers import SAMPLE, TIMESTEP, DenoiserAdapter, adapter_for
+from .graph import MAX_BATCH, call_graph, graph_input_names
+from .passes.timestep_guard import timestep_guard
+
+EXPORT_BATCH = 2  # torch.export specialises example dimensions of size 1, so the example is traced at batch 2
 
 
-class _ExportableUNet(torch.nn.Module):
-    """Fixes the call signature and returns a plain tensor, which torch.export needs."""
+class _ExportableDenoiser(torch.nn.Module):
+    """Calls the denoiser with its graph inputs un-flattened and returns a plain tensor, as torch.export needs.
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    Its forward's signature is set per instance class to the graph input names, which become the placeholders.
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: DenoiserAdapter, names: list[str]) -> None:
         super().__init__()
-        self.unet = unet
+        self.denoiser, self.adapter, self.names = model, adapter, names
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, class_labels=None):
-        kwargs = {}
-        if encoder_hidden_states is not None:
-            kwargs[ENCODER_HIDDEN_STATES] = encoder_hidden_states
-        if class_labels is not None:
-            kwargs[CLASS_LABELS] = class_labels
-        return self.unet(sample, timestep, return_dict=False, **kwargs)[0]
+    def forward(self, *args, **kwargs):
+        inputs = dict(zip(self.names, args), **kwargs)
+        return self.denoiser(**self.adapter.forward_kwargs(inputs), return_dict=False)[0]
+
+
+def _exportable(model: torch.nn.Module, adapter: DenoiserAdapter, names: list[str]) -> _ExportableDenoiser:
+    def forward(self, *args, **kwargs):
+        return _ExportableDenoiser.forward(self, *args, **kwargs)
+
+    P = inspect.Parameter
+    forward.__signature__ = inspect.Signature([P("self", P.POSITIONAL_OR_KEYWORD)] +
+                                              [P(n, P.POSITIONAL_OR_KEYWORD) for n in names])
+    cls = type(f"Exportable{adapter.name}", (_ExportableDenoiser,), {"forward": forward})
+    return cls(model, adapter, names)
 
 
 def _upsample_forward(self: Upsample2D, hidden_states, output_size=None, *args, **kwargs):
@@ -72,28 +87,92 @@ def _needs_class_labels(unet: torch.nn.Module) -> bool:
     return getattr(cfg, "num_class_embeds", None) is not None or getattr(cfg, "class_embed_type", None) is not None
 
 
-def export_unet(unet: torch.nn.Module, sample_shape: tuple[int, ...], encoder_hidden_states_shape: Optional[
-        tuple[int, int]] = None, max_batch: int = MAX_BATCH) -> torch.fx.GraphModule:
-    """Exports a diffusers UNet with `torch.export` for `prepare_pt2e`, with a dynamic batch dimension.
+def example_inputs(model: torch.nn.Module, example: Union[CalibrationStep, dict[str, Any]],
+                   batch: int = EXPORT_BATCH) -> dict[str, torch.Tensor]:
+    """The graph inputs of `example` (a captured step, or the model's forward keyword arguments), with every
+    batched input cut or repeated to `batch` rows."""
+    adapter = adapter_for(model)
+    if isinstance(example, CalibrationStep):
+        inputs = example.graph_inputs(0, batch)
+    elif isinstance(example, dict):
+        signature = inspect.signature(model.forward)
+        inputs, _ = adapter.flatten_call(signature, (), {k: v for k, v in example.items() if k != "return_dict"})
+    else:
+        raise TypeError(f"export_denoiser needs one captured call (a CalibrationStep, e.g. data.steps[0]) or a dict of "
+                        f"{type(model).__name__}.forward keyword arguments; got {type(example).__name__}.")
+    n = len(inputs[SAMPLE])
+    if n == 0:
+        raise ValueError("export_denoiser: the example has an empty batch.")
+    out = {}
+    for name, value in inputs.items():
+        if name in adapter.shared_args:
+            out[name] = value
+        else:
+            reps = -(-batch // n)
+            out[name] = value.repeat(reps, *([1] * (value.dim() - 1)))[:batch] if n < batch else value[:batch]
+    return out
+
+
+def export_denoiser(model: torch.nn.Module, example: Union[CalibrationStep, dict[str, Any]],
+                    max_batch: int = MAX_BATCH) -> torch.fx.GraphModule:
+    """Exports a diffusers denoiser with `torch.export` for `prepare_pt2e`, with a dynamic batch dimension.
 
     Args:
-        unet: a `UNet2DModel` or `UNet2DConditionModel` (put in eval mode by this call).
-        sample_shape: shape of one input, with or without the batch dimension, e.g. (1, 4, 64, 64).
-        encoder_hidden_states_shape: (sequence_length, dim) of the text conditioning; required for
-            `UNet2DConditionModel` (default: (8, cross_attention_dim)). The sequence length is fixed.
+        model: a UNet2DModel, UNet2DConditionModel (SD, SDXL), DiTTransformer2DModel, PixArtTransformer2DModel,
+            SD3Transformer2DModel or FluxTransformer2DModel (see `diffusion_ao.denoisers`; put in eval mode).
+        example: one call: a `CalibrationStep` (e.g. `capture_calibration_data(pipe, ...).steps[0]`) or a dict of
+            the model's forward keyword arguments. Only shapes and dtypes matter, except that the timestep must
+            be a value the model accepts. Every tensor (dict-valued arguments flattened) becomes a graph input.
         max_batch: the largest batch the exported graph accepts.
 
     Returns:
-        A `torch.fx.GraphModule` taking (sample, timestep[, encoder_hidden_states][, class_labels]).
+        A `torch.fx.GraphModule` called as `graph(sample, timestep, **other_inputs)`.
+
+    Example:
+        >>> data = capture_calibration_data(pipe, num_inference_steps=20, prompt_embeds=embeds)
+        >>> graph = export_denoiser(pipe.transformer, data.steps[0])
+        >>> prepared = prepare_pt2e(graph, DiffusionQuantizer(QuantConfig.preset("w8a8")))
+    """
+    adapter = adapter_for(model)
+    inputs = example_inputs(model, example)
+    model.eval()
+    names = list(inputs)
+    names = [SAMPLE, TIMESTEP] + [n for n in names if n not in (SAMPLE, TIMESTEP)]
+    param = next(model.parameters())
+    inputs = {k: v.to(param.device) for k, v in inputs.items()}
+    dim = torch.export.Dim("batch", min=1, max=max_batch)
+    dynamic = {n: (None if n in adapter.shared_args else {0: dim}) for n in names}
+    kwargs = {n: inputs[n] for n in names[2:]}
+    try:
+        with batch_agnostic_upsampling(model), torch.no_grad():
+            program = torch.export.export(_exportable(model, adapter, names), (inputs[SAMPLE], inputs[TIMESTEP]),
+                                          kwargs=kwargs, dynamic_shapes=dynamic)
+    except Exception as e:  # noqa: BLE001 (re-raised with what to do)
+        raise RuntimeError(f"torch.export could not trace {type(model).__name__} with the inputs {names}: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Every forward input "
+                           "must be a tensor with the batch first (or a shared one the adapter names), and the "
+                           "model must not branch on the batch size.") from e
+    return program.module()
+
+
+def export_unet(unet: torch.nn.Module, sample_shape: tuple[int, ...], encoder_hidden_states_shape: Optional[
+        tuple[int, int]] = None, max_batch: int = MAX_BATCH) -> torch.fx.GraphModule:
+    """`export_denoiser` for a UNet from shapes alone (random example inputs).
+
+    Args:
+        unet: a `UNet2DModel` or `UNet2DConditionModel` without added conditions (SDXL: use `export_denoiser`
+            with a captured step).
+        sample_shape: shape of one input, with or without the batch dimension, e.g. (1, 4, 64, 64).
+        encoder_hidden_states_shape: (sequence_length, dim) of the text conditioning of a `UNet2DConditionModel`
+            (default: (8, cross_attention_dim)). The sequence length is fixed.
+        max_batch: the largest batch the exported graph accepts.
 
     Example:
         >>> graph = export_unet(unet, sample_shape=(1, 1, 16, 16))
-        >>> prepared = prepare_pt2e(graph, DiffusionQuantizer(QuantConfig.preset("w8a8")))
     """
     if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
         raise TypeError(f"export_unet supports diffusers UNet2DModel and UNet2DConditionModel, got "
-                        f"{type(unet).__name__}. For other models, call torch.export yourself with inputs named "
-                        f"'{SAMPLE}' and '{TIMESTEP}' and a dynamic batch dimension.")
+                        f"{type(unet).__name__}. For other denoisers use export_denoiser(model, example).")
     shape = tuple(sample_shape)
     if len(shape) == 3:
         shape = (1,) + shape
@@ -102,65 +181,55 @@ def export_unet(unet: torch.nn.Module, sample_shape: tuple[int, ...], encoder_hi
                          f"got {tuple(sample_shape)}.")
     if shape[1] != unet.config.in_channels:
         raise ValueError(f"sample_shape has {shape[1]} channels but the UNet expects {unet.config.in_channels}.")
-    unet.eval()
-    batch = 2  # torch.export specialises example dimensions of size 1, so trace with 2
     param = next(unet.parameters())
-    args = [torch.randn((batch,) + shape[1:], dtype=param.dtype, device=param.device),
-            torch.full((batch,), 500.0, device=param.device)]
-    dim = torch.export.Dim("batch", min=1, max=max_batch)
-    dynamic = [{0: dim}, {0: dim}]
-    kwargs = {}
+    example: dict[str, Any] = {SAMPLE: torch.randn((EXPORT_BATCH,) + shape[1:], dtype=param.dtype),
+                               TIMESTEP: torch.full((EXPORT_BATCH,), 500.0)}
     if isinstance(unet, UNet2DConditionModel):
+        if getattr(unet.config, "addition_embed_type", None) is not None:
+            raise ValueError(f"This UNet takes added conditions (addition_embed_type="
+                             f"{unet.config.addition_embed_type!r}, e.g. SDXL): export it with "
+                             "export_denoiser(unet, example) from a captured pipeline call.")
         seq, width = encoder_hidden_states_shape or (8, unet.config.cross_attention_dim)
-        kwargs[ENCODER_HIDDEN_STATES] = torch.randn(batch, seq, width, dtype=param.dtype, device=param.device)
+        example[ENCODER_HIDDEN_STATES] = torch.randn(EXPORT_BATCH, seq, width, dtype=param.dtype)
     elif encoder_hidden_states_shape is not None:
         raise ValueError("encoder_hidden_states_shape is only for UNet2DConditionModel.")
     if _needs_class_labels(unet):
-        kwargs[CLASS_LABELS] = torch.zeros(batch, dtype=torch.long, device=param.device)
-    dynamic_kwargs = {k: {0: dim} for k in kwargs}
-    wrapper = _ExportableUNet(unet)
-    with batch_agnostic_upsampling(unet), torch.no_grad():
-        program = torch.export.export(wrapper, tuple(args), kwargs=kwargs,
-                                      dynamic_shapes={SAMPLE: dynamic[0], TIMESTEP: dynamic[1], **dynamic_kwargs})
-    graph = program.module()
-    graph.meta["diffusion_ao_inputs"] = [SAMPLE, TIMESTEP, *kwargs]
-    return graph
+        example[CLASS_LABELS] = torch.zeros(EXPORT_BATCH, dtype=torch.long)
+    return export_denoiser(unet, example, max_batch=max_batch)
 
 
-def graph_input_names(graph: torch.fx.GraphModule) -> list[str]:
-    return [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+class _Attributes:
+    """Plain values copied from the original model (e.g. `add_embedding.linear_1.in_features`), readable by the
+    same dotted paths."""
 
 
-def require_exported(model: torch.nn.Module, what: str) -> torch.fx.GraphModule:
-    """Raises a clear error unless `model` is a graph from `export_unet` (or prepared/converted from one)."""
-    if not isinstance(model, torch.fx.GraphModule):
-        raise TypeError(f"{what} needs an exported graph, got an eager {type(model).__name__}: call "
-                        "`graph = export_unet(unet, sample_shape=...)` first.")
-    names = graph_input_names(model)
-    if SAMPLE not in names or TIMESTEP not in names:
-        raise ValueError(f"{what} needs a graph with inputs named '{SAMPLE}' and '{TIMESTEP}' (as export_unet "
-                         f"produces); this graph's inputs are {names}.")
-    return model
+class QuantizedDenoiser(torch.nn.Module):
+    """Makes an exported / converted / compiled graph usable as a diffusers pipeline's `unet` or `transformer`.
 
+    It keeps the original model's `config`, `dtype`, `device` and call signature, broadcasts a scalar timestep to
+    the batch, and returns the same output type (or a tuple with `return_dict=False`). A call whose inputs differ
+    from the exported ones (an input missing, or one the graph does not have) is a TypeError.
 
-class QuantizedUNet(torch.nn.Module):
-    """Makes an exported / converted / compiled graph usable as a diffusers pipeline's `unet`.
-
-    It keeps the original UNet's `config` and call signature, broadcasts a scalar timestep to the batch, and
-    returns the same output type (`.sample`), or a tuple with `return_dict=False`.
+    Args:
+        graph: the output of `convert_pt2e` (or `compile_for_cpu` / `load_quantized` of it).
+        like: the original diffusers model.
     """
 
     def __init__(self, graph: torch.nn.Module, like: torch.nn.Module) -> None:
         super().__init__()
         self.graph = graph
         self.config = like.config
-        self._conditional = isinstance(like, UNet2DConditionModel)
-        self._needs_class_labels = _needs_class_labels(like)
-        self.register_buffer("_device_anchor", torch.zeros((), dtype=next(like.parameters()).dtype,
-                                                           device=next(like.parameters()).device), persistent=False)
-        from .passes.timestep_guard import timestep_guard  # passes import this module
+        self.adapter = adapter_for(like)
+        self._signature = inspect.signature(like.forward)
+        self._input_names = graph_input_names(_graph_module(graph))
+        self._input_shapes = _static_shapes(_graph_module(graph))
+        param = next(like.parameters())
+        self.register_buffer("_device_anchor", torch.zeros((), dtype=param.dtype, device=param.device),
+                             persistent=False)
         # Graphs with cached temporal features / per-timestep qparams only know a finite set of timesteps.
         self._timestep_guard = timestep_guard(graph)
+        for path in self.adapter.wrapper_attributes:
+            _copy_attribute(self, like, path)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -170,40 +239,79 @@ class QuantizedUNet(torch.nn.Module):
     def device(self) -> torch.device:
         return self._device_anchor.device
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: Optional[torch.Tensor] = None,
-                class_labels: Optional[torch.Tensor] = None, return_dict: bool = True, **unsupported):
-        extra = {k: v for k, v in unsupported.items() if v is not None}
-        if extra:
-            raise TypeError(f"The quantized UNet does not support the arguments {sorted(extra)}: they were not "
-                            "part of the exported graph.")
-        t = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
-        t = t.reshape(-1).expand(sample.shape[0]) if t.numel() == 1 else t.reshape(-1)
+    def cache_context(self, name: str):
+        """A no-op stand-in for diffusers' `CacheMixin.cache_context` (Flux's pipeline enters it around every
+        call): the quantized graph has no cache hooks."""
+        return contextlib.nullcontext()
+
+    def forward(self, *args, **kwargs):
+        inputs, return_dict = self.adapter.flatten_call(self._signature, args, kwargs)
+        missing = [n for n in self._input_names if n not in inputs]
+        extra = sorted(set(inputs) - set(self._input_names))
+        if missing or extra:
+            raise TypeError(f"This quantized {self.adapter.name} was exported with the inputs {self._input_names}; "
+                            f"this call {'lacks ' + str(missing) if missing else ''}"
+                            f"{' and ' if missing and extra else ''}{'adds ' + str(extra) if extra else ''}. Call it "
+                            "as the pipeline was called when the calibration data was captured, or export again.")
+        for name, shape in self._input_shapes.items():
+            got = tuple(inputs[name].shape)
+            if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+                raise TypeError(f"Input '{name}' has shape {got}; the quantized graph was exported for "
+                                f"({', '.join('batch' if s is None else str(s) for s in shape)}). Call the pipeline with the "
+                                "resolution, prompt length and options of the captured call, or capture and quantize "
+                                "again for these.")
         if self._timestep_guard is not None:
-            self._timestep_guard(t)
-        args = [sample, t.contiguous()]
-        kwargs = {}
-        if self._conditional:
-            if encoder_hidden_states is None:
-                raise TypeError("This UNet was exported with encoder_hidden_states; pass them.")
-            kwargs[ENCODER_HIDDEN_STATES] = encoder_hidden_states
-        if self._needs_class_labels:
-            if class_labels is None:
-                raise TypeError("This UNet was exported with class_labels; pass them.")
-            kwargs[CLASS_LABELS] = class_labels
-        out = self.graph(*args, **kwargs)
-        if not return_dict:
-            return (out,)
-        return UNet2DConditionOutput(sample=out) if self._conditional else UNet2DOutput(sample=out)
+            self._timestep_guard(inputs[TIMESTEP])
+        out = call_graph(self.graph, inputs, self._input_names)
+        return self.adapter.output_class(sample=out) if return_dict else (out,)
 
 
-def as_diffusers_unet(graph: torch.nn.Module, like: torch.nn.Module) -> QuantizedUNet:
-    """Wraps a converted (or compiled) graph so that it can replace `pipe.unet`.
+def _graph_module(graph: torch.nn.Module) -> torch.fx.GraphModule:
+    inner = getattr(graph, "model", graph)  # CompiledForCPU keeps the graph it compiled
+    if not isinstance(inner, torch.fx.GraphModule):
+        raise TypeError(f"QuantizedDenoiser needs an exported graph (or compile_for_cpu of one), got "
+                        f"{type(graph).__name__}.")
+    return inner
+
+
+def _static_shapes(gm: torch.fx.GraphModule) -> dict[str, tuple]:
+    """Each graph input's shape from the export metadata, None for a dynamic (batch) dimension."""
+    shapes = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            shapes[node.name] = tuple(d if isinstance(d, int) else None for d in val.shape)
+    return shapes
+
+
+def _copy_attribute(wrapper: torch.nn.Module, like: torch.nn.Module, path: str) -> None:
+    obj: Any = like
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return  # this model does not have it (e.g. an SD UNet without SDXL's add_embedding)
+        obj = getattr(obj, part)
+    parent: Any = wrapper
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if not hasattr(parent, part):
+            object.__setattr__(parent, part, _Attributes())
+        parent = getattr(parent, part)
+    object.__setattr__(parent, leaf, obj)
+
+
+def as_diffusers_denoiser(graph: torch.nn.Module, like: torch.nn.Module) -> QuantizedDenoiser:
+    """Wraps a converted (or compiled) graph so that it can replace `pipe.unet` / `pipe.transformer`.
 
     Args:
         graph: the output of `convert_pt2e` (or `compile_for_cpu` of it).
-        like: the original diffusers UNet, whose config and signature the wrapper copies.
+        like: the original diffusers model, whose config and signature the wrapper copies.
 
     Example:
-        >>> pipe.unet = as_diffusers_unet(compile_for_cpu(quantized), like=pipe.unet)
+        >>> pipe.transformer = as_diffusers_denoiser(compile_for_cpu(quantized), like=pipe.transformer)
     """
-    return QuantizedUNet(graph, like)
+    return QuantizedDenoiser(graph, like)
+
+
+# The names of the UNet-only first version.
+QuantizedUNet = QuantizedDenoiser
+as_diffusers_unet = as_diffusers_denoiser

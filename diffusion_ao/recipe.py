@@ -1,7 +1,8 @@
-"""`quantize_unet`: the whole PTQ recipe of a `QuantConfig` in one call: export; TFMQ-DM's and DMQ's graph
+"""`quantize_denoiser`: the whole PTQ recipe of a `QuantConfig` in one call: export; TFMQ-DM's and DMQ's graph
 passes (temporal cache, LES, PTS); prepare (with Q-Diffusion's shortcut splitting); timestep-aware
 calibration; DMQ's timestep weighting; Q-Diffusion's block reconstruction; convert; TFMQ-DM's finite-set
-calibration and temporal-feature selection.
+calibration and temporal-feature selection. `quantize_pipeline` runs it on a diffusers pipeline's denoiser and
+puts the int8 result back in place.
 
 The PT2E steps stay available one by one (see the README); this is the path the benchmark uses.
 """
@@ -10,18 +11,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from .calibration import CalibrationData, calibrate
 from .config import QuantConfig
-from .export import export_unet
+from .denoisers import denoiser_role
+from .export import QuantizedDenoiser, as_diffusers_denoiser, export_denoiser
+from .lowering import compile_for_cpu
 from .quantizer import DiffusionQuantizer
-from .sampling import sample_shape
 
 if TYPE_CHECKING:
+    from .qdiff import ReconstructionReport
     from .tfmq import TFMQReport
 
 logger = logging.getLogger(__name__)
@@ -36,31 +39,41 @@ class QuantizationReport:
     pts: dict = field(default_factory=dict)
     timestep_weights: Optional[dict[float, float]] = None
     tfmq: Optional["TFMQReport"] = None
-    reconstruction: Optional["ReconstructionReport"] = None  # noqa: F821 (diffusion_ao.qdiff)
+    reconstruction: Optional["ReconstructionReport"] = None
     calib_s: float = 0.0
 
 
-def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantConfig,
-                  has_vnni: Optional[bool] = None, progress: bool = True,
-                  **export_kwargs) -> tuple[torch.fx.GraphModule, QuantizationReport]:
-    """Exports `unet` and quantizes it with `config`; returns the converted graph and a report.
+def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Union[QuantConfig, str],
+                      has_vnni: Optional[bool] = None,
+                      progress: bool = True) -> tuple[torch.fx.GraphModule, QuantizationReport]:
+    """Exports `model` and quantizes it with `config`; returns the converted graph and a report.
 
     Args:
-        unet: a diffusers UNet2DModel / UNet2DConditionModel.
-        data: calibration data from `collect_calibration_data` on the same UNet.
-        config: what to quantize and which methods to use (`config.dmq`, `config.tfmq`, `config.qdiff`).
-            With `config.tfmq` the finite timestep set of the cache / finite-set calibration is
-            `data.timesteps`.
+        model: a diffusers denoiser (UNet2DModel, UNet2DConditionModel, DiT, PixArt, SD3 or Flux transformer).
+        data: calibration data of the same model (`capture_calibration_data` from its pipeline, or
+            `collect_calibration_data` for a UNet); its first step is the export example. With `config.tfmq` the
+            finite timestep set of the cache / finite-set calibration is `data.timesteps`.
+        config: a `QuantConfig` or a preset name: what to quantize and which methods to use (`config.dmq`,
+            `config.tfmq`, `config.qdiff`).
         has_vnni: override the CPU detection of `DiffusionQuantizer`.
         progress: show progress bars.
-        **export_kwargs: passed to `export_unet` (e.g. `encoder_hidden_states_shape`).
 
     Example:
-        >>> quantized, report = quantize_unet(unet, data, QuantConfig.preset("dmq-w4a8"))
+        >>> quantized, report = quantize_denoiser(pipe.transformer, data, "dmq-w4a8")
         >>> fast = compile_for_cpu(quantized)
     """
+    if isinstance(config, str):
+        config = QuantConfig.preset(config)
+    if not isinstance(data, CalibrationData):
+        raise TypeError(f"quantize_denoiser needs CalibrationData, got {type(data).__name__}: capture it with "
+                        "capture_calibration_data(pipe, ...) or collect_calibration_data(unet, scheduler, ...).")
+    data.validate()
     start = time.perf_counter()
-    graph = export_unet(unet, sample_shape=(1, *sample_shape(unet)), **export_kwargs)
+
+    def export():
+        return export_denoiser(model, data.steps[0])
+
+    graph = export()
     quantizer = DiffusionQuantizer(config, has_vnni=has_vnni)
     report = QuantizationReport(quantizer)
     dmq, tfmq = config.dmq, config.tfmq
@@ -82,7 +95,7 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
         if config.timestep_aggregation != "weighted":
             raise ValueError("DMQConfig(timestep_weighting=True) needs QuantConfig(timestep_aggregation='weighted').")
         from .dmq import adapt_timestep_weights
-        reference = export_unet(unet, sample_shape=(1, *sample_shape(unet)), **export_kwargs)
+        reference = export()
         report.timestep_weights = adapt_timestep_weights(prepared, reference, data, r=dmq.weighting_r,
                                                          ema=dmq.weighting_ema, iterations=dmq.weighting_iterations)
     recon = config.qdiff.reconstruction if config.qdiff is not None else None
@@ -93,10 +106,53 @@ def quantize_unet(unet: torch.nn.Module, data: CalibrationData, config: QuantCon
                                                    progress=progress)
     tables, reference = [], None
     if tfmq is not None:
-        reference = export_unet(unet, sample_shape=(1, *sample_shape(unet)), **export_kwargs)
+        reference = export()
         tables = tfmq_steps.before_convert(prepared, data, tfmq, report.tfmq)
     converted = convert_pt2e(prepared)
     if tfmq is not None:
         tfmq_steps.after_convert(converted, reference, tables, tfmq, report.tfmq, quantizer.decisions)
     report.calib_s = time.perf_counter() - start
     return converted, report
+
+
+# The name of the UNet-only first version.
+quantize_unet = quantize_denoiser
+
+
+def quantize_pipeline(pipe, config: Union[QuantConfig, str], data: CalibrationData, compile: bool = True,
+                      has_vnni: Optional[bool] = None, progress: bool = True) -> QuantizationReport:
+    """Quantizes a diffusers pipeline's denoiser (`pipe.unet` or `pipe.transformer`) in place.
+
+    Runs the whole recipe of `config` (`quantize_denoiser`), compiles the result onto the CPU's int8 kernels
+    (`compile_for_cpu`, when `compile`), and puts back a drop-in `QuantizedDenoiser` with the original's
+    signature, config, dtype, device and output type, so that `pipe(...)` runs quantized.
+
+    Args:
+        pipe: a diffusers pipeline with a `unet` or a `transformer`, in floating point.
+        config: a `QuantConfig` or a preset name ("w8a8", "dmq-w4a8", "tfmq-w4a8", "qdiff-w4a8", ...).
+        data: `capture_calibration_data(pipe, ...)` of this pipeline (call it the way you will call the pipeline:
+            same guidance, prompt length and resolution; with TFMQ-DM's cache or finite-set calibration, the same
+            scheduler and step count).
+        compile: compile for the CPU's int8 kernels; False keeps the converted graph (q/dq in floating point).
+        has_vnni: override the CPU detection of `DiffusionQuantizer`.
+        progress: show progress bars.
+
+    Returns:
+        The `QuantizationReport` (per-layer decisions, each method's choices, time taken).
+
+    Example:
+        >>> data = capture_calibration_data(pipe, num_inference_steps=20, prompt=prompts, guidance_scale=4.5)
+        >>> report = quantize_pipeline(pipe, "w8a8", data)
+        >>> images = pipe(prompt=prompts, num_inference_steps=20, guidance_scale=4.5).images
+    """
+    role = denoiser_role(pipe)
+    model = getattr(pipe, role)
+    if isinstance(model, QuantizedDenoiser):
+        raise ValueError(f"pipe.{role} is already quantized; quantize the floating-point pipeline.")
+    if compile and next(model.parameters()).device.type != "cpu":
+        raise ValueError(f"quantize_pipeline(compile=True) compiles for the CPU's int8 kernels, but pipe.{role} is on "
+                         f"{next(model.parameters()).device}: move it to the CPU, or pass compile=False and lower the "
+                         "graph for the GPU with diffusion_ao.gpu.")
+    converted, report = quantize_denoiser(model, data, config, has_vnni=has_vnni, progress=progress)
+    setattr(pipe, role, as_diffusers_denoiser(compile_for_cpu(converted) if compile else converted, like=model))
+    return report

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.fx import GraphModule
 
-from .export import MAX_BATCH, graph_input_names
+from .graph import MAX_BATCH, graph_input_names
 from .packing import pack_int, unpack_int
 from .size import DEQUANTIZE_OPS, QUANTIZE_OPS, graph_tensor_targets, weight_code_bits
 
@@ -50,7 +50,7 @@ def _require_converted(graph: Any) -> GraphModule:
                          "run convert_pt2e first.")
     if not targets & (DEQUANTIZE_OPS | QUANTIZE_OPS):
         raise ValueError("save_quantized got a graph without quantize/dequantize ops: it is not quantized. Pass "
-                         "the output of convert_pt2e (or quantize_unet).")
+                         "the output of convert_pt2e (or quantize_denoiser).")
     return graph
 
 
@@ -61,10 +61,15 @@ def _example_inputs(graph: GraphModule) -> list[torch.Tensor]:
             continue
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
-            raise ValueError(f"Input '{node.name}' has no example metadata; save a graph from export_unet.")
+            raise ValueError(f"Input '{node.name}' has no example metadata; save a graph from export_denoiser.")
         shape = [_EXAMPLE_BATCH if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
         examples.append(torch.zeros(shape, dtype=val.dtype))
     return examples
+
+
+def _has_batch(graph: GraphModule, name: str) -> bool:
+    val = next(n for n in graph.graph.nodes if n.op == "placeholder" and n.name == name).meta["val"]
+    return val.dim() > 0 and isinstance(val.shape[0], torch.SymInt)
 
 
 def _graph_with_tensor_inputs(graph: GraphModule, keys: dict[str, str]) -> GraphModule:
@@ -130,7 +135,8 @@ def save_quantized(graph: GraphModule, path: Union[str, Path], metadata: Optiona
     flat = _graph_with_tensor_inputs(graph, keys)
     examples = _example_inputs(graph)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
-    dynamic = [{0: batch} for _ in inputs] + [None] * len(tensors)
+    # a batch dimension on every input exported with one (not on shared inputs such as Flux's img_ids)
+    dynamic = [{0: batch} if _has_batch(graph, name) else None for name in inputs] + [None] * len(tensors)
     with torch.no_grad():
         program = torch.export.export(flat, (*examples, *tensors.values()), dynamic_shapes=dynamic)
     program._example_inputs = None  # they would hold a copy of every tensor
@@ -186,7 +192,7 @@ def load_quantized(path: Union[str, Path]) -> GraphModule:
 
     Returns:
         A GraphModule taking the same inputs as the saved graph (e.g. `(sample, timestep)`), with a dynamic
-        batch; `compile_for_cpu` lowers it to int8 kernels and `as_diffusers_unet` puts it into a pipeline.
+        batch; `compile_for_cpu` lowers it to int8 kernels and `as_diffusers_denoiser` puts it into a pipeline.
         `graph.meta["diffusion_ao_metadata"]` holds the `metadata` given when saving.
 
     Raises:

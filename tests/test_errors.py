@@ -31,14 +31,14 @@ def test_unknown_preset_lists_the_presets():
 
 def test_quantizer_rejects_a_graph_that_was_not_exported(unet):
     traced = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)))
-    with pytest.raises(ValueError, match=r"inputs named 'sample' and 'timestep'.*export_unet"):
+    with pytest.raises(ValueError, match=r"inputs named 'sample' and 'timestep'.*export_denoiser"):
         prepare_pt2e(traced, DiffusionQuantizer())
-    with pytest.raises(TypeError, match=r"needs an exported graph, got an eager UNet2DModel.*export_unet"):
+    with pytest.raises(TypeError, match=r"needs an exported graph, got an eager UNet2DModel.*export_denoiser"):
         DiffusionQuantizer().annotate(unet)
 
 
 def test_calibrate_rejects_an_eager_model_and_an_unprepared_graph(unet, data):
-    with pytest.raises(TypeError, match=r"eager UNet2DModel.*export_unet"):
+    with pytest.raises(TypeError, match=r"eager UNet2DModel.*export_denoiser"):
         calibrate(unet, data)
     with pytest.raises(ValueError, match=r"no diffusion-ao observers.*prepare_pt2e"):
         calibrate(export_unet(unet, sample_shape=(1, 1, 8, 8)), data)

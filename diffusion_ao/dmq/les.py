@@ -18,7 +18,7 @@ timestep, so that LES optimises the ranges the deployed model will use.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -14,6 +14,7 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from ..calibration import CalibrationData
+from ..graph import call_graph, graph_input_names
 from ..metrics import relative_mse
 from ..observers import TimestepActivationObserver
 
@@ -79,11 +80,11 @@ def per_timestep_loss(reference: torch.fx.GraphModule, quantized: torch.fx.Graph
                       batch_size: int = 64) -> dict[float, float]:
     """Relative MSE of `quantized` vs `reference` output at each timestep of `data`."""
     losses = {}
+    names = graph_input_names(reference)
     for step in data.steps:
-        x, t = step.sample[:batch_size], torch.full((min(len(step.sample), batch_size),), step.timestep)
-        cond = {k: v[:batch_size] for k, v in step.conditioning.items()}
-        ref = reference(x, t, **cond)
-        losses[step.timestep] = relative_mse(quantized(x, t, **cond), ref)
+        inputs = step.graph_inputs(0, batch_size)
+        ref = call_graph(reference, inputs, names)
+        losses[step.timestep] = relative_mse(call_graph(quantized, inputs, names), ref)
     return losses
 
 

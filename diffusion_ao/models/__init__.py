@@ -22,7 +22,8 @@ def load_default_model() -> tuple[UNet2DModel, DDIMScheduler]:
     if not (DEFAULT_MODEL_DIR / "config.json").exists():
         raise FileNotFoundError(f"The default model's weights are missing from {DEFAULT_MODEL_DIR}; retrain with "
                                 "`python -m diffusion_ao.models.train`.")
-    unet = UNet2DModel.from_pretrained(DEFAULT_MODEL_DIR).eval()
+    # low_cpu_mem_usage=False: the default asks the user to install `accelerate`, which a 4 MB model does not need
+    unet = UNet2DModel.from_pretrained(DEFAULT_MODEL_DIR, low_cpu_mem_usage=False).eval()
     return unet, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
 
 
@@ -41,7 +42,7 @@ def load_model(name_or_path: Union[str, Path]) -> tuple[torch.nn.Module, DDIMSch
     subfolder = "unet" if has_subfolders or root is None else None
     config = (UNet2DModel.load_config(source, subfolder=subfolder))
     cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
-    unet = cls.from_pretrained(source, subfolder=subfolder).eval()
+    unet = cls.from_pretrained(source, subfolder=subfolder, low_cpu_mem_usage=False).eval()
     if has_subfolders or root is None:
         try:
             scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from ..export import SAMPLE, TIMESTEP
+from ..denoisers import SAMPLE, TIMESTEP
 
 aten = torch.ops.aten
 CONV_OPS = {aten.conv2d.default}
@@ -24,7 +24,7 @@ UNSUPPORTED_WEIGHTED_OPS = {aten.conv1d.default, aten.conv3d.default, aten.conv_
 SCALE_META = "diffusion_ao_input_scale"  # marks a channel-scale multiply inserted in front of a layer
 # Set by `split_concat_convs` on each piece of a split conv: {"of": original node name, "shortcut": bool}.
 SPLIT_META = "diffusion_ao_split_of"
-EXPORT_PREFIX = "unet."  # export_unet wraps the UNet in a module whose attribute is `unet`
+EXPORT_PREFIX = "denoiser."  # export_denoiser wraps the model in a module whose attribute is `denoiser`
 
 
 def module_path(node: Node) -> str:

@@ -27,7 +27,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from ..export import SAMPLE, TIMESTEP
+from ..denoisers import SAMPLE, TIMESTEP
 from ..observers import TimestepActivationObserver
 from .analysis import LINEAR_OPS, input_dependencies, module_path
 from .temporal_cache import normalise_timesteps, timestep_index_node

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from ..export import TIMESTEP
+from ..denoisers import TIMESTEP
 from .analysis import WEIGHTED_OPS, input_dependencies, module_path
 
 aten = torch.ops.aten

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
-from torch.fx import GraphModule, Interpreter, Node
+from torch.fx import GraphModule, Node
 
-from ..export import TIMESTEP
+from ..denoisers import TIMESTEP
+from ..graph import GraphRunner
 from .analysis import WEIGHTED_OPS, input_dependencies, module_path
 from .temporal import _SIDE_EFFECT_ONLY, feature_source, find_temporal_blocks
 
@@ -105,25 +106,13 @@ def evaluate_nodes(gm: GraphModule, nodes: Sequence[Node], timesteps: Sequence[f
     Returns:
         One tensor per node, `[T, ...]`: row i is the value at `timesteps[i]` (first sample of the batch).
     """
-    needed: set[Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n not in needed:
-            needed.add(n)
-            stack.extend(n.all_input_nodes)
     base = dummy_inputs(gm, batch) if inputs is None else dict(inputs)
     rows: list[list[torch.Tensor]] = [[] for _ in nodes]
-    interp = Interpreter(gm)
+    runner = GraphRunner(gm)
     for t in timesteps:
         base[TIMESTEP] = torch.full((batch,), float(t), dtype=torch.float32)
-        interp.env = {}
-        for node in gm.graph.nodes:
-            if node not in needed:
-                continue
-            interp.env[node] = base[node.name] if node.op == "placeholder" else interp.run_node(node)
-        for i, n in enumerate(nodes):
-            rows[i].append(interp.env[n][0].clone())
+        for i, value in enumerate(runner.values(base, list(nodes))):
+            rows[i].append(value[0].clone())
     return [torch.stack(r) for r in rows]
 
 

@@ -18,7 +18,8 @@ from ..observers import TimestepActivationObserver, WeightObserver
 from ..passes.analysis import EXPORT_PREFIX, get_attr_tensor, is_shape_value, module_path
 
 # Module classes (by name) whose nodes are reconstructed together (Q-Diffusion / BRECQ's block granularity).
-BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "BasicTransformerBlock")
+BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "BasicTransformerBlock", "JointTransformerBlock",
+               "FluxTransformerBlock", "FluxSingleTransformerBlock")
 OBSERVER_TYPES = (TimestepActivationObserver, WeightObserver)
 
 
@@ -30,7 +31,7 @@ class Block:
         name: a label (the module path of a block module or layer).
         nodes: its nodes in graph order (call_function nodes, their observers, no get_attr / placeholders).
         inputs: nodes outside the block whose values it reads, in graph order.
-        outputs: its nodes whose values are read outside it (observers excepted), in graph order.
+        outputs: its tensor nodes whose values are read outside it (observers excepted), in graph order.
     """
 
     name: str
@@ -38,6 +39,7 @@ class Block:
     inputs: list[Node]
     outputs: list[Node]
     batch_free: frozenset = frozenset()  # positions in `tensor_inputs` without a batch dimension (set on capture)
+    token_flat: frozenset = frozenset()  # positions in `tensor_inputs` stored as (samples, tokens, ...) (set on capture)
 
     @property
     def tensor_inputs(self) -> list[Node]:
@@ -110,7 +112,9 @@ def block_from_nodes(gm: GraphModule, nodes: Iterable[Node], name: str = "block"
                     key=order.get)
     # an observer's output read outside (one observer shared by two consumers) is a quantized copy, not a
     # result of the block: later blocks read it as an input, the loss ignores it
-    outputs = [n for n in ordered if any(u not in members for u in n.users) and not is_observer(gm, n)]
+    # sizes (e.g. a sequence length times 2) are recomputed wherever they are read: not outputs to learn
+    outputs = [n for n in ordered if any(u not in members for u in n.users) and not is_observer(gm, n)
+               and not is_shape_value(n)]
     if not outputs:
         raise ValueError(f"block {name!r} has no outputs: none of its values is read outside it.")
     return Block(name, ordered, inputs, outputs)
@@ -168,23 +172,33 @@ def build_block_module(gm: GraphModule, block: Block, quantizers: dict[str, torc
     """A GraphModule computing `block.outputs` from its tensor inputs, with every observer replaced by the
     quantizer of the same target in `quantizers` (weights are read from `gm`'s constants).
 
-    Integer inputs (sizes read with `sym_size`) are recomputed from a tensor input of the same symbolic size, so
-    the module runs at any batch size.
+    Integer inputs (sizes read with `sym_size`, and arithmetic on them) are recomputed from a tensor input of the
+    same symbolic size, so the module runs at any batch size.
     """
     graph, env, root = Graph(), {}, {}
     tensor_inputs = block.tensor_inputs
     for n in tensor_inputs:
         env[n] = graph.placeholder(n.name)
-    for n in block.inputs:
+    def size(n: Node) -> Node:
+        """A size input: read from a tensor input with the same symbolic size, or recomputed from sizes
+        (e.g. 2 * tokens)."""
         if n in env:
-            continue
+            return env[n]
         val = n.meta.get("val")
         source = next(((t, d) for t in tensor_inputs if isinstance(t.meta.get("val"), torch.Tensor)
-                       for d, size in enumerate(t.meta["val"].shape) if _same_size(size, val)), None)
-        if source is None:
+                       for d, s in enumerate(t.meta["val"].shape) if _same_size(s, val)), None)
+        if source is not None:
+            env[n] = graph.call_function(torch.ops.aten.sym_size.int, (env[source[0]], source[1]))
+        elif n.op == "call_function" and is_shape_value(n) and n.all_input_nodes:
+            env[n] = graph.node_copy(n, size)
+        else:
             raise ValueError(f"block {block.name!r} reads {n.name} ({val!r}), which is neither a tensor nor a "
                              "size of one of its tensor inputs; add its producer to the block.")
-        env[n] = graph.call_function(torch.ops.aten.sym_size.int, (env[source[0]], source[1]))
+        return env[n]
+
+    for n in block.inputs:
+        if n not in env:
+            size(n)
 
     def arg(a: Node) -> Node:
         if a not in env:

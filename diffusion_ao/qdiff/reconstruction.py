@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
-from ..calibration import CalibrationData, CalibrationStep
+from ..calibration import CalibrationData
 from ..config import ReconstructionConfig
-from ..export import graph_input_names, require_exported
+from ..denoisers import SAMPLE, TIMESTEP
+from ..graph import require_exported
+from ..passes.analysis import input_dependencies
 from .adaround import annealed_beta, round_regularizer
 from .blocks import Block, build_block_module, find_blocks
 from .sim import QuantSim
@@ -70,57 +72,98 @@ def select_samples(data: CalibrationData, max_samples: int, seed: int) -> Calibr
     for step, n in zip(steps, per_step):
         if n:
             keep = torch.randperm(len(step.sample), generator=generator)[:n].sort().values
-            chosen.append(CalibrationStep(step.timestep, step.sample[keep],
-                                          {k: v[keep] for k, v in step.conditioning.items()}))
+            chosen.append(step.select(keep))
     return CalibrationData(chosen)
 
 
-def _flat_inputs(gm: GraphModule, data: CalibrationData) -> tuple:
-    """All samples of `data` as one batch of graph inputs (x, t, *conditioning): the graph takes a timestep per
-    sample, so batches can mix timesteps."""
-    x = torch.cat([s.sample for s in data.steps])
-    t = torch.cat([torch.full((len(s.sample),), s.timestep) for s in data.steps])
-    cond = [torch.cat([s.conditioning[name] for s in data.steps]) for name in graph_input_names(gm)[2:]]
-    return (x, t, *cond)
+def _flat_inputs(data: CalibrationData) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """All samples of `data` as one batch of graph inputs, split into (batched, shared): the graph takes a
+    timestep per sample, so batches can mix timesteps."""
+    per_step = [s.graph_inputs() for s in data.steps]
+    shared = dict(data.steps[0].shared)
+    batched = {k: torch.cat([inputs[k] for inputs in per_step]) for k in per_step[0] if k not in shared}
+    return batched, shared
+
+
+def _batched_nodes(gm: GraphModule) -> set[Node]:
+    """Nodes whose values have the batch dimension first. Export marks it: the only symbolic size of an exported
+    graph is the batch (or the batch times the tokens, after `passes.flatten_linear`). A node without shape
+    metadata (inserted by a pass) has one if it depends on a batched graph input. Shared inputs (Flux's ids) and
+    constants have none."""
+    def symbolic_batch(n: Node) -> Optional[bool]:
+        val = n.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        return val.dim() > 0 and isinstance(val.shape[0], torch.SymInt)
+
+    batched_inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder" and symbolic_batch(n)}
+    found = set()
+    for n, deps in input_dependencies(gm).items():
+        marked = symbolic_batch(n)
+        if marked or (marked is None and deps & batched_inputs):
+            found.add(n)
+    return found
+
+
+def _per_sample(value: torch.Tensor, n: int, where: str) -> torch.Tensor:
+    """`value` with the samples first: a token-flattened (n * tokens, ...) value (a linear on 2-D rows, see
+    `passes.flatten_linear`) becomes (n, tokens, ...)."""
+    if value.dim() == 0 or value.shape[0] % n:
+        raise ValueError(f"{where} has shape {tuple(value.shape)}, which does not split into {n} samples; it cannot be "
+                         "reconstructed per sample (leave it out of the block).")
+    k = value.shape[0] // n
+    return value if k == 1 else value.reshape(n, k, *value.shape[1:])
 
 
 def capture_block_data(sim: QuantSim, block: Block, data: CalibrationData) -> tuple[list[torch.Tensor],
                                                                                      list[torch.Tensor], torch.Tensor]:
-    """(block inputs from the quantized-so-far model, FP block outputs, timestep of each sample).
+    """(block inputs from the quantized-so-far model, FP block outputs, timestep of each sample), samples first.
 
     An input without the batch dimension (a constant the graph computes, e.g. the sinusoidal frequencies) is
-    returned once, as computed, and marked by `Block.batch_free`.
+    returned once, as computed, and marked by `Block.batch_free`. A token-flattened value (n * tokens rows) is
+    stored as (n, tokens, ...); inputs stored so are marked by `Block.token_flat` and flattened back when fed.
     """
     tensor_inputs = block.tensor_inputs
     ins: list[list[torch.Tensor]] = [[] for _ in tensor_inputs]
     outs: list[list[torch.Tensor]] = [[] for _ in block.outputs]
-    flat = _flat_inputs(sim.gm, data)
-    batch_free = set()
-    for start in range(0, len(flat[0]), CAPTURE_BATCH):
-        args = tuple(a[start:start + CAPTURE_BATCH] for a in flat)
-        n = len(args[0])
+    batched, shared = _flat_inputs(data)
+    has_batch = _batched_nodes(sim.gm)
+    batch_free = {i for i, node in enumerate(tensor_inputs) if node not in has_batch}
+    token_flat = set()
+    for start in range(0, len(batched[SAMPLE]), CAPTURE_BATCH):
+        args = {**{k: v[start:start + CAPTURE_BATCH] for k, v in batched.items()}, **shared}
+        n = len(args[SAMPLE])
         q = sim.run(args, tensor_inputs, quantized=True)
         fp = sim.run(args, block.outputs, quantized=False)
         # contiguous: conv outputs come channels-last, and this torch build's CPU conv backward crashes on
         # small channels-last inputs
         for i, (acc, node) in enumerate(zip(ins, tensor_inputs)):
             value = q[node].detach().contiguous()
-            if value.dim() == 0 or value.shape[0] != n:
-                batch_free.add(i)
+            if i not in batch_free:
+                per_sample = _per_sample(value, n, f"block {block.name!r}: input {node.name}")
+                if per_sample.dim() > value.dim():
+                    token_flat.add(i)
+                value = per_sample
             acc.append(value)
         for acc, node in zip(outs, block.outputs):
-            value = fp[node].detach().contiguous()
-            if value.dim() == 0 or value.shape[0] != n:
+            if node not in has_batch:
                 raise ValueError(f"block {block.name!r}: output {node.name} has no batch dimension; it cannot be "
                                  "reconstructed per sample (leave it out of the block).")
-            acc.append(value)
+            acc.append(_per_sample(fp[node].detach().contiguous(), n, f"block {block.name!r}: output {node.name}"))
     block.batch_free = frozenset(batch_free)
+    block.token_flat = frozenset(token_flat)
     return ([a[0] if i in batch_free else torch.cat(a) for i, a in enumerate(ins)],
-            [torch.cat(a) for a in outs], flat[1])
+            [torch.cat(a) for a in outs], batched[TIMESTEP])
 
 
-def _take(values: Sequence[torch.Tensor], idx, batch_free) -> list[torch.Tensor]:
-    return [v if i in batch_free else v[idx] for i, v in enumerate(values)]
+def _take(values: Sequence[torch.Tensor], idx, block: Block) -> list[torch.Tensor]:
+    out = []
+    for i, v in enumerate(values):
+        if i in block.batch_free:
+            out.append(v)
+        else:
+            out.append(v[idx].flatten(0, 1) if i in block.token_flat else v[idx])
+    return out
 
 
 def _sample_weights(timesteps: torch.Tensor, weights: Optional[Mapping[float, float]]) -> torch.Tensor:
@@ -141,17 +184,17 @@ def _loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], norm
     """Sum over outputs of the weighted mean per-sample squared error, relative to the output's mean square."""
     total = 0.0
     for out, ref, norm in zip(outputs, targets, norms):
-        per_sample = (out - ref).pow(2).reshape(len(ref), -1).mean(dim=1)
+        per_sample = (out.reshape(ref.shape) - ref).pow(2).reshape(len(ref), -1).mean(dim=1)
         total = total + (w * per_sample).sum() / w.sum() / norm
     return total
 
 
 @torch.no_grad()
-def _evaluate(module: GraphModule, ins, outs, norms, w, batch_free, batch: int = CAPTURE_BATCH) -> float:
+def _evaluate(module: GraphModule, ins, outs, norms, w, block: Block, batch: int = CAPTURE_BATCH) -> float:
     total, n = 0.0, len(w)
     for start in range(0, n, batch):
         sl = slice(start, start + batch)
-        res = module(*_take(ins, sl, batch_free))
+        res = module(*_take(ins, sl, block))
         total += float(_loss(res, [o[sl] for o in outs], norms, w[sl])) * float(w[sl].sum())
     return total / float(w.sum())
 
@@ -186,7 +229,7 @@ def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config
     ins, outs, timesteps = capture_block_data(sim, block, data)
     w = _sample_weights(timesteps, timestep_weights)
     norms = [o.pow(2).mean().clamp_min(1e-12) for o in outs]
-    before = _evaluate(module, ins, outs, norms, w, block.batch_free)
+    before = _evaluate(module, ins, outs, norms, w, block)
     generator = torch.Generator().manual_seed(config.seed + len(sim.learned))
     params_w = [q.alpha for q in weights]
     params_a = [q.scale for q in acts] if config.learn_act_scales else []
@@ -202,7 +245,7 @@ def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config
         with torch.enable_grad():
             for it in range(config.iterations if optimizers else 0):
                 idx = torch.randint(0, len(w), (min(config.batch_size, len(w)),), generator=generator)
-                res = module(*_take(ins, idx, block.batch_free))
+                res = module(*_take(ins, idx, block))
                 rec = _loss(res, [o[idx] for o in outs], norms, w[idx])
                 loss = rec
                 beta = annealed_beta(it, config.iterations, config.warmup, config.beta_start, config.beta_end)
@@ -234,7 +277,7 @@ def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config
             p.requires_grad_(False)
     if bar is not None and done < config.iterations:
         bar.update(config.iterations - done)
-    after = _evaluate(module, ins, outs, norms, w, block.batch_free)
+    after = _evaluate(module, ins, outs, norms, w, block)
     sim.learned.update(owned)
     return BlockResult(block.name, done, before, after, time.perf_counter() - start_time)
 

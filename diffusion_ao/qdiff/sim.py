@@ -3,46 +3,24 @@
 Every diffusion-ao observer of the prepared graph gets a stand-in: an `AdaRoundWeightQuantizer` for a weight
 observer, an `LSQActivationQuantizer` for an activation observer, both initialised from the observer's qparams
 (so before learning the simulation is the converted graph: round-to-nearest weights, the observers' ranges).
-`run` evaluates the prepared graph with the observers bypassed (floating point) or replaced by the stand-ins
-(quantized), and returns the values of chosen nodes, stopping as soon as it has them. `bake` writes the learned
-result back so that `convert_pt2e` produces ordinary q/dq ops with the learned integers and step sizes.
+`run` evaluates the prepared graph (with `diffusion_ao.graph.GraphRunner`) with the observers bypassed (floating
+point) or replaced by the stand-ins (quantized), and returns the values of chosen nodes, computing only what they
+need. `bake` writes the learned result back so that `convert_pt2e` produces ordinary q/dq ops with the learned
+integers and step sizes.
 """
 from __future__ import annotations
 
 from typing import Iterable
 
 import torch
-from torch.fx import GraphModule, Interpreter, Node
+from torch.fx import GraphModule, Node
 
+from ..graph import GraphRunner
 from ..observers import TimestepActivationObserver, WeightObserver
 from ..passes.analysis import get_attr_tensor
 from ..passes.channel_scaling import replace_constant
 from .adaround import AdaRoundWeightQuantizer
 from .lsq import LSQActivationQuantizer
-
-
-class _Done(Exception):
-    pass
-
-
-class _SimInterpreter(Interpreter):
-    def __init__(self, gm: GraphModule, quantizers: dict[str, torch.nn.Module], quantized: bool,
-                 wanted: set[Node]) -> None:
-        super().__init__(gm, garbage_collect_values=True)
-        self.quantizers, self.quantized, self.wanted, self.found = quantizers, quantized, wanted, {}
-
-    def call_module(self, target, args, kwargs):
-        if target not in self.quantizers:  # not an observer (e.g. export's guard module)
-            return super().call_module(target, args, kwargs)
-        return self.quantizers[target](args[0]) if self.quantized else args[0]  # FP: observers are identities
-
-    def run_node(self, n: Node):
-        out = super().run_node(n)
-        if n in self.wanted:
-            self.found[n] = out
-            if len(self.found) == len(self.wanted):
-                raise _Done
-        return out
 
 
 class QuantSim:
@@ -64,6 +42,7 @@ class QuantSim:
         self.weight_nodes: dict[str, Node] = {}
         self.qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the observers' qparams at the start
         self.learned: set[str] = set()
+        self._runners: dict[str, GraphRunner] = {}
         for node in prepared.graph.nodes:
             if node.op != "call_module":
                 continue
@@ -92,18 +71,18 @@ class QuantSim:
     def quantizers(self) -> dict[str, torch.nn.Module]:
         return {**self.weights, **self.activations}
 
+    def _runner(self, quantized: bool) -> GraphRunner:
+        key = "quantized" if quantized else "fp"
+        if key not in self._runners:  # FP: observers are identities
+            modules = self.quantizers if quantized else {t: (lambda x: x) for t in self.quantizers}
+            self._runners[key] = GraphRunner(self.gm, modules=modules)
+        return self._runners[key]
+
     @torch.no_grad()
-    def run(self, args: tuple, wanted: Iterable[Node], quantized: bool) -> dict[Node, torch.Tensor]:
-        """Runs the graph (floating point or fake-quantized) until every `wanted` node is computed."""
-        tap = _SimInterpreter(self.gm, self.quantizers, quantized, set(wanted))
-        try:
-            tap.run(*args)
-        except _Done:
-            pass
-        missing = set(wanted) - set(tap.found)
-        if missing:
-            raise RuntimeError(f"QuantSim.run: nodes {sorted(n.name for n in missing)} were never computed.")
-        return tap.found
+    def run(self, inputs: dict[str, torch.Tensor], wanted: Iterable[Node], quantized: bool) -> dict[Node, torch.Tensor]:
+        """Runs the graph (floating point or fake-quantized) on named inputs, only as far as `wanted` needs."""
+        wanted = list(wanted)
+        return dict(zip(wanted, self._runner(quantized).values(inputs, wanted)))
 
     @torch.no_grad()
     def bake(self) -> int:

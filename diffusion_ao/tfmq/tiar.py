@@ -8,7 +8,6 @@ instead of folding the time path into the ResBlocks' losses. It is Q-Diffusion's
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 

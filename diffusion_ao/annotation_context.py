@@ -1,0 +1,103 @@
+"""`AnnotationContext`: the per-graph state every annotator consults (the config, the roles of nodes, the
+qspec factories), and the `LayerDecision` it records for each layer.
+
+It lives apart from `DiffusionQuantizer` so that the annotators (`annotators.py`) and the quantizer that runs them
+both import it, and neither imports the other's module for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.fx import Node
+from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+from .config import LayerQuant, QuantConfig
+from .cpu import int16_pair_overflows
+from .observers import TimestepActivationObserver, WeightObserver
+from .passes.analysis import module_path, module_type_name, resolve_type
+from .primitives import int_range
+
+
+@dataclass
+class LayerDecision:
+    """What the quantizer decided for one op, and why (for reports and logs)."""
+
+    module: str
+    op: str
+    layer: Optional[LayerQuant]
+    reason: str
+    act_range: Optional[tuple[int, int]] = None
+
+
+@dataclass
+class AnnotationContext:
+    """Per-graph state that annotators consult: the config, the roles of nodes, and the qspec factories."""
+
+    config: QuantConfig
+    first_last: set[Node]
+    time_path: set[Node]
+    shortcuts: set[Node]
+    has_vnni: bool
+    decisions: list[LayerDecision] = field(default_factory=list)
+
+    def _override(self, node: Node) -> tuple[bool, Optional[LayerQuant], str]:
+        path = module_path(node)
+        matches = [k for k in self.config.module_name_overrides
+                   if path == k or path.startswith(k + ".") or k == ""]
+        if matches:
+            key = max(matches, key=len)
+            return True, self.config.module_name_overrides[key], f"module_name_overrides[{key!r}]"
+        cls = resolve_type(module_type_name(node)) if module_type_name(node) else None
+        if cls is not None:
+            for key, value in self.config.module_type_overrides.items():
+                if issubclass(cls, key):
+                    return True, value, f"module_type_overrides[{key.__name__}]"
+        return False, None, ""
+
+    def layer_for(self, node: Node) -> Optional[LayerQuant]:
+        """The bit widths for `node`'s layer, or None to keep it in floating point."""
+        found, layer, reason = self._override(node)
+        if not found:
+            cfg = self.config
+            if node in self.first_last and not cfg.quantize_first_last:
+                layer, reason = None, "first/last layer"
+            elif node in self.time_path and not cfg.quantize_time_embedding:
+                layer, reason = None, "time-embedding path"
+            elif node in self.shortcuts and not cfg.quantize_skip_convs:
+                layer, reason = None, "skip 1x1 conv"
+            else:
+                layer, reason = cfg.default_layer, "default"
+        self.decisions.append(LayerDecision(module_path(node), str(node.target), layer, reason))
+        return layer
+
+    def activation_spec(self, bits: int, reduce: bool) -> QuantizationSpec:
+        qmin, qmax = int_range(bits - 1 if reduce else bits, signed=False)
+        symmetric = self.config.act_scheme == "symmetric"
+        qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+        ctor = TimestepActivationObserver.with_args(
+            dtype=torch.uint8, qscheme=qscheme, quant_min=qmin, quant_max=qmax,
+            method=self.config.act_observer, aggregation=self.config.timestep_aggregation)
+        return QuantizationSpec(dtype=torch.uint8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
+                                observer_or_fake_quant_ctr=ctor)
+
+    def weighted_input_spec(self, layer: LayerQuant) -> QuantizationSpec:
+        """The input spec of a conv/linear: one bit less on CPUs whose int8 kernels would overflow int16."""
+        reduce = self.config.reduce_range
+        if reduce == "auto":
+            reduce = not self.has_vnni and int16_pair_overflows(layer.weight_bits, layer.act_bits)
+        spec = self.activation_spec(layer.act_bits, reduce)
+        if self.decisions:
+            self.decisions[-1].act_range = (spec.quant_min, spec.quant_max)
+        return spec
+
+    def weight_spec(self, bits: int) -> QuantizationSpec:
+        qmin, qmax = int_range(bits, signed=True)
+        per_channel = self.config.weight_granularity == "per_channel"
+        qscheme = torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
+        ctor = WeightObserver.with_args(dtype=torch.int8, qscheme=qscheme, quant_min=qmin, quant_max=qmax,
+                                        ch_axis=0, method=self.config.weight_observer)
+        return QuantizationSpec(dtype=torch.int8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
+                                ch_axis=0 if per_channel else None, is_dynamic=False,
+                                observer_or_fake_quant_ctr=ctor)

@@ -1,0 +1,129 @@
+"""Facts about exported denoiser graphs and the one interpreter that runs them node by node.
+
+`GraphRunner` evaluates a graph (exported, prepared or converted) on named inputs, running only what the wanted
+nodes depend on, with two kinds of hooks: callbacks that see a node's first input before it runs (what a layer
+receives), and stand-ins for `call_module` targets (observers replaced by fake quantizers, or bypassed). Every
+method that needs more than the graph's output uses it: activation capture for PTS / LES, the fake-quantized
+simulation of block reconstruction, and the evaluation of temporal features for TFMQ-DM's cache.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from .denoisers import SAMPLE, TIMESTEP
+
+MAX_BATCH = 4096  # the largest batch an exported graph accepts
+
+
+def graph_input_names(graph: GraphModule) -> list[str]:
+    return [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+
+
+def require_exported(model: torch.nn.Module, what: str) -> GraphModule:
+    """Raises a clear error unless `model` is a graph from `export_denoiser` (or prepared/converted from one)."""
+    if not isinstance(model, GraphModule):
+        raise TypeError(f"{what} needs an exported graph, got an eager {type(model).__name__}: call "
+                        "`graph = export_denoiser(model, example)` first.")
+    names = graph_input_names(model)
+    if SAMPLE not in names or TIMESTEP not in names:
+        raise ValueError(f"{what} needs a graph with inputs named '{SAMPLE}' and '{TIMESTEP}' (as export_denoiser "
+                         f"produces); this graph's inputs are {names}.")
+    return model
+
+
+def call_graph(graph: torch.nn.Module, inputs: dict[str, torch.Tensor], names: Sequence[str]):
+    """Calls an exported graph (or a compiled / loaded one) with named inputs: `sample` and `timestep`
+    positionally, the rest as keyword arguments, as `export_denoiser` traced it."""
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise TypeError(f"The graph needs the inputs {missing}; got {sorted(inputs)}.")
+    return graph(inputs[SAMPLE], inputs[TIMESTEP], **{n: inputs[n] for n in names if n not in (SAMPLE, TIMESTEP)})
+
+
+def _ancestors(nodes: Iterable[Node]) -> set[Node]:
+    needed: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    return needed
+
+
+class GraphRunner(Interpreter):
+    """Runs the part of a graph that chosen nodes depend on, with input hooks and module stand-ins.
+
+    Args:
+        gm: an exported, prepared or converted graph.
+        input_hooks: node name -> callback, called with the node's first input (detached) before the node runs.
+        modules: `call_module` target -> callable that replaces it (e.g. an observer by a fake quantizer, or by
+            `lambda x: x` to bypass it).
+
+    Example:
+        >>> runner = GraphRunner(prepared, modules={t: (lambda x: x) for t in observer_targets})
+        >>> (out,) = runner.values(step.graph_inputs(), [output_node])
+    """
+
+    def __init__(self, gm: GraphModule, input_hooks: Optional[dict[str, Callable[[torch.Tensor], None]]] = None,
+                 modules: Optional[dict[str, Callable]] = None) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.input_hooks = dict(input_hooks or {})
+        self.modules = dict(modules or {})
+        missing = sorted(set(self.input_hooks) - {n.name for n in gm.graph.nodes})
+        if missing:
+            raise ValueError(f"GraphRunner: no nodes named {missing} in this graph.")
+        self._plans: dict[tuple[Node, ...], tuple[list[Node], dict[Node, list[Node]]]] = {}
+
+    def call_module(self, target, args, kwargs):
+        if target in self.modules:
+            return self.modules[target](*args)
+        return super().call_module(target, args, kwargs)
+
+    def run_node(self, n: Node):
+        hook = self.input_hooks.get(n.name)
+        if hook is not None:
+            hook(self.env[n.args[0]].detach())
+        return super().run_node(n)
+
+    def _plan(self, wanted: tuple[Node, ...]) -> tuple[list[Node], dict[Node, list[Node]]]:
+        if wanted not in self._plans:
+            needed = _ancestors(wanted)
+            order = [n for n in self.graph.nodes if n in needed]
+            last_use: dict[Node, Node] = {}
+            for n in order:
+                for i in n.all_input_nodes:
+                    last_use[i] = n
+            free: dict[Node, list[Node]] = {}
+            for value, user in last_use.items():
+                if value not in wanted:
+                    free.setdefault(user, []).append(value)
+            self._plans[wanted] = (order, free)
+        return self._plans[wanted]
+
+    @torch.no_grad()
+    def values(self, inputs: dict[str, torch.Tensor], wanted: Sequence[Node]) -> list[torch.Tensor]:
+        """The values of `wanted` nodes for graph inputs `inputs` (by placeholder name); runs only what they
+        need (input hooks fire for the hooked nodes among those), freeing each value after its last use."""
+        order, free = self._plan(tuple(wanted))
+        self.env = {}
+        try:
+            for node in order:
+                if node.op == "placeholder":
+                    if node.name not in inputs:
+                        raise TypeError(f"GraphRunner: the graph input '{node.name}' is missing; got {sorted(inputs)}.")
+                    self.env[node] = inputs[node.name]
+                else:
+                    self.env[node] = self.run_node(node)
+                for value in free.get(node, ()):
+                    self.env.pop(value, None)
+            return [self.env[n] for n in wanted]
+        finally:
+            self.env = {}
+
+    def nodes_named(self, names: Iterable[str]) -> list[Node]:
+        by_name = {n.name: n for n in self.graph.nodes}
+        return [by_name[name] for name in names]

@@ -1,0 +1,156 @@
+"""`capture_calibration_data` + `quantize_pipeline` on every diffusers pipeline family, through the pipeline's own
+`__call__` (guidance on where the pipeline has it), with tiny models built from configs (tests/pipelines.py)."""
+import pytest
+import torch
+
+from diffusion_ao import (QuantizedDenoiser, capture_calibration_data, count_int8_kernels, quantize_denoiser,
+                          quantize_pipeline)
+from diffusion_ao.denoisers import denoiser_role
+from tests.conftest import snr_db
+from tests.pipelines import PIPELINE_KINDS, denoiser_of, tiny_pipeline
+
+TORCH_THREADS = 2
+GUIDED = {"sd", "sdxl", "dit", "pixart", "sd3"}  # classifier-free guidance doubles the denoiser's batch
+# Image SNR of W8A8 vs FP from the same seed, measured 37-72 dB over the seven tiny pipelines (see the README);
+# a broken path (a wrong input, a lost guidance half, FP weights in the graph) gives < 15 dB or an exception.
+MIN_W8A8_IMAGE_SNR_DB = 25.0
+
+
+def _images(pipe, call_kwargs, seed=0) -> torch.Tensor:
+    return torch.as_tensor(pipe(**call_kwargs, generator=torch.Generator().manual_seed(seed)).images)
+
+
+@pytest.mark.parametrize("kind", PIPELINE_KINDS)
+def test_w8a8_pipeline_runs_quantized_through_its_own_call(kind):
+    pipe, kw = tiny_pipeline(kind)
+    reference = _images(pipe, kw)
+    model = denoiser_of(pipe)
+    data = capture_calibration_data(pipe, **kw, generator=torch.Generator().manual_seed(1))
+    scheduler_steps = len(data)
+    assert scheduler_steps == kw["num_inference_steps"]
+    assert len(data.steps[0]) == (4 if kind in GUIDED else 2)
+    report = quantize_pipeline(pipe, "w8a8", data, compile=False, progress=False)
+    wrapped = getattr(pipe, denoiser_role(pipe))
+    assert isinstance(wrapped, QuantizedDenoiser) and wrapped.config is model.config
+    assert wrapped.dtype == torch.float32 and wrapped.device.type == "cpu"
+    quantized_layers = [d for d in report.quantizer.decisions if d.layer is not None]
+    assert len(quantized_layers) >= 10
+    images = _images(pipe, kw)
+    assert images.shape == reference.shape and torch.isfinite(images).all()
+    assert snr_db(reference, images) > MIN_W8A8_IMAGE_SNR_DB
+    assert not torch.equal(images, reference)  # the quantized graph ran, not the FP model
+
+
+def test_capture_records_both_guidance_halves_at_the_real_timesteps():
+    pipe, kw = tiny_pipeline("sd")
+    seen = []
+    unet = pipe.unet
+    forward = unet.forward
+
+    def spy(sample, timestep, *args, **kwargs):
+        seen.append((float(timestep), sample.clone()))
+        return forward(sample, timestep, *args, **kwargs)
+
+    unet.forward = spy
+    pipe(**kw, generator=torch.Generator().manual_seed(3))
+    del unet.forward
+    data = capture_calibration_data(pipe, **kw, generator=torch.Generator().manual_seed(3))
+    assert data.timesteps == [t for t, _ in seen]
+    for step, (_, sample) in zip(data.steps, seen):
+        torch.testing.assert_close(step.sample, sample, rtol=0, atol=0)  # same call, same kernels
+        uncond, cond = step.conditioning["encoder_hidden_states"].chunk(2)
+        assert not torch.allclose(uncond, cond)  # the negative and positive embeddings are both there
+        assert step.sample.device.type == "cpu"
+    halves = capture_calibration_data(pipe, samples_per_step=2, **kw)
+    for step in halves.steps:  # rows 0 and 3: one unconditional, one conditional
+        assert len(step) == 2
+        emb = step.conditioning["encoder_hidden_states"]
+        torch.testing.assert_close(emb[0], kw["negative_prompt_embeds"][0])
+        torch.testing.assert_close(emb[1], kw["prompt_embeds"][1])
+
+
+def test_flux_capture_keeps_shared_ids_and_the_pipelines_timestep_scale():
+    pipe, kw = tiny_pipeline("flux")
+    data = capture_calibration_data(pipe, **kw)
+    step = data.steps[0]
+    assert set(step.shared) == {"img_ids", "txt_ids"} and step.shared["img_ids"].dim() == 2
+    assert set(step.conditioning) == {"encoder_hidden_states", "pooled_projections", "guidance"}
+    assert max(data.timesteps) <= 1.0  # Flux's pipeline passes t / 1000; the key is what the denoiser receives
+
+
+def test_sdxl_added_conditions_are_graph_inputs():
+    pipe, kw = tiny_pipeline("sdxl")
+    data = capture_calibration_data(pipe, **kw)
+    assert {"added_cond_kwargs__text_embeds", "added_cond_kwargs__time_ids"} <= set(data.steps[0].conditioning)
+    quantize_pipeline(pipe, "w8a8", data, compile=False, progress=False)
+    assert pipe.unet.add_embedding.linear_1.in_features == 80  # read by the SDXL pipeline's _get_add_time_ids
+    with pytest.raises(TypeError, match=r"lacks \['added_cond_kwargs__text_embeds', 'added_cond_kwargs__time_ids'\]"):
+        pipe.unet(data.steps[0].sample, 10, encoder_hidden_states=data.steps[0].conditioning["encoder_hidden_states"])
+
+
+@pytest.mark.parametrize("kind", ["sd", "pixart"])
+def test_compiled_pipeline_runs_on_int8_kernels(kind):
+    pipe, kw = tiny_pipeline(kind)
+    reference = _images(pipe, kw)
+    data = capture_calibration_data(pipe, **kw)
+    report = quantize_pipeline(pipe, "w8a8", data, progress=False)
+    planned = report.quantizer.decisions
+    linears = sum(d.layer is not None and "linear" in d.op for d in planned)
+    convs = sum(d.layer is not None and "conv" in d.op for d in planned)
+    counts = count_int8_kernels(_images, pipe, kw)
+    assert counts["qlinear"] == linears and counts["qconv"] == convs
+    assert snr_db(reference, _images(pipe, kw)) > MIN_W8A8_IMAGE_SNR_DB
+
+
+def test_quantized_wrapper_rejects_a_call_unlike_the_captured_one():
+    pipe, kw = tiny_pipeline("pixart")
+    data = capture_calibration_data(pipe, **kw)
+    quantize_pipeline(pipe, "w8a8", data, compile=False, progress=False)
+    step = data.steps[0]
+    args = dict(encoder_hidden_states=step.conditioning["encoder_hidden_states"],
+                encoder_attention_mask=step.conditioning["encoder_attention_mask"], timestep=step.timestep)
+    pipe.transformer(step.sample, **args)  # as captured: fine
+    with pytest.raises(TypeError, match=r"'encoder_hidden_states' has shape \(4, 4, 32\).*exported for \(batch, 8, 32\)"):
+        pipe.transformer(step.sample, **{**args, "encoder_hidden_states": args["encoder_hidden_states"][:, :4],
+                                         "encoder_attention_mask": args["encoder_attention_mask"][:, :4]})
+    with pytest.raises(TypeError, match=r"lacks \['encoder_attention_mask'\]"):
+        pipe.transformer(step.sample, **{**args, "encoder_attention_mask": None})
+    with pytest.raises(TypeError, match=r"cross_attention_kwargs=\{'scale': 0.5\}.*only tensors"):
+        pipe.transformer(step.sample, **args, cross_attention_kwargs={"scale": 0.5})
+
+
+def test_pipeline_errors_name_the_problem():
+    class NoDenoiser:
+        components = {"vae": None}
+
+    with pytest.raises(ValueError, match=r"NoDenoiser has no denoiser.*`unet` or\s+`transformer`"):
+        capture_calibration_data(NoDenoiser())
+    pipe, kw = tiny_pipeline("dit")
+    data = capture_calibration_data(pipe, **kw)
+    quantize_pipeline(pipe, "w8a8", data, compile=False, progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        capture_calibration_data(pipe, **kw)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_pipeline(pipe, "w8a8", data, compile=False, progress=False)
+    with pytest.raises(TypeError, match="no denoiser adapter for Linear.*register_adapter"):
+        quantize_denoiser(torch.nn.Linear(2, 2), data, "w8a8")
+
+
+def test_saved_transformer_with_shared_inputs_loads_back_into_its_pipeline(tmp_path):
+    from diffusion_ao import as_diffusers_denoiser, load_quantized, save_quantized
+    from diffusion_ao.graph import call_graph, graph_input_names
+
+    pipe, kw = tiny_pipeline("flux")
+    data = capture_calibration_data(pipe, **kw)
+    model = pipe.transformer
+    converted, _ = quantize_denoiser(model, data, "w8a8", progress=False)
+    pipe.transformer = as_diffusers_denoiser(converted, like=model)
+    expected = _images(pipe, kw)
+    save_quantized(converted, tmp_path / "flux-w8a8")
+    loaded = load_quantized(tmp_path / "flux-w8a8")
+    assert graph_input_names(loaded) == graph_input_names(converted)
+    inputs = data.steps[1].graph_inputs()
+    assert torch.equal(call_graph(loaded, inputs, graph_input_names(loaded)),
+                       call_graph(converted, inputs, graph_input_names(converted)))
+    pipe.transformer = as_diffusers_denoiser(loaded, like=model)
+    assert torch.equal(_images(pipe, kw), expected)  # same graph, same batch, same kernels
