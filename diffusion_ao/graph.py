@@ -123,7 +123,3 @@ class GraphRunner(Interpreter):
             return [self.env[n] for n in wanted]
         finally:
             self.env = {}
-
-    def nodes_named(self, names: Iterable[str]) -> list[Node]:
-        by_name = {n.name: n for n in self.graph.nodes}
-        return [by_name[name] for name in names]

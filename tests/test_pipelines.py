@@ -154,3 +154,21 @@ def test_saved_transformer_with_shared_inputs_loads_back_into_its_pipeline(tmp_p
                        call_graph(converted, inputs, graph_input_names(converted)))
     pipe.transformer = as_diffusers_denoiser(loaded, like=model)
     assert torch.equal(_images(pipe, kw), expected)  # same graph, same batch, same kernels
+
+
+def test_each_transformers_temporal_information_block_is_found_in_its_graph():
+    """What depends on the timestep alone: PixArt's whole adaLN-single modulation (cacheable exactly per timestep);
+    in DiT (per block), SD3 and Flux only the timestep MLP, since their modulation also reads the class label,
+    the pooled text or the guidance."""
+    from diffusion_ao import export_denoiser
+    from diffusion_ao.passes.temporal import find_temporal_blocks
+
+    found = {}
+    for kind in ("dit", "pixart", "sd3", "flux"):
+        pipe, kw = tiny_pipeline(kind)
+        data = capture_calibration_data(pipe, **kw)
+        found[kind] = set(find_temporal_blocks(export_denoiser(pipe.transformer, data.steps[0])).module_paths)
+    mlp = {"timestep_embedder.linear_1", "timestep_embedder.linear_2"}
+    assert found["pixart"] == {f"adaln_single.emb.{m}" for m in mlp} | {"adaln_single.linear"}
+    assert found["dit"] == {f"transformer_blocks.{i}.norm1.emb.{m}" for i in (0, 1) for m in mlp}
+    assert found["sd3"] == found["flux"] == {f"time_text_embed.{m}" for m in mlp}

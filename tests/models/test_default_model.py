@@ -49,3 +49,21 @@ def test_noise_is_not_mistaken_for_digits():
     # The control for the test above: the same checks reject uniform noise.
     noise = torch.rand(128, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     assert (_confidence(noise) > 0.9).float().mean() < 0.7 or class_coverage(noise) < 0.9
+
+
+def test_loading_asks_the_user_to_install_nothing(capfd):
+    import logging
+
+    from diffusion_ao.models import load_default_model
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        load_default_model()
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    out, err = capfd.readouterr()
+    text = out + err + "\n".join(r.getMessage() for r in records)
+    assert "pip install" not in text and "accelerate" not in text
