@@ -41,10 +41,9 @@ class CalibrationStep:
     def __len__(self) -> int:
         return len(self.sample)
 
-    def graph_inputs(self, start: int = 0, stop: Optional[int] = None,
-                     rows: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """The exported graph's inputs for samples `start:stop` (or the indices `rows`), by input name."""
-        index = rows if rows is not None else slice(start, stop)
+    def graph_inputs(self, start: int = 0, stop: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """The exported graph's inputs for samples `start:stop`, by input name."""
+        index = slice(start, stop)
         x = self.sample[index]
         return {SAMPLE: x, TIMESTEP: torch.full((len(x),), self.timestep),
                 **{k: v[index] for k, v in self.conditioning.items()}, **self.shared}
