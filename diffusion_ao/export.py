@@ -21,6 +21,7 @@ from diffusers.models.upsampling import Upsample2D
 from .calibration import CLASS_LABELS, ENCODER_HIDDEN_STATES, CalibrationStep
 from .denoisers import SAMPLE, TIMESTEP, DenoiserAdapter, adapter_for
 from .graph import MAX_BATCH, call_graph, graph_input_names
+from .passes.shared_weights import unshare_weights
 from .passes.timestep_guard import timestep_guard
 
 EXPORT_BATCH = 2  # torch.export specialises example dimensions of size 1, so the example is traced at batch 2
@@ -152,7 +153,9 @@ def export_denoiser(model: torch.nn.Module, example: Union[CalibrationStep, dict
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Every forward input "
                            "must be a tensor with the batch first (or a shared one the adapter names), and the "
                            "model must not branch on the batch size.") from e
-    return program.module()
+    graph = program.module()
+    unshare_weights(graph)  # one get_attr per use: LES/PTS fold per layer, PT2E quantizes per layer
+    return graph
 
 
 def export_unet(unet: torch.nn.Module, sample_shape: tuple[int, ...], encoder_hidden_states_shape: Optional[

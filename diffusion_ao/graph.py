@@ -43,6 +43,32 @@ def call_graph(graph: torch.nn.Module, inputs: dict[str, torch.Tensor], names: S
     return graph(inputs[SAMPLE], inputs[TIMESTEP], **{n: inputs[n] for n in names if n not in (SAMPLE, TIMESTEP)})
 
 
+def register_constant(gm: GraphModule, base: str, value: torch.Tensor, before: Node, parameter: bool = False) -> Node:
+    """Registers `value` on `gm` under a fresh name starting with `base` and returns a `get_attr` node for it,
+    inserted before `before`, with `meta["val"]` set. The one way passes add constant tensors to a graph.
+
+    Args:
+        gm: the graph module.
+        base: the name, suffixed with _1, _2, ... if taken.
+        value: the tensor (registered as is; pass a copy if the caller's tensor may change).
+        before: the node the `get_attr` goes in front of.
+        parameter: register a (frozen) parameter instead of a buffer (weights, so that quantizers treat them
+            as weights).
+    """
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    if parameter:
+        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
 def _ancestors(nodes: Iterable[Node]) -> set[Node]:
     needed: set[Node] = set()
     stack = list(nodes)

@@ -22,6 +22,7 @@ from .config import LayerQuant, QuantConfig
 from .cpu import cpu_has_vnni
 from .graph import require_exported
 from .passes.flatten_linear import flatten_linear_inputs
+from .passes.shared_weights import unshare_weights
 from .passes.split_concat import split_concat_convs
 from .passes.analysis import (UNSUPPORTED_WEIGHTED_OPS, WEIGHTED_OPS, first_and_last_layers, module_path,
                               shortcut_convs, time_embedding_nodes)
@@ -59,6 +60,7 @@ class DiffusionQuantizer(Quantizer):
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
         require_exported(model, "DiffusionQuantizer")
+        unshare_weights(model)
         flatten_linear_inputs(model)
         qdiff = self.config.qdiff
         if qdiff is not None and qdiff.split_shortcut and self.config.act_bits is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from ..graph import register_constant
 from .analysis import CONV_OPS, LINEAR_OPS, SCALE_META, conv_groups, get_attr_tensor
 
 aten = torch.ops.aten
@@ -108,12 +109,10 @@ def scale_input_channels(gm: GraphModule, node: Node, s: torch.Tensor, fold_prod
         return "multiply"
     if fold_producer and _fold_into_producer(gm, x, 1.0 / s):
         return "producer"
-    name = f"{node.name}_input_scale"
-    gm.register_buffer(name, _input_channel_view(node, 1.0 / s, x.meta["val"].dim()).clone())
+    attr = register_constant(gm, f"{node.name}_input_scale",
+                             _input_channel_view(node, 1.0 / s, x.meta["val"].dim()).clone(), before=node)
     with gm.graph.inserting_before(node):
-        attr = gm.graph.get_attr(name)
         mul = gm.graph.call_function(aten.mul.Tensor, (x, attr))
-    attr.meta["val"] = getattr(gm, name)
     mul.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     mul.meta["val"] = x.meta["val"]
     mul.meta[SCALE_META] = True

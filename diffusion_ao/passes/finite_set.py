@@ -28,6 +28,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..denoisers import SAMPLE, TIMESTEP
+from ..graph import register_constant
 from ..observers import TimestepActivationObserver
 from .analysis import LINEAR_OPS, input_dependencies, module_path
 from .temporal_cache import normalise_timesteps, timestep_index_node
@@ -158,12 +159,11 @@ def apply_finite_set_calibration(converted: GraphModule, tables: list[FSCTable],
         if any(p[1] is not q for p in pairs):
             raise ValueError(f"apply_finite_set_calibration: the consumers of {table.observer} do not share one "
                              "quantize node.")
-        scale_name, zp_name = f"{FSC_SCALE_PREFIX}{k}", f"fsc_zero_point_{k}"
-        converted.register_buffer(scale_name, table.scales.clone())
-        converted.register_buffer(zp_name, table.zero_points.clone())
+        scale_table = register_constant(converted, f"{FSC_SCALE_PREFIX}{k}", table.scales.clone(), before=q)
+        zp_table = register_constant(converted, f"fsc_zero_point_{k}", table.zero_points.clone(), before=q)
         with g.inserting_before(q):
-            scale = g.call_function(aten.index_select.default, (g.get_attr(scale_name), 0, first))
-            zp = g.call_function(aten.index_select.default, (g.get_attr(zp_name), 0, first))
+            scale = g.call_function(aten.index_select.default, (scale_table, 0, first))
+            zp = g.call_function(aten.index_select.default, (zp_table, 0, first))
         label = module_path(pairs[0][0]) or pairs[0][0].name
         dqs = list(q.users)
         on_kernel = all(dq.target == qd.dequantize_per_tensor.default and

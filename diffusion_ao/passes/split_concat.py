@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from ..graph import register_constant
 from .analysis import CONV_OPS, SCALE_META, SPLIT_META, conv_groups, get_attr_tensor, scale_chain, shortcut_convs
 
 aten = torch.ops.aten
@@ -31,21 +32,6 @@ def _concat_parts(conv: Node) -> tuple[Node, list[Node], list[Node]] | None:
     if dim % ndim != 1 or len(parts) < 2 or not all(isinstance(p, Node) and "val" in p.meta for p in parts):
         return None
     return cat, parts, scales
-
-
-def _new_constant(gm: GraphModule, base: str, value: torch.Tensor, before: Node, parameter: bool) -> Node:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    if parameter:
-        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
-    else:
-        gm.register_buffer(name, value)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
-    node.meta["val"] = value
-    return node
 
 
 def _copy_meta(src: Node, dst: Node, val) -> None:
@@ -86,12 +72,12 @@ def split_concat_convs(gm: GraphModule, only: set[str] | None = None) -> list[st
         for i, part in enumerate(parts):
             channels = part.meta["val"].shape[1]
             stop = start + channels
-            w_node = _new_constant(gm, f"{conv.name}_split{i}_weight", weight.detach()[:, start:stop].clone(), conv,
-                                   parameter=isinstance(weight, torch.nn.Parameter))
+            w_node = register_constant(gm, f"{conv.name}_split{i}_weight", weight.detach()[:, start:stop].clone(),
+                                       conv, parameter=isinstance(weight, torch.nn.Parameter))
             x = part
             for mul in reversed(scales):  # the same per-channel factors, restricted to this part's channels
                 s = get_attr_tensor(gm, mul.args[1])
-                s_node = _new_constant(gm, f"{mul.name}_split{i}", s.detach()[start:stop].clone(), conv, False)
+                s_node = register_constant(gm, f"{mul.name}_split{i}", s.detach()[start:stop].clone(), conv, False)
                 with graph.inserting_before(conv):
                     new_mul = graph.call_function(aten.mul.Tensor, (x, s_node))
                 _copy_meta(mul, new_mul, part.meta["val"])

@@ -33,7 +33,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..denoisers import TIMESTEP
-from ..graph import GraphRunner
+from ..graph import GraphRunner, register_constant
 from .analysis import WEIGHTED_OPS, input_dependencies, module_path
 from .temporal import _SIDE_EFFECT_ONLY, feature_source, find_temporal_blocks
 
@@ -257,15 +257,9 @@ def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
     info = TemporalCache(timesteps=values)
     names = tib.feature_names()
     for k, (node, table) in enumerate(zip(chosen, tables)):
-        name = f"{CACHE_PREFIX}{k}"
-        while hasattr(gm, name):
-            name += "_"
-        gm.register_buffer(name, table.contiguous())
-        with gm.graph.inserting_after(index):
-            lookup = gm.graph.call_function(aten.index_select.default, (None, 0, index))
-        with gm.graph.inserting_before(lookup):
-            attr = gm.graph.get_attr(name)
-        lookup.args = (attr, 0, index)
+        attr = register_constant(gm, f"{CACHE_PREFIX}{k}", table.contiguous(), before=index.next)
+        with gm.graph.inserting_after(attr):
+            lookup = gm.graph.call_function(aten.index_select.default, (attr, 0, index))
         lookup.meta.update({k2: v for k2, v in node.meta.items() if k2 in ("val", "nn_module_stack", "stack_trace")})
         lookup.meta[CACHE_META] = names.get(node, node.name)
         node.replace_all_uses_with(lookup)
