@@ -2,6 +2,7 @@
 from configs (tests/pipelines.py: random weights, prompt embeddings instead of text encoders, guidance on).
 
     python bench/pipelines.py                       # W8A8 on all seven, the method presets on DiT and PixArt
+                                                    # (and tfmq-w4a8+labels: DiT's modulation cached per label)
     python bench/pipelines.py --kinds dit --presets w8a8,dmq-w4a8
 
 Per row: image SNR vs FP through the pipeline's own `__call__` (same generator seed; mean and range over
@@ -13,6 +14,7 @@ temporal information block (TFMQ-DM's TIB, found in the graph). Writes bench/res
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -24,14 +26,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffusion_ao import (as_diffusers_denoiser, capture_calibration_data, compile_for_cpu,  # noqa: E402
+from diffusion_ao import (QuantConfig, as_diffusers_denoiser, capture_calibration_data, compile_for_cpu,  # noqa: E402
                           count_int8_kernels, export_denoiser, quantize_denoiser)
+from diffusion_ao.config import TFMQConfig  # noqa: E402
 from diffusion_ao.denoisers import denoiser_role  # noqa: E402
 from diffusion_ao.passes.temporal import find_temporal_blocks  # noqa: E402
 from tests.pipelines import PIPELINE_KINDS, tiny_pipeline  # noqa: E402
 
 METHOD_KINDS = ("dit", "pixart")
-METHOD_PRESETS = ("dmq-w4a8", "tfmq-w4a8", "qdiff-w4a8")
+METHOD_PRESETS = ("w4a8", "dmq-w4a8", "tfmq-w4a8", "qdiff-w4a8")  # w4a8: the plain baseline of the methods
+LABEL_CACHE = "tfmq-w4a8+labels"  # tfmq-w4a8 with DiT's modulation cached per (timestep, label)
+
+
+def row_config(preset: str):
+    if preset != LABEL_CACHE:
+        return preset
+    return dataclasses.replace(QuantConfig.preset("tfmq-w4a8"), tfmq=TFMQConfig(cache="all", cache_class_labels=True))
 
 
 def images(pipe, call_kwargs, seed: int) -> torch.Tensor:
@@ -51,7 +61,7 @@ def run_row(kind: str, preset: str, compile_graph: bool, eval_seeds: list[int], 
     data = capture_calibration_data(pipe, **kw, generator=torch.Generator().manual_seed(calib_seed))
     capture_s = time.perf_counter() - start
     start = time.perf_counter()
-    converted, report = quantize_denoiser(model, data, preset, progress=False)
+    converted, report = quantize_denoiser(model, data, row_config(preset), progress=False)
     recipe_s = time.perf_counter() - start
     setattr(pipe, role, as_diffusers_denoiser(compile_for_cpu(converted) if compile_graph else converted, like=model))
     kernels = count_int8_kernels(images, pipe, kw, eval_seeds[0]) if compile_graph else None
@@ -101,6 +111,8 @@ def main() -> None:
     for kind in args.kinds.split(","):
         presets = args.presets.split(",") if args.presets else ["w8a8"] + (list(METHOD_PRESETS) if kind in METHOD_KINDS
                                                                             else [])
+        if not args.presets and kind == "dit":
+            presets.append(LABEL_CACHE)
         for preset in presets:
             row = run_row(kind, preset, preset == "w8a8" or args.compile_all, seeds, args.calib_seed)
             print(markdown([row]).splitlines()[2], flush=True)

@@ -13,13 +13,13 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .denoisers import SAMPLE, TIMESTEP
+from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP
 from .graph import call_graph, graph_input_names, require_exported
 from .observers import TimestepActivationObserver, WeightObserver, timestep_context
 from .sampling import run_sampler, sample_shape
 
 
-CLASS_LABELS, ENCODER_HIDDEN_STATES = "class_labels", "encoder_hidden_states"
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
 
 
 @dataclass

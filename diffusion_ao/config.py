@@ -144,7 +144,12 @@ class TFMQConfig:
         fsc: finite-set calibration, one activation range per timestep: "temporal" (activations that depend on
             the timestep and not on the sample: the TIB linears' inputs; int8 kernels), "all" (every activation;
             conv inputs then run simulated, see passes/finite_set.py) or "none".
-        cache_budget_bytes: the most bytes of `[T, C]` cache buffers "select" may use (None: no limit).
+        cache_budget_bytes: the most bytes of `[T, C]` cache buffers "select" may use, or of the `[L * T, C]`
+            buffers of a label cache (None: no limit).
+        cache_class_labels: with cache="all" on a class-conditional denoiser whose modulation reads the label
+            (DiT's adaLN-Zero), cache what depends on the timestep and / or the label for every (timestep, label)
+            pair of the calibration data: the whole modulation leaves the graph, and only those labels can be
+            generated afterwards. Capture the calibration data with every label you will use.
         max_feature_error: relative MSE (over the finite set) below which "select" keeps a feature quantized.
         tiar: reconstruct the quantized TIB's temporal features jointly (TIAR: AdaRound + LSQ on the whole time
             path as one block, `diffusion_ao.tfmq.tiar`), before finite-set calibration and selection.
@@ -155,6 +160,7 @@ class TFMQConfig:
     cache: Literal["none", "all", "select"] = "select"
     fsc: Literal["none", "temporal", "all"] = "temporal"
     cache_budget_bytes: Optional[int] = None
+    cache_class_labels: bool = False
     max_feature_error: float = 1e-3
     tiar: bool = False
     tiar_iterations: int = 500
@@ -169,8 +175,11 @@ class TFMQConfig:
             raise ValueError(f"cache_budget_bytes must be an int >= 0 or None, got {self.cache_budget_bytes!r}.")
         if not self.max_feature_error >= 0:
             raise ValueError(f"max_feature_error must be >= 0, got {self.max_feature_error!r}.")
-        if self.cache_budget_bytes is not None and self.cache != "select":
-            raise ValueError("cache_budget_bytes only applies to cache='select'.")
+        if self.cache_class_labels and self.cache != "all":
+            raise ValueError("cache_class_labels=True caches whole (timestep, label) features: it needs cache='all' "
+                             f"(got cache={self.cache!r}); disturbance-aware selection works per timestep only.")
+        if self.cache_budget_bytes is not None and self.cache != "select" and not self.cache_class_labels:
+            raise ValueError("cache_budget_bytes only applies to cache='select' or to cache_class_labels=True.")
         if isinstance(self.tiar_iterations, bool) or not isinstance(self.tiar_iterations, int) or self.tiar_iterations < 0:
             raise ValueError(f"tiar_iterations must be an int >= 0, got {self.tiar_iterations!r}.")
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.upsampling import Upsample2D
 
-from .calibration import CLASS_LABELS, ENCODER_HIDDEN_STATES, CalibrationStep
-from .denoisers import SAMPLE, TIMESTEP, DenoiserAdapter, adapter_for
+from .calibration import ENCODER_HIDDEN_STATES, CalibrationStep
+from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP, DenoiserAdapter, adapter_for
 from .graph import MAX_BATCH, call_graph, graph_input_names
 from .passes.shared_weights import unshare_weights
 from .passes.timestep_guard import timestep_guard
@@ -264,7 +264,7 @@ class QuantizedDenoiser(torch.nn.Module):
                                 "resolution, prompt length and options of the captured call, or capture and quantize "
                                 "again for these.")
         if self._timestep_guard is not None:
-            self._timestep_guard(inputs[TIMESTEP])
+            self._timestep_guard(inputs[TIMESTEP], inputs.get(CLASS_LABELS))
         out = call_graph(self.graph, inputs, self._input_names)
         return self.adapter.output_class(sample=out) if return_dict else (out,)
 

@@ -28,3 +28,11 @@ def test_seed_must_be_a_non_negative_int(cls, seed):
 def test_with_seed_keeps_a_config_without_methods_unchanged():
     config = QuantConfig.preset("w4a8")
     assert config.with_seed(5) == config and dataclasses.replace(config) == config
+
+
+def test_label_cache_needs_the_whole_cache():
+    with pytest.raises(ValueError, match="cache_class_labels=True .* needs cache='all'"):
+        TFMQConfig(cache="select", cache_class_labels=True)
+    with pytest.raises(ValueError, match="cache_budget_bytes only applies"):
+        TFMQConfig(cache="all", cache_budget_bytes=10)
+    assert TFMQConfig(cache="all", cache_class_labels=True, cache_budget_bytes=10).cache_budget_bytes == 10

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import dit, flux, pixart, sd3, unet2d, unet2d_condition
-from .base import SAMPLE, SEPARATOR, TIMESTEP, DenoiserAdapter, timestep_batch
+from .base import CLASS_LABELS, SAMPLE, SEPARATOR, TIMESTEP, DenoiserAdapter, timestep_batch
 
 ADAPTERS: list[DenoiserAdapter] = [m.ADAPTER for m in (unet2d, unet2d_condition, dit, pixart, sd3, flux)]
 DENOISER_ROLES = ("unet", "transformer")  # the attribute a diffusers pipeline keeps its denoiser under
@@ -41,5 +41,5 @@ def denoiser_role(pipe) -> str:
                      f"`transformer`, and this one has neither (components: {components}).")
 
 
-__all__ = ["ADAPTERS", "DENOISER_ROLES", "DenoiserAdapter", "SAMPLE", "SEPARATOR", "TIMESTEP", "adapter_for",
+__all__ = ["ADAPTERS", "CLASS_LABELS", "DENOISER_ROLES", "DenoiserAdapter", "SAMPLE", "SEPARATOR", "TIMESTEP", "adapter_for",
            "denoiser_role", "register_adapter", "timestep_batch"]

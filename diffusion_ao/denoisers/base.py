@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 SAMPLE, TIMESTEP = "sample", "timestep"
+CLASS_LABELS = "class_labels"  # the class-conditional input (UNet2DModel, DiT): a finite set of integers
 SEPARATOR = "__"  # between a dict-valued argument and its key in a flattened input name
 RETURN_DICT = "return_dict"
 

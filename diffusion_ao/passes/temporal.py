@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
@@ -34,11 +34,12 @@ _VIEW_LIKE = {aten.unsqueeze.default, aten.view.default, aten.reshape.default, a
 _SIDE_EFFECT_ONLY = {aten._assert_tensor_metadata.default}
 
 
-def timestep_only_nodes(gm: GraphModule) -> set[Node]:
-    """The `call_function` nodes whose value depends on the `timestep` input and on constants only."""
+def timestep_only_nodes(gm: GraphModule, keys: Sequence[str] = (TIMESTEP,)) -> set[Node]:
+    """The `call_function` nodes whose value depends on the `timestep` input and on constants only (with
+    `keys=(TIMESTEP, CLASS_LABELS)`: on the timestep and / or the class label, and constants)."""
     deps = input_dependencies(gm)
-    only_t = frozenset([TIMESTEP])
-    return {n for n, d in deps.items() if n.op == "call_function" and d == only_t}
+    allowed = frozenset(keys)
+    return {n for n, d in deps.items() if n.op == "call_function" and d and d <= allowed}
 
 
 def _uses_outside(node: Node, inside: set[Node]) -> bool:
@@ -46,7 +47,7 @@ def _uses_outside(node: Node, inside: set[Node]) -> bool:
 
 
 def timestep_only_frontier(gm: GraphModule, t_only: Optional[set[Node]] = None) -> list[Node]:
-    """The timestep-only nodes read by the rest of the graph: what the rest of the UNet needs from the TIB."""
+    """The timestep-only nodes read by the rest of the graph: what the rest of the denoiser needs from the TIB."""
     t_only = timestep_only_nodes(gm) if t_only is None else t_only
     return [n for n in gm.graph.nodes if n in t_only and n.target not in _SIDE_EFFECT_ONLY
             and _uses_outside(n, t_only)]
@@ -92,11 +93,13 @@ class TemporalBlocks:
         return {n: module_path(n) or n.name for n in self.features}
 
 
-def find_temporal_blocks(gm: GraphModule) -> TemporalBlocks:
-    """Finds the temporal information blocks of an exported UNet (see the module docstring).
+def find_temporal_blocks(gm: GraphModule, keys: Sequence[str] = (TIMESTEP,)) -> TemporalBlocks:
+    """Finds the temporal information blocks of an exported denoiser (see the module docstring).
 
     Args:
-        gm: a graph from `export_unet` (before or after `prepare_pt2e` / `convert_pt2e`).
+        gm: a graph from `export_denoiser` (before or after `prepare_pt2e` / `convert_pt2e`).
+        keys: the inputs the block may depend on: the timestep, or (for a class-conditional model whose
+            modulation reads the label, e.g. DiT's adaLN-Zero) the timestep and `class_labels`.
 
     Returns:
         A `TemporalBlocks`. It is empty for a graph whose timestep path mixes with the sample at once.
@@ -105,7 +108,7 @@ def find_temporal_blocks(gm: GraphModule) -> TemporalBlocks:
         >>> tib = find_temporal_blocks(graph)
         >>> [p for p in tib.module_paths if p.endswith("time_emb_proj")]
     """
-    t_only = timestep_only_nodes(gm)
+    t_only = timestep_only_nodes(gm, keys)
     frontier = timestep_only_frontier(gm, t_only)
     linears = [n for n in gm.graph.nodes if n in t_only and n.target in WEIGHTED_OPS]
     sources = {feature_source(n) for n in frontier}

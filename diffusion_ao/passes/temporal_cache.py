@@ -26,13 +26,14 @@ and the cache matches it up to that rounding.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
 
-from ..denoisers import TIMESTEP
+from ..denoisers import CLASS_LABELS, TIMESTEP
 from ..graph import GraphRunner, register_constant
 from .analysis import WEIGHTED_OPS, input_dependencies, module_path
 from .temporal import _SIDE_EFFECT_ONLY, feature_source, find_temporal_blocks
@@ -40,8 +41,11 @@ from .temporal import _SIDE_EFFECT_ONLY, feature_source, find_temporal_blocks
 aten = torch.ops.aten
 TIMESTEPS_BUFFER = "tfmq_timesteps"
 POSITIONS_BUFFER = "tfmq_timestep_positions"
+LABELS_BUFFER = "tfmq_class_labels"  # the label set of a (timestep, label) cache
+LABEL_POSITIONS_BUFFER = "tfmq_class_label_positions"
 CACHE_PREFIX = "tfmq_cache_"
 INDEX_META = "diffusion_ao_timestep_index"
+LABEL_INDEX_META = "diffusion_ao_class_label_index"
 _KEEP = {aten._assert_async.msg}
 CACHE_META = "diffusion_ao_cached_feature"
 
@@ -53,6 +57,7 @@ class TemporalCache:
     Attributes:
         timesteps: the cached timestep values, in the order of the buffers' first dimension.
         features: temporal feature name -> buffer shape, e.g. {"time_embedding.linear_2": (20, 128)}.
+        labels: the cached class labels of a (timestep, label) cache (row `l * T + t`), else None.
         removed_layers: module paths of the TIB conv/linear layers removed from the graph.
         removed_nodes: how many graph nodes the rewrite removed.
         nbytes: total bytes of the `[T, ...]` cache buffers.
@@ -60,6 +65,7 @@ class TemporalCache:
 
     timesteps: list[float]
     features: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    labels: Optional[list[int]] = None
     removed_layers: list[str] = field(default_factory=list)
     removed_nodes: int = 0
     nbytes: int = 0
@@ -77,6 +83,17 @@ def normalise_timesteps(timesteps: Iterable[float]) -> list[float]:
         if v not in out:
             out.append(v)
     return out
+
+
+def normalise_labels(gm: GraphModule, labels: Iterable[int]) -> list[int]:
+    """The distinct integer class labels, in first-seen order; a ValueError if `gm` has no `class_labels` input."""
+    if CLASS_LABELS not in [n.name for n in gm.graph.nodes if n.op == "placeholder"]:
+        raise ValueError(f"A (timestep, label) cache needs a graph with a '{CLASS_LABELS}' input (a class-conditional "
+                         "denoiser such as DiT); this one has none.")
+    values = torch.as_tensor(list(labels)).reshape(-1)
+    if values.numel() == 0 or values.is_floating_point():
+        raise ValueError(f"labels must be a non-empty set of integers, got {values.tolist()}.")
+    return list(dict.fromkeys(int(v) for v in values.tolist()))
 
 
 def dummy_inputs(gm: GraphModule, batch: int) -> dict[str, torch.Tensor]:
@@ -130,51 +147,82 @@ def _fake(val_like: Optional[torch.Tensor], fn):
         return fn(mode)
 
 
+def _key_index_node(gm: GraphModule, input_name: str, buffer: str, positions_buffer: str, meta: str,
+                    values: Optional[list], dtype: torch.dtype, what: str) -> Node:
+    """The node computing, per sample, the position of input `input_name`'s value in the set held by `buffer`
+    (registered from `values` on the first call; inserted once). The graph asserts every value is in the set."""
+    for node in gm.graph.nodes:
+        if node.meta.get(meta):
+            if values is not None and values != getattr(gm, buffer).tolist():
+                raise ValueError(f"This graph already looks {what}s up in a different set; use the same {what}s "
+                                 "for the cache and for finite-set calibration.")
+            return node
+    if not hasattr(gm, buffer):
+        if values is None:
+            raise ValueError(f"The graph has no {what} set yet: pass the {what}s the first time.")
+        gm.register_buffer(buffer, torch.tensor(values, dtype=dtype))
+        gm.register_buffer(positions_buffer, torch.arange(len(values)))
+    elif values is not None and values != getattr(gm, buffer).tolist():
+        raise ValueError(f"This graph already holds a different set of cached {what}s.")
+    key = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == input_name)
+    g = gm.graph
+    with g.inserting_before(_insert_after_inputs(gm)):
+        known = g.get_attr(buffer)
+        positions = g.get_attr(positions_buffer)
+        column = g.call_function(aten.unsqueeze.default, (key, 1))
+        hits = g.call_function(aten.eq.Tensor, (column, known))
+        found = g.call_function(aten.all.default, (g.call_function(aten.any.dim, (hits, 1)),))
+        g.call_function(aten._assert_async.msg, (found, f"diffusion-ao: a {what} is not in the set this graph "
+                                                         f"was cached/calibrated for ({buffer})."))
+        index = g.call_function(aten.sum.dim_IntList, (g.call_function(aten.mul.Tensor, (hits, positions)), [1]))
+    index.meta[meta] = True
+    known.meta["val"] = _fake(key.meta.get("val"), lambda m: m.from_tensor(getattr(gm, buffer)))
+    index.meta["val"] = _fake(key.meta.get("val"), lambda m: torch.zeros_like(key.meta["val"], dtype=torch.long))
+    return index
+
+
 def timestep_index_node(gm: GraphModule, timesteps: Optional[Sequence[float]] = None) -> Node:
     """The node computing, per sample, the position of its timestep in the cached set (inserted if missing).
 
     The set is the `tfmq_timesteps` buffer of `gm`, registered from `timesteps` on the first call. The graph
     asserts that every timestep of the batch is in the set.
     """
-    for node in gm.graph.nodes:
-        if node.meta.get(INDEX_META):
-            if timesteps is not None and normalise_timesteps(timesteps) != getattr(gm, TIMESTEPS_BUFFER).tolist():
-                raise ValueError("This graph already looks timesteps up in a different set; use the same "
-                                 "timesteps for the cache and for finite-set calibration.")
-            return node
-    if not hasattr(gm, TIMESTEPS_BUFFER):
-        if timesteps is None:
-            raise ValueError("timestep_index_node needs the timesteps the first time it is called on a graph.")
-        values = torch.tensor(normalise_timesteps(timesteps), dtype=torch.float32)
-        gm.register_buffer(TIMESTEPS_BUFFER, values)
-        gm.register_buffer(POSITIONS_BUFFER, torch.arange(len(values)))
-    elif timesteps is not None and normalise_timesteps(timesteps) != getattr(gm, TIMESTEPS_BUFFER).tolist():
-        raise ValueError("This graph already holds a different set of cached timesteps.")
-    t = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == TIMESTEP)
+    values = normalise_timesteps(timesteps) if timesteps is not None else None
+    return _key_index_node(gm, TIMESTEP, TIMESTEPS_BUFFER, POSITIONS_BUFFER, INDEX_META, values, torch.float32,
+                           "timestep")
+
+
+def _cache_index_node(gm: GraphModule, timesteps: list[float], labels: Optional[list[int]]) -> Node:
+    """Per sample, the row of the cache tables: the timestep's position, or with labels
+    `label position * T + timestep position`."""
+    index = timestep_index_node(gm, timesteps)
+    if labels is None:
+        return index
+    label_index = _key_index_node(gm, CLASS_LABELS, LABELS_BUFFER, LABEL_POSITIONS_BUFFER, LABEL_INDEX_META, labels,
+                                  torch.long, "class label")
     g = gm.graph
-    with g.inserting_before(_insert_after_inputs(gm)):
-        known = g.get_attr(TIMESTEPS_BUFFER)
-        positions = g.get_attr(POSITIONS_BUFFER)
-        column = g.call_function(aten.unsqueeze.default, (t, 1))
-        hits = g.call_function(aten.eq.Tensor, (column, known))
-        found = g.call_function(aten.all.default, (g.call_function(aten.any.dim, (hits, 1)),))
-        g.call_function(aten._assert_async.msg, (found, "diffusion-ao: a timestep is not in the set this graph "
-                                                         "was cached/calibrated for (tfmq_timesteps)."))
-        index = g.call_function(aten.sum.dim_IntList, (g.call_function(aten.mul.Tensor, (hits, positions)), [1]))
-    index.meta[INDEX_META] = True
-    known.meta["val"] = _fake(t.meta.get("val"), lambda m: m.from_tensor(getattr(gm, TIMESTEPS_BUFFER)))
-    index.meta["val"] = _fake(t.meta.get("val"), lambda m: torch.zeros_like(t.meta["val"], dtype=torch.long))
-    return index
+    with g.inserting_after(max(index, label_index, key=_position(gm))):
+        scaled = g.call_function(aten.mul.Tensor, (label_index, len(timesteps)))
+        with g.inserting_after(scaled):
+            row = g.call_function(aten.add.Tensor, (scaled, index))
+    row.meta["val"] = scaled.meta["val"] = index.meta.get("val")
+    return row
 
 
-def _remove_dead_timestep_nodes(gm: GraphModule) -> tuple[int, list[str]]:
-    """Erases the nodes that depend on the timestep and constants only (or on constants only: dequantized
-    weights) and that nothing reads any more; keeps the graph's timestep assert. Returns (count, layers)."""
+def _position(gm: GraphModule):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return order.__getitem__
+
+
+def _remove_dead_timestep_nodes(gm: GraphModule, keys: Sequence[str] = (TIMESTEP,)) -> tuple[int, list[str]]:
+    """Erases the nodes that depend on the keys (timestep, and class label for a label cache) and constants only
+    (or on constants only: dequantized weights) and that nothing reads any more; keeps the graph's asserts.
+    Returns (count, layers)."""
     deps = input_dependencies(gm)
-    removable_deps = (frozenset(), frozenset([TIMESTEP]))
+    allowed = frozenset(keys)
     removed, layers = 0, []
     for node in reversed(list(gm.graph.nodes)):
-        if node.op != "call_function" or deps[node] not in removable_deps or node.target in _KEEP:
+        if node.op != "call_function" or not deps[node] <= allowed or node.target in _KEEP:
             continue
         if any(u.target not in _SIDE_EFFECT_ONLY for u in node.users):
             continue
@@ -206,7 +254,9 @@ def _drop_attr(gm: GraphModule, target: str) -> None:
 @torch.no_grad()
 def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
                             features: Optional[Iterable[str | Node]] = None,
-                            reference: Optional[GraphModule] = None) -> TemporalCache:
+                            reference: Optional[GraphModule] = None,
+                            labels: Optional[Iterable[int]] = None,
+                            budget_bytes: Optional[int] = None) -> TemporalCache:
     """Replaces timestep-only features by lookups into `[T, ...]` buffers computed in FP. Modifies `gm` in place.
 
     Args:
@@ -217,6 +267,10 @@ def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
             time-embedding computation.
         reference: the floating-point graph to compute the cached values with, when `gm` is already
             quantized (its nodes are matched by name, which `prepare_pt2e` / `convert_pt2e` keep). Default: `gm`.
+        labels: the finite set of class labels of a class-conditional graph whose modulation reads the label
+            (DiT's adaLN-Zero): the features that depend on the timestep and / or the label are cached for every
+            (timestep, label) pair, `[L * T, ...]` buffers, and any other label is an error. Default: timestep only.
+        budget_bytes: raise a ValueError, before computing anything, if the buffers would exceed this size.
 
     Returns:
         A `TemporalCache` describing the buffers and the removed layers.
@@ -228,7 +282,9 @@ def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
         ['time_embedding.linear_1', 'time_embedding.linear_2']
     """
     values = normalise_timesteps(timesteps)
-    tib = find_temporal_blocks(gm)
+    label_set = normalise_labels(gm, labels) if labels is not None else None
+    keys = (TIMESTEP,) if label_set is None else (TIMESTEP, CLASS_LABELS)
+    tib = find_temporal_blocks(gm, keys)
     if not tib.frontier:
         raise ValueError("This graph has no timestep-only values to cache (its timestep input mixes with the "
                          "sample at once).")
@@ -244,17 +300,32 @@ def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
                 raise ValueError(f"{f!r} is not a temporal feature of this graph; choose from "
                                  f"{sorted(names.values())}.")
             chosen.append(node)
-    if reference is None:
-        tables = evaluate_nodes(gm, chosen, values)
-    else:
+    rows = len(values) * (len(label_set) if label_set is not None else 1)
+    nbytes = sum(rows * math.prod(int(d) for d in node.meta["val"].shape[1:]) * node.meta["val"].element_size()
+                 for node in chosen)
+    if budget_bytes is not None and nbytes > budget_bytes:
+        raise ValueError(f"The cache would take {nbytes} bytes ({len(values)} timesteps"
+                         f"{f' x {len(label_set)} labels' if label_set is not None else ''}), over the budget of "
+                         f"{budget_bytes}: calibrate with fewer labels or timesteps, or raise cache_budget_bytes.")
+    source, source_nodes = gm, chosen
+    if reference is not None:
         ref_nodes = {n.name: n for n in reference.graph.nodes}
         missing = [n.name for n in chosen if n.name not in ref_nodes]
         if missing:
             raise ValueError(f"The reference graph has no nodes named {missing}: pass the FP export of the same "
-                             "UNet (export_unet with the same arguments).")
-        tables = evaluate_nodes(reference, [ref_nodes[n.name] for n in chosen], values)
-    index = timestep_index_node(gm, values)
-    info = TemporalCache(timesteps=values)
+                             "denoiser (export_denoiser with the same example).")
+        source, source_nodes = reference, [ref_nodes[n.name] for n in chosen]
+    if label_set is None:
+        tables = evaluate_nodes(source, source_nodes, values)
+    else:  # rows l * T + t
+        per_label = []
+        for label in label_set:
+            inputs = dummy_inputs(source, 2)
+            inputs[CLASS_LABELS] = torch.full((2,), label, dtype=inputs[CLASS_LABELS].dtype)
+            per_label.append(evaluate_nodes(source, source_nodes, values, inputs=inputs))
+        tables = [torch.cat([tables_l[i] for tables_l in per_label]) for i in range(len(chosen))]
+    index = _cache_index_node(gm, values, label_set)
+    info = TemporalCache(timesteps=values, labels=label_set)
     names = tib.feature_names()
     for k, (node, table) in enumerate(zip(chosen, tables)):
         attr = register_constant(gm, f"{CACHE_PREFIX}{k}", table.contiguous(), before=index.next)
@@ -265,7 +336,7 @@ def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
         node.replace_all_uses_with(lookup)
         info.features[lookup.meta[CACHE_META]] = tuple(table.shape)
         info.nbytes += table.numel() * table.element_size()
-    info.removed_nodes, info.removed_layers = _remove_dead_timestep_nodes(gm)
+    info.removed_nodes, info.removed_layers = _remove_dead_timestep_nodes(gm, keys)
     gm.graph.lint()
     gm.recompile()
     return info

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .finite_set import FSC_SCALE_PREFIX
-from .temporal_cache import TIMESTEPS_BUFFER
+from .temporal_cache import LABELS_BUFFER, TIMESTEPS_BUFFER
 
 
 def check_timesteps(known: torch.Tensor, timestep: torch.Tensor) -> None:
@@ -27,6 +27,19 @@ def check_timesteps(known: torch.Tensor, timestep: torch.Tensor) -> None:
                          "the calibration data, or quantize again without TFMQConfig.cache / fsc.")
 
 
+def check_labels(known: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+    """Raises a ValueError naming the class labels outside the set a (timestep, label) cache holds."""
+    if labels is None:
+        raise ValueError("This quantized denoiser caches its modulation per (timestep, class label): pass class_labels.")
+    unseen = labels.detach().reshape(-1).to(known.device)
+    unseen = unseen[~torch.isin(unseen, known)]
+    if unseen.numel():
+        raise ValueError(f"Class label(s) {unseen.unique()[:5].tolist()} are not in the set this quantized denoiser "
+                         f"caches its modulation for ({known.tolist()[:16]}{', ...' if len(known) > 16 else ''}). "
+                         "Capture calibration data with every label you will generate, or quantize without "
+                         "TFMQConfig.cache_class_labels.")
+
+
 def _graph_of(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     for candidate in (model, getattr(model, "model", None), getattr(model, "graph", None)):
         if isinstance(candidate, torch.nn.Module) and isinstance(getattr(candidate, TIMESTEPS_BUFFER, None),
@@ -36,8 +49,8 @@ def _graph_of(model: torch.nn.Module) -> Optional[torch.nn.Module]:
 
 
 def timestep_guard(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], None]]:
-    """A check of the timestep vector for `model` (a converted graph or `compile_for_cpu` of one), or None
-    when the graph has no finite timestep set.
+    """A check of the timestep vector (and, for a (timestep, label) cache, the class labels) for `model` (a
+    converted graph or `compile_for_cpu` of one), or None when the graph has no finite timestep set.
 
     Example:
         >>> guard = timestep_guard(quantized)
@@ -47,10 +60,13 @@ def timestep_guard(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], 
     if graph is None:
         return None
     known = getattr(graph, TIMESTEPS_BUFFER)
+    known_labels = getattr(graph, LABELS_BUFFER, None)
     per_timestep_qparams = any(name.startswith(FSC_SCALE_PREFIX) for name, _ in graph.named_buffers())
 
-    def guard(timestep: torch.Tensor) -> None:
+    def guard(timestep: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> None:
         check_timesteps(known, timestep)
+        if known_labels is not None:
+            check_labels(known_labels, class_labels)
         if per_timestep_qparams and timestep.numel() > 1 and not bool((timestep == timestep.reshape(-1)[0]).all()):
             raise ValueError("This quantized UNet uses per-timestep activation ranges (finite-set calibration): "
                              "call it with one timestep per batch (diffusers pipelines do), not a mix.")

@@ -15,10 +15,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch.fx import GraphModule
 
 from ..calibration import CalibrationData
 from ..config import TFMQConfig
+from ..denoisers import CLASS_LABELS
 from ..passes.finite_set import FSCTable, apply_finite_set_calibration, finite_set_tables
 from ..passes.temporal_cache import TemporalCache, cache_temporal_features, normalise_timesteps
 from .selection import FeatureChoice, select_cached_features, temporal_feature_errors
@@ -50,7 +52,15 @@ class TFMQReport:
 def before_prepare(graph: GraphModule, data: CalibrationData, tfmq: TFMQConfig) -> TFMQReport:
     report = TFMQReport(timesteps=normalise_timesteps(data.timesteps))
     if tfmq.cache == "all":
-        report.cache = cache_temporal_features(graph, report.timesteps)
+        labels = None
+        if tfmq.cache_class_labels:
+            found = [s.conditioning[CLASS_LABELS] for s in data.steps if CLASS_LABELS in s.conditioning]
+            if not found:
+                raise ValueError("TFMQConfig(cache_class_labels=True) needs calibration data with class_labels (a "
+                                 "class-conditional denoiser, e.g. captured from a DiTPipeline call).")
+            labels = sorted(set(torch.cat(found).reshape(-1).tolist()))
+        report.cache = cache_temporal_features(graph, report.timesteps, labels=labels,
+                                               budget_bytes=tfmq.cache_budget_bytes)
         logger.info("TFMQ cache: %d features (%d B), removed %s", len(report.cache.features), report.cache.nbytes,
                     report.cache.removed_layers)
     return report

@@ -156,6 +156,33 @@ def test_class_conditional_cache_keeps_the_class_term():
     assert any(module_path(n).startswith("class_embedding") for n in cached.graph.nodes)
 
 
+
+def test_label_cache_removes_the_class_term_and_matches_fp():
+    """With the labels as keys, what depends on the timestep and / or the label (time MLP, class embedding,
+    every time projection) becomes `[L * T, C]` lookups, and only the cached labels are accepted."""
+    unet = class_conditional_unet()
+    reference, cached = _export(unet), _export(unet)
+    timesteps = _timesteps(DDIMScheduler, steps=3)
+    info = cache_temporal_features(cached, timesteps, labels=[2, 0])
+    assert info.labels == [2, 0] and all(shape[0] == 2 * len(timesteps) for shape in info.features.values())
+    assert set(_time_proj_paths(unet)) <= set(info.removed_layers)
+    assert not any(module_path(n).startswith(("class_embedding", "time_embedding")) for n in cached.graph.nodes
+                   if n.op == "call_function")
+    x = torch.randn(3, 1, 8, 8)
+    for t in timesteps:
+        for labels in (torch.tensor([0, 0]), torch.tensor([2, 2]), torch.tensor([2, 0, 2])):
+            assert_cached_matches_fp(cached, reference, x[:len(labels)], torch.full((len(labels),), t),
+                                     class_labels=labels)
+    with pytest.raises(RuntimeError, match="class label is not in the set"):
+        cached(x[:2], torch.full((2,), timesteps[0]), class_labels=torch.tensor([0, 1]))
+    wrapped = as_diffusers_unet(cached, like=unet)
+    with pytest.raises(ValueError, match=r"Class label\(s\) \[1\] are not in the set"):
+        wrapped(x[:2], timesteps[0], class_labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="over the budget of 100"):
+        cache_temporal_features(_export(unet), timesteps, labels=[0, 1, 2], budget_bytes=100)
+    with pytest.raises(ValueError, match="needs a graph with a 'class_labels' input"):
+        cache_temporal_features(_export(tiny_unet()), timesteps, labels=[0])
+
 class _Record(Interpreter):
     """Runs a graph and keeps the values of chosen nodes."""
 
