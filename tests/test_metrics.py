@@ -190,3 +190,28 @@ def test_epsilon_gain_recovers_a_scale_and_ignores_orthogonal_noise(gain, seed):
     noise = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
     noise -= (noise * reference).sum() / reference.pow(2).sum() * reference  # orthogonal to the reference
     assert epsilon_gain((1 + gain) * reference + noise, reference) == pytest.approx(gain, abs=1e-9)
+
+
+class _MeanBinClassifier(torch.nn.Module):
+    """Predicts class floor((mean pixel + 1) * 5): a known answer for any image."""
+
+    def forward(self, x):
+        cls = ((x.mean(dim=(1, 2, 3)) + 1) * 5).floor().clamp(0, 9).long()
+        return torch.nn.functional.one_hot(cls, 10).float()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), seed=st.integers(0, 1000))
+def test_label_agreement_is_the_share_of_samples_showing_their_label(n, seed):
+    from diffusion_ao.metrics import label_agreement
+
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, 1, 1, 1, generator=g) * 2 - 1).expand(n, 1, 4, 4).contiguous()
+    classifier = _MeanBinClassifier()
+    shown = classifier(images).argmax(1)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    expected = (shown == labels).float().mean().item()
+    assert label_agreement(images, labels, classifier, batch_size=7) == pytest.approx(expected)
+    assert label_agreement(images, shown, classifier) == 1.0
+    with pytest.raises(ValueError, match="one label per image"):
+        label_agreement(images, labels[:-1] if n > 1 else labels[:0], classifier)

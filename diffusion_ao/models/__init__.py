@@ -1,7 +1,8 @@
-"""The shipped default model (a DDPM on 16x16 digits) and a loader for any diffusers UNet.
+"""The shipped models (a DDPM UNet and a class-conditional DiT on 16x16 digits) and a loader for any diffusers UNet.
 
 Example:
     >>> unet, scheduler = load_default_model()
+    >>> dit, scheduler = load_model("dit")                              # the shipped class-conditional DiT
     >>> unet, scheduler = load_model("path/to/a/diffusers/pipeline")   # or a hub id, if it is cached
 """
 from __future__ import annotations
@@ -10,11 +11,12 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from .unet_config import DEFAULT_SCHEDULE_KWARGS
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "digits_unet"
+DIT_MODEL_DIR = Path(__file__).parent / "assets" / "digits_dit"
 
 
 def load_default_model() -> tuple[UNet2DModel, DDIMScheduler]:
@@ -27,14 +29,26 @@ def load_default_model() -> tuple[UNet2DModel, DDIMScheduler]:
     return unet, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
 
 
+def load_dit_model() -> tuple[DiTTransformer2DModel, DDIMScheduler]:
+    """The shipped class-conditional DiT (EMA weights, eval mode; labels 0-9, null label 10 for guidance) and a
+    DDIM scheduler with its training schedule."""
+    if not (DIT_MODEL_DIR / "config.json").exists():
+        raise FileNotFoundError(f"The DiT's weights are missing from {DIT_MODEL_DIR}; train them with "
+                                "`python -m diffusion_ao.models.train --model dit` (see its TRAINING.txt).")
+    dit = DiTTransformer2DModel.from_pretrained(DIT_MODEL_DIR, low_cpu_mem_usage=False).eval()
+    return dit, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+
+
 def load_model(name_or_path: Union[str, Path]) -> tuple[torch.nn.Module, DDIMScheduler]:
-    """A diffusers UNet and a DDIM scheduler from "default", a local directory, or a hub id.
+    """A diffusers denoiser and a DDIM scheduler from "default" (the UNet), "dit", a local directory, or a hub id.
 
     A directory may hold a whole pipeline (with `unet/` and `scheduler/` subfolders) or just a UNet (then the
     default model's noise schedule is assumed). A hub id needs network access or a populated cache.
     """
     if str(name_or_path) == "default":
         return load_default_model()
+    if str(name_or_path) == "dit":
+        return load_dit_model()
     path = Path(name_or_path)
     root = path if path.exists() else None
     has_subfolders = root is not None and (root / "unet").is_dir()

@@ -1,8 +1,10 @@
-"""Trains the default model: a DDPM (epsilon prediction, EMA weights) on the 16x16 digits.
+"""Trains the shipped models on the 16x16 digits (epsilon prediction, EMA weights): the default UNet (a DDPM)
+and the class-conditional DiT (labels dropped to the null label 10 % of the time, for classifier-free guidance).
 
 Retrain the shipped weights with:
 
     python -m diffusion_ao.models.train --steps 5000 --out diffusion_ao/models/assets/digits_unet
+    python -m diffusion_ao.models.train --model dit --steps 6000 --lr 1e-3 --out diffusion_ao/models/assets/digits_dit
 
 Every ``--save-every`` steps the EMA weights are written (usable at once) together with the full training
 state in ``train_state.pt`` beside them, so a stopped run continues exactly with ``--resume``.
@@ -19,16 +21,21 @@ import torch
 from diffusers import DDPMScheduler
 
 from .digits import load_digits_tensor
+from .dit_config import build_default_dit
 from .unet_config import DEFAULT_SCHEDULE_KWARGS, build_default_unet
+
+BUILDERS = {"unet": build_default_unet, "dit": build_default_dit}
 
 
 def train(steps: int, out: Path, batch_size: int = 128, lr: float = 5e-4, ema_decay: float = 0.999,
-          save_every: int = 500, seed: int = 0, threads: int | None = None, resume: bool = False) -> None:
+          save_every: int = 500, seed: int = 0, threads: int | None = None, resume: bool = False,
+          model: str = "unet") -> None:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    images, _ = load_digits_tensor()
-    unet = build_default_unet()
+    images, labels = load_digits_tensor()
+    conditional = model == "dit"
+    unet = BUILDERS[model]().train()
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDPMScheduler(**DEFAULT_SCHEDULE_KWARGS)
     alphas_cumprod = scheduler.alphas_cumprod
@@ -50,12 +57,15 @@ def train(steps: int, out: Path, batch_size: int = 128, lr: float = 5e-4, ema_de
         print(f"resumed at step {state['step']}", flush=True)
     start = time.time()
     for step in range(first_step, steps + 1):
-        x0 = images[torch.randint(0, len(images), (batch_size,))]
+        idx = torch.randint(0, len(images), (batch_size,))
+        x0 = images[idx]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
         noise = torch.randn_like(x0)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = (unet(xt, t).sample - noise).pow(2).mean()
+        # the DiT's label embedding replaces 10 % of the labels by the null label itself (train mode)
+        pred = unet(xt, timestep=t, class_labels=labels[idx]).sample if conditional else unet(xt, t).sample
+        loss = (pred - noise).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -74,14 +84,17 @@ def train(steps: int, out: Path, batch_size: int = 128, lr: float = 5e-4, ema_de
                         "sched": sched.state_dict(), "rng": torch.get_rng_state(), "step": step,
                         "running": running}, state_path)
             (out / "TRAINING.txt").write_text(
-                f"steps={step} batch_size={batch_size} lr={lr} ema_decay={ema_decay} seed={seed} "
-                f"final_loss_ema={running:.4f} schedule={DEFAULT_SCHEDULE_KWARGS}\n")
+                f"model={model} steps={step} batch_size={batch_size} lr={lr} ema_decay={ema_decay} seed={seed} "
+                f"final_loss_ema={running:.4f} schedule={DEFAULT_SCHEDULE_KWARGS}\n"
+                f"command: python -m diffusion_ao.models.train --model {model} --steps {steps} --batch-size "
+                f"{batch_size} --lr {lr} --seed {seed} --out {out} (add --resume to continue)\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(BUILDERS), default="unet")
     parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "digits_unet")
+    parser.add_argument("--out", type=Path, default=None, help="default: assets/digits_<model>")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--save-every", type=int, default=500)
@@ -89,8 +102,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     args = parser.parse_args()
-    train(args.steps, args.out, args.batch_size, args.lr, save_every=args.save_every, seed=args.seed,
-          threads=args.threads, resume=args.resume)
+    out = args.out or Path(__file__).parent / "assets" / f"digits_{args.model}"
+    train(args.steps, out, args.batch_size, args.lr, save_every=args.save_every, seed=args.seed,
+          threads=args.threads, resume=args.resume, model=args.model)
 
 
 if __name__ == "__main__":
