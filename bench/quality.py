@@ -14,9 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_ao import CalibrationData
-from diffusion_ao.metrics import (class_coverage, classifier_features, epsilon_gain, frechet_distance, psnr_paired,
-                                  relative_mse,
-                                  ssim_paired)
+from diffusion_ao.metrics import (class_coverage, classifier_features, epsilon_gain, frechet_distance,
+                                  label_agreement, psnr_paired, relative_mse, ssim_paired)
 from diffusion_ao.sampling import run_sampler
 
 # diffusers-like UNet: unet(x, t, return_dict=False)[0]
@@ -33,7 +32,8 @@ def make_noise(num_samples: int, shape: tuple[int, ...], batch: int, seed: int) 
 
 @torch.no_grad()
 def sample_images(unet: DiffusersUNet, scheduler, noise: torch.Tensor, num_samples: int, steps: int, batch: int,
-                  seed: int, desc: str, progress: bool = True) -> torch.Tensor:
+                  seed: int, desc: str, progress: bool = True, labels: Optional[torch.Tensor] = None,
+                  guidance_scale: float = 1.0, null_label: Optional[int] = None) -> torch.Tensor:
     """Runs the shared sampler loop over `noise` in batches of `batch` and returns the first `num_samples`.
 
     The global RNG is re-seeded per batch, so stochastic schedulers (DDPM) draw the same step noise for
@@ -49,6 +49,9 @@ def sample_images(unet: DiffusersUNet, scheduler, noise: torch.Tensor, num_sampl
         seed: base seed of the per-batch step noise.
         desc: progress-bar label.
         progress: show a progress bar.
+        labels: the class of each sample (as long as `noise`) for a class-conditional model, else None.
+        guidance_scale: classifier-free guidance (the denoiser then sees 2 * `batch` rows per call).
+        null_label: the unconditional label, with guidance.
 
     Returns:
         (num_samples, C, H, W) samples clamped to [-1, 1].
@@ -56,28 +59,37 @@ def sample_images(unet: DiffusersUNet, scheduler, noise: torch.Tensor, num_sampl
     out = []
     for i, start in enumerate(tqdm(range(0, len(noise), batch), desc=desc, disable=not progress, leave=False)):
         torch.manual_seed(seed * 100_003 + i)
-        out.append(run_sampler(unet, scheduler, noise[start:start + batch], steps))
+        kw = {}
+        if labels is not None:
+            y = labels[start:start + batch]
+            kw = dict(conditioning={"class_labels": y}, guidance_scale=guidance_scale,
+                      unconditional={"class_labels": torch.full_like(y, null_label)} if guidance_scale != 1 else None)
+        out.append(run_sampler(unet, scheduler, noise[start:start + batch], steps, **kw))
     return torch.cat(out)[:num_samples].clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
-def batched_forward(fn: ForwardFn, x: torch.Tensor, t: torch.Tensor, batch: int) -> torch.Tensor:
-    """fn over `x` in batches of exactly `batch` rows (the last one padded by repeating its first row)."""
+def batched_forward(fn: ForwardFn, x: torch.Tensor, t: torch.Tensor, batch: int,
+                    extra: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """fn(x, t, **extra) over `x` in batches of exactly `batch` rows (the last one padded by repeating its first
+    row); `extra` holds other batched graph inputs (e.g. class_labels)."""
     outs = []
     for start in range(0, len(x), batch):
-        xb, tb = x[start:start + batch], t[start:start + batch]
-        n = len(xb)
+        parts = {"x": x[start:start + batch], "t": t[start:start + batch],
+                 **{k: v[start:start + batch] for k, v in (extra or {}).items()}}
+        n = len(parts["x"])
         if n < batch:
-            xb = torch.cat([xb, xb[:1].expand(batch - n, *xb.shape[1:])])
-            tb = torch.cat([tb, tb[:1].expand(batch - n)])
-        outs.append(fn(xb, tb)[:n])
+            parts = {k: torch.cat([v, v[:1].expand(batch - n, *v.shape[1:])]) for k, v in parts.items()}
+        xb, tb = parts.pop("x"), parts.pop("t")
+        outs.append(fn(xb, tb, **parts)[:n])
     return torch.cat(outs)
 
 
 @torch.no_grad()
 def noise_predictions(fn: ForwardFn, data: CalibrationData, batch: int) -> list[torch.Tensor]:
     """The model's noise prediction at every recorded step of `data` (a held-out set of FP trajectories)."""
-    return [batched_forward(fn, s.sample, torch.full((len(s.sample),), s.timestep), batch) for s in data.steps]
+    return [batched_forward(fn, s.sample, torch.full((len(s.sample),), s.timestep), batch, s.conditioning)
+            for s in data.steps]
 
 
 def per_timestep_relative_mse(preds: list[torch.Tensor], reference: list[torch.Tensor]) -> list[float]:
@@ -101,15 +113,20 @@ class QualityMetrics:
     ssim_fp: float
     coverage: float
     contrast_fp: float  # std of the samples / std of the FP samples (same seeds): 1 is FP's contrast
+    label_agreement: Optional[float] = None  # class-conditional models: share of samples showing the asked class
 
 
 def quality_metrics(images: torch.Tensor, fp_images: torch.Tensor, fp_features: torch.Tensor,
-                    real_features: torch.Tensor, classifier: torch.nn.Module) -> QualityMetrics:
-    """FD to the real digits and to the FP samples, PSNR/SSIM paired with FP (same seeds), class coverage."""
+                    real_features: torch.Tensor, classifier: torch.nn.Module,
+                    labels: Optional[torch.Tensor] = None) -> QualityMetrics:
+    """FD to the real digits and to the FP samples, PSNR/SSIM paired with FP (same seeds), class coverage, and
+    for class-conditional samples (`labels`) the classifier's agreement with the asked class."""
     feats = classifier_features(images, classifier)
     return QualityMetrics(fd_real=frechet_distance(feats, real_features),
                           fd_fp=frechet_distance(feats, fp_features),
                           psnr_fp=psnr_paired(images, fp_images),
                           ssim_fp=ssim_paired(images, fp_images),
                           coverage=class_coverage(images, classifier),
-                          contrast_fp=float(images.std() / fp_images.std().clamp_min(1e-12)))
+                          contrast_fp=float(images.std() / fp_images.std().clamp_min(1e-12)),
+                          label_agreement=None if labels is None else label_agreement(images, labels[:len(images)],
+                                                                                      classifier))

@@ -28,10 +28,13 @@ def _row_cell(row: dict, key: str) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    """The markdown table of every row."""
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_row_cell(row, key) for key, _ in COLUMNS) + " |" for row in rows]
+    """The markdown table of every row (with a label-agreement column for a class-conditional model)."""
+    columns = list(COLUMNS)
+    if any(row.get("label_agreement") is not None for row in rows):
+        columns.insert(columns.index(("coverage", "coverage")), ("label_agreement", "label agreement"))
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_row_cell(row, key) for key, _ in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -45,7 +48,9 @@ def write_report(meta: dict, rows: list[dict], path: Path, notes: Optional[list[
     text = [
         "# diffusion-ao bench",
         "",
-        f"Model `{meta['model']}`, {meta['scheduler']} with {meta['steps']} steps, {meta['num_samples']} samples "
+        f"Model `{meta['model']}` ({meta.get('model_class', '?')}"
+        f"{', classifier-free guidance ' + format(meta['guidance_scale'], 'g') if meta.get('guidance_scale', 1) != 1 else ''}"
+        f"), {meta['scheduler']} with {meta['steps']} steps, {meta['num_samples']} samples "
         f"per row from the same seeds, calibration on {meta['calib_samples']} FP trajectories x "
         f"{meta['calib_steps']} steps. CPU: {meta['cpu']} (VNNI: {meta['cpu_vnni']}), torch {meta['torch']}. "
         f"Wall time {meta['wall_s']:.0f} s.",
@@ -61,7 +66,9 @@ def write_report(meta: dict, rows: list[dict], path: Path, notes: Optional[list[
            "and calib s are those of the first seed.", ""] if len(meta.get("calib_seeds", [])) > 1 else []),
         "FD: Fréchet distance in the shipped digit classifier's feature space (to the real digits, or to the "
         "FP32 samples of the same seeds). PSNR/SSIM: paired with the FP32 sample of the same seed. Coverage: "
-        "fraction of the 10 classes the classifier finds in at least 2% of the samples. Contrast vs FP: the "
+        "fraction of the 10 classes the classifier finds in at least 2% of the samples. Label agreement (class-"
+        "conditional models): share of the samples the classifier assigns to the class they were asked for. "
+        "Contrast vs FP: the "
         "samples' standard deviation over FP32's (same seeds); a systematic gain in the noise prediction "
         "(`timestep_gain` in results.json) shows up here while per-step MSE hides it. kernels: `int8` when "
         "inductor lowered every quantized conv/linear to a oneDNN int8 kernel, `simulated` when q/dq runs in fp32. "

@@ -4,6 +4,7 @@
     python bench/run.py --quick         # fewer samples, eager q/dq graphs, no latency (~2 min)
     python bench/run.py --methods naive-w4a8,diffusion-ao --num-samples 500 --scheduler dpm
     python bench/run.py --ablation dmq --methods w4a8,dmq-w4a8   # DMQ's ablation at W4A8
+    python bench/run.py --model dit     # the shipped class-conditional DiT, sampled with guidance
     python bench/run.py --speed         # the speed table instead (bench/speed.py; its options follow)
 
 For each row it exports the UNet, prepares it with the row's quantizer, calibrates on FP trajectories, converts,
@@ -32,19 +33,21 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  
 
 from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
 from bench.plots import save_per_timestep_plot, save_sample_grid  # noqa: E402
-from bench.quality import (batched_forward, make_noise, noise_predictions, per_timestep_gain,  # noqa: E402
+from bench.quality import (make_noise, noise_predictions, per_timestep_gain,  # noqa: E402
                            per_timestep_relative_mse, quality_metrics, sample_images)
 from bench.report import write_report  # noqa: E402
 from bench.rows import ABLATIONS, RowSpec, default_rows, select_rows  # noqa: E402
-from diffusion_ao import (as_diffusers_unet, collect_calibration_data, compile_for_cpu,  # noqa: E402
-                          count_int8_kernels, export_unet)
+from diffusion_ao import (as_diffusers_denoiser, collect_calibration_data, compile_for_cpu,  # noqa: E402
+                          count_int8_kernels, export_denoiser)
 from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
 from diffusion_ao.metrics import classifier_features, frechet_distance  # noqa: E402
 from diffusion_ao.models import load_model  # noqa: E402
 from diffusion_ao.models.classifier import load_classifier  # noqa: E402
 from diffusion_ao.models.digits import load_digits_tensor  # noqa: E402
-from diffusion_ao.recipe import quantize_unet  # noqa: E402
+from diffusion_ao.models.dit_config import NULL_LABEL, NUM_CLASSES  # noqa: E402
+from diffusion_ao.recipe import quantize_denoiser  # noqa: E402
 from diffusion_ao.size import size_mb  # noqa: E402
+from diffusers import DiTTransformer2DModel  # noqa: E402
 from diffusion_ao.sampling import sample_shape  # noqa: E402
 
 SCHEDULERS = {
@@ -55,13 +58,16 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
 }
 QUICK = dict(num_samples=128, steps=10, calib_samples=16, batch=64, heldout_samples=8)
+DIT_GUIDANCE = 3.0  # see bench/model_quality.py: the shipped DiT's label agreement by guidance scale
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="'default' (the shipped digits DDPM), a diffusers model "
-                   "directory or a cached hub id")
+    p.add_argument("--model", default="default", help="'default' (the shipped digits DDPM), 'dit' (the shipped "
+                   "class-conditional DiT), a diffusers model directory or a cached hub id")
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS), help="sampler for every row")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance of a class-conditional "
+                   f"model (default: {DIT_GUIDANCE} for 'dit', none otherwise); calibration records the doubled batch")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--num-samples", type=int, default=1000, help="samples per row (the same seeds for each)")
     p.add_argument("--batch", type=int, default=250, help="samples per UNet call (compiled once per row)")
@@ -112,14 +118,14 @@ def calibration_seed(base_seed: int, k: int) -> int:
     return base_seed + 1 + 10_007 * k
 
 
-def build_quantized(spec: RowSpec, unet, shape, calib, progress: bool,
+def build_quantized(spec: RowSpec, unet, calib, progress: bool,
                     seed: int = 0) -> tuple[torch.fx.GraphModule, float, list]:
     """export -> prepare -> calibrate -> convert for one row, its methods seeded with `seed`; returns the converted
     graph, calibration seconds and the quantizer's layer decisions (empty for peers without them)."""
     if spec.config is not None:
-        converted, report = quantize_unet(unet, calib, spec.config.with_seed(seed), progress=progress)
+        converted, report = quantize_denoiser(unet, calib, spec.config.with_seed(seed), progress=progress)
         return converted, report.calib_s, list(report.quantizer.decisions)
-    graph = export_unet(unet, sample_shape=(1, *shape))
+    graph = export_denoiser(unet, calib.steps[0])
     quantizer = spec.make_quantizer()
     start = time.perf_counter()
     prepared = prepare_pt2e(graph, quantizer)
@@ -128,13 +134,15 @@ def build_quantized(spec: RowSpec, unet, shape, calib, progress: bool,
     return converted, time.perf_counter() - start, list(getattr(quantizer, "decisions", []))
 
 
-SPREAD_KEYS = ("fd_real", "fd_fp", "psnr_fp", "ssim_fp", "contrast_fp")
+SPREAD_KEYS = ("fd_real", "fd_fp", "psnr_fp", "ssim_fp", "contrast_fp", "label_agreement")
 
 
 def seed_spread(runs: list[dict]) -> dict[str, dict[str, float]]:
     """Mean, min and max over calibration runs of each quality column in `SPREAD_KEYS`."""
     spread = {}
     for key in SPREAD_KEYS:
+        if any(r.get(key) is None for r in runs):
+            continue  # label agreement of an unconditional model
         values = [float(r[key]) for r in runs]
         spread[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
     return spread
@@ -179,32 +187,53 @@ def main(argv: Optional[list[str]] = None) -> Path:
     print(f"[bench] {len(rows)} rows, {args.num_samples} samples x {args.steps} {args.scheduler} steps, "
           f"{threads} threads, compile={'no' if args.no_compile else 'yes'}", flush=True)
 
-    calibs = [collect_calibration_data(unet, scheduler, num_samples=args.calib_samples,
-                                       num_inference_steps=args.steps, seed=calibration_seed(args.seed, k),
-                                       progress=progress) for k in range(args.calib_seeds)]
-    calib = calibs[0]
-    heldout = collect_calibration_data(unet, scheduler, num_samples=args.heldout_samples,
-                                       num_inference_steps=args.steps, seed=args.seed + 2, progress=False)
+    conditional = isinstance(unet, DiTTransformer2DModel)
+    guidance = (args.guidance if args.guidance is not None else DIT_GUIDANCE) if conditional else 1.0
+    if guidance != 1.0 and not conditional:
+        raise SystemExit("--guidance needs a class-conditional model (--model dit).")
     noise = make_noise(args.num_samples, shape, args.batch, seed=args.seed)
     floor_noise = make_noise(args.num_samples, shape, args.batch, seed=args.seed + 1000)
-    probe_x = noise[:args.batch]
-    probe_t = torch.full((args.batch,), float(calib.timesteps[len(calib) // 2]))
+    # the same labels (0, 1, ..., 9, 0, ...) for every row and seed; the sampler doubles the batch with guidance
+    labels = torch.arange(len(noise)) % NUM_CLASSES if conditional else None
+    sampling = dict(labels=labels, guidance_scale=guidance, null_label=NULL_LABEL)
 
-    fp_graph = export_unet(unet, sample_shape=(1, *shape))
+    def collect(num_samples: int, seed: int, progress: bool):
+        extra = dict(class_labels=torch.arange(num_samples) % NUM_CLASSES, guidance_scale=guidance,
+                     null_class_label=NULL_LABEL) if conditional else {}
+        return collect_calibration_data(unet, scheduler, num_samples=num_samples, num_inference_steps=args.steps,
+                                        seed=seed, progress=progress, **extra)
+
+    calibs = [collect(args.calib_samples, calibration_seed(args.seed, k), progress) for k in range(args.calib_seeds)]
+    calib = calibs[0]
+    heldout = collect(args.heldout_samples, args.seed + 2, False)
+    # the latency / kernel-count probe: one denoiser call as the sampler makes it (the doubled batch with guidance)
+    probe_x = noise[:args.batch]
+    probe_kw = {}
+    if conditional:
+        y = labels[:args.batch]
+        if guidance != 1.0:
+            probe_x, y = torch.cat([probe_x, probe_x]), torch.cat([torch.full_like(y, NULL_LABEL), y])
+        probe_kw = {"class_labels": y}
+    probe_t = torch.full((len(probe_x),), float(calib.timesteps[len(calib) // 2]))
+
+    def probe(fn):
+        return lambda x, t: fn(x, t, **probe_kw)
+
+    fp_graph = export_denoiser(unet, calib.steps[0])
     fp_forward = compile_for_cpu(fp_graph) if not args.no_compile else fp_graph
-    fp_unet = as_diffusers_unet(fp_forward, like=unet)
+    fp_unet = as_diffusers_denoiser(fp_forward, like=unet)
     fp_reference = noise_predictions(fp_graph, heldout, args.batch)
     fp_images = sample_images(fp_unet, scheduler, noise, args.num_samples, args.steps, args.batch, args.seed,
-                              "fp32 samples", progress)
+                              "fp32 samples", progress, **sampling)
     fp_features = classifier_features(fp_images, classifier)
     floor_images = sample_images(fp_unet, scheduler, floor_noise, args.num_samples, args.steps, args.batch,
-                                 args.seed + 1000, "fp32 other seeds", progress)
+                                 args.seed + 1000, "fp32 other seeds", progress, **sampling)
     fp_floor = frechet_distance(classifier_features(floor_images, classifier), fp_features)
 
     results, images, errors, timed = [], {}, {}, {}
     if not args.no_compile:
-        timed["fp32-eager"] = lambda x, t: unet(x, t, return_dict=False)[0]
-        timed["fp32-compiled"] = fp_forward
+        timed["fp32-eager"] = probe(lambda x, t, **kw: unet(x, t, return_dict=False, **kw)[0])
+        timed["fp32-compiled"] = probe(fp_forward)
     for spec in rows:
         print(f"[bench] {spec.name}", flush=True)
         row = {"method": spec.method, "preset": spec.preset, "name": spec.name, "weight_bits": spec.weight_bits,
@@ -216,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
             row["timestep_gain"] = [0.0] * len(heldout)
             sampled = fp_images
         else:
-            converted, calib_s, decisions = build_quantized(spec, unet, shape, calib, progress)
+            converted, calib_s, decisions = build_quantized(spec, unet, calib, progress)
             predictions = noise_predictions(converted, heldout, args.batch)
             errors[spec.name] = per_timestep_relative_mse(predictions, fp_reference)
             row["timestep_gain"] = per_timestep_gain(predictions, fp_reference)
@@ -224,33 +253,36 @@ def main(argv: Optional[list[str]] = None) -> Path:
             model = converted
             if not args.no_compile:
                 model = compile_for_cpu(converted)
-                counts = count_int8_kernels(model, probe_x, probe_t)
-                timed[spec.name] = model
+                counts = count_int8_kernels(model, probe_x, probe_t, **probe_kw)
+                timed[spec.name] = probe(model)
             row.update(kernels=kernel_kind(counts, expected_kernels(decisions)), kernel_counts=counts,
                        expected_kernels=expected_kernels(decisions), size_mb=size_mb(converted),
                        calib_s=round(calib_s, 2), timestep_rel_mse=errors[spec.name])
-            sampled = sample_images(as_diffusers_unet(model, like=unet), scheduler, noise, args.num_samples,
-                                    args.steps, args.batch, args.seed, f"{spec.name} samples", progress)
-        metrics = quality_metrics(sampled, fp_images, fp_features, real_features, classifier)
+            sampled = sample_images(as_diffusers_denoiser(model, like=unet), scheduler, noise, args.num_samples,
+                                    args.steps, args.batch, args.seed, f"{spec.name} samples", progress, **sampling)
+        metrics = quality_metrics(sampled, fp_images, fp_features, real_features, classifier, labels)
         row.update(asdict(metrics))
         if len(calibs) > 1 and not spec.is_reference:
             runs = [dict(seed=0, calib_seed=calibration_seed(args.seed, 0), calib_s=round(calib_s, 2),
                          **asdict(metrics))]
             for k in range(1, len(calibs)):
                 print(f"[bench]   calibration seed {k}", flush=True)
-                converted_k, calib_s_k, _ = build_quantized(spec, unet, shape, calibs[k], progress, seed=k)
+                converted_k, calib_s_k, _ = build_quantized(spec, unet, calibs[k], progress, seed=k)
                 model_k = converted_k if args.no_compile else compile_for_cpu(converted_k)
-                sampled_k = sample_images(as_diffusers_unet(model_k, like=unet), scheduler, noise, args.num_samples,
-                                          args.steps, args.batch, args.seed, f"{spec.name} seed {k}", progress)
+                sampled_k = sample_images(as_diffusers_denoiser(model_k, like=unet), scheduler, noise,
+                                          args.num_samples, args.steps, args.batch, args.seed, f"{spec.name} seed {k}",
+                                          progress, **sampling)
                 runs.append(dict(seed=k, calib_seed=calibration_seed(args.seed, k), calib_s=round(calib_s_k, 2),
                                  **asdict(quality_metrics(sampled_k, fp_images, fp_features, real_features,
-                                                          classifier))))
+                                                          classifier, labels))))
             row["calib_runs"] = runs
             row["spread"] = seed_spread(runs)
         images[spec.name] = sampled
         results.append(row)
+        agreement = "" if metrics.label_agreement is None else f" label agreement {metrics.label_agreement:.3f}"
         print(f"[bench]   fd_real {metrics.fd_real:.1f} fd_fp {metrics.fd_fp:.1f} psnr {metrics.psnr_fp:.1f} "
-              f"coverage {metrics.coverage:.2f} contrast {metrics.contrast_fp:.3f} calib {calib_s:.1f}s", flush=True)
+              f"coverage {metrics.coverage:.2f} contrast {metrics.contrast_fp:.3f}{agreement} calib {calib_s:.1f}s",
+              flush=True)
         if "spread" in row:
             print("[bench]   over calibration seeds: " + ", ".join(
                 f"{key} {v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}]" for key, v in row["spread"].items()),
@@ -269,7 +301,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
         for row in results:
             row["latency_ms"] = row["speedup_vs_fp32_compiled"] = None
 
-    meta = {"model": args.model, "scheduler": args.scheduler, "steps": args.steps, "num_samples": args.num_samples,
+    meta = {"model": args.model, "model_class": type(unet).__name__, "guidance_scale": guidance,
+            "scheduler": args.scheduler, "steps": args.steps, "num_samples": args.num_samples,
             "batch": args.batch, "calib_samples": args.calib_samples, "calib_steps": len(calib),
             "calib_seeds": [calibration_seed(args.seed, k) for k in range(args.calib_seeds)],
             "heldout_samples": args.heldout_samples, "seed": args.seed, "threads": threads, "quick": args.quick,

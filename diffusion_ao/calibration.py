@@ -100,9 +100,10 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
                              samples_per_step: Optional[int] = None, batch_size: int = 64, seed: int = 0,
                              encoder_hidden_states: Optional[torch.Tensor] = None,
                              class_labels: Optional[torch.Tensor] = None,
+                             guidance_scale: float = 1.0, null_class_label: Optional[int] = None,
                              progress: bool = True) -> CalibrationData:
-    """Runs this project's FP sampler on a UNet and records its inputs at every step (no pipeline, no guidance;
-    with a pipeline, `capture_calibration_data` records what its own call feeds the denoiser).
+    """Runs this project's FP sampler on a denoiser and records its inputs at every step (with a diffusers
+    pipeline, `capture_calibration_data` records what its own call feeds the denoiser).
 
     Args:
         unet: the floating-point diffusers UNet.
@@ -115,7 +116,10 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
         batch_size: trajectories sampled at once.
         seed: seed of the initial noise and of the per-step subsets.
         encoder_hidden_states: (num_samples, seq, dim) text conditioning for UNet2DConditionModel.
-        class_labels: (num_samples,) labels for class-conditional UNets.
+        class_labels: (num_samples,) labels for class-conditional denoisers (UNet2DModel, DiT).
+        guidance_scale: classifier-free guidance of the sampler (see `run_sampler`); with guidance the recorded
+            steps hold the doubled batch the denoiser sees (unconditional half with `null_class_label`).
+        null_class_label: the unconditional label, required with guidance.
         progress: show a progress bar.
 
     Example:
@@ -134,6 +138,10 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
             if len(t) != num_samples:
                 raise ValueError(f"{name} has {len(t)} rows; it needs one per sample ({num_samples}).")
             conditioning[name] = t
+    guided = guidance_scale != 1.0
+    if guided and (class_labels is None or null_class_label is None):
+        raise ValueError("collect_calibration_data with guidance needs class_labels and null_class_label (the "
+                         "unconditional label); for text-conditioned pipelines use capture_calibration_data.")
     param = next(unet.parameters())
     shape = sample_shape(unet)
     generator = torch.Generator().manual_seed(seed)
@@ -145,15 +153,18 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
         cond = {k: v[start:start + n].to(param.device) for k, v in conditioning.items()}
+        uncond = {CLASS_LABELS: torch.full_like(cond[CLASS_LABELS], null_class_label)} if guided else None
+        seen = {k: torch.cat([uncond[k], v]) for k, v in cond.items()} if guided else cond  # what the denoiser gets
         noise = torch.randn((n,) + shape, generator=generator).to(param.device, param.dtype)
 
         def record(i: int, t: float, model_input: torch.Tensor) -> None:
             timesteps[i] = t
             if i % every_k_steps == 0:
-                recorded.setdefault(i, []).append((model_input.cpu(), {k: v.cpu() for k, v in cond.items()}))
+                recorded.setdefault(i, []).append((model_input.cpu(), {k: v.cpu() for k, v in seen.items()}))
             bar.update(n)
 
-        run_sampler(unet, scheduler, noise, num_inference_steps, cond, on_step=record)
+        run_sampler(unet, scheduler, noise, num_inference_steps, cond, on_step=record, guidance_scale=guidance_scale,
+                    unconditional=uncond)
     bar.close()
     steps = []
     for i, chunks in sorted(recorded.items()):

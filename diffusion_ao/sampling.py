@@ -15,7 +15,7 @@ def fresh_scheduler(scheduler):
 
 
 def sample_shape(unet: torch.nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of one sample, from a diffusers UNet's config."""
+    """(channels, height, width) of one sample, from a diffusers UNet's or DiT's config."""
     cfg = unet.config
     size = cfg.sample_size
     return (cfg.in_channels, size, size) if isinstance(size, int) else (cfg.in_channels, *size)
@@ -58,7 +58,8 @@ def run_sampler(unet: Callable, scheduler, noise: torch.Tensor, num_inference_st
             model_input = torch.cat([model_input, model_input])
         if on_step is not None:
             on_step(i, float(t), model_input)
-        eps = unet(model_input, t, return_dict=False, **cond)[0]
+        # one timestep per sample: some denoisers (DiT) only take a 1-d timestep
+        eps = unet(model_input, t.reshape(-1).expand(len(model_input)), return_dict=False, **cond)[0]
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
