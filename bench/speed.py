@@ -2,6 +2,7 @@
 
     python bench/run.py --speed                              # CIFAR-size UNet and the default model, batch 1/8/16
     python bench/speed.py --models default --batches 1,8 --rounds 5 --profile
+    python bench/speed.py --models dit-s --batches 1,8      # a DiT-S/2-sized transformer (random weights)
 
 Every variant of one (model, batch) is timed in the same process, interleaved round-robin
 (`bench.latency.measure_interleaved`), with pinned threads; the table reports medians and the ratio to FP32
@@ -16,7 +17,6 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/speed.py` from anywhere
 
 from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
-from diffusion_ao import collect_calibration_data, compile_for_cpu, count_int8_kernels, export_unet  # noqa: E402
+from diffusion_ao import collect_calibration_data, compile_for_cpu, count_int8_kernels, export_denoiser  # noqa: E402
 from diffusion_ao.config import QuantConfig  # noqa: E402
 from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
 from diffusion_ao.models import load_default_model  # noqa: E402
 from diffusion_ao.models.cifar import cifar10_unet  # noqa: E402
 from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS  # noqa: E402
-from diffusion_ao.recipe import quantize_unet  # noqa: E402
+from diffusion_ao.recipe import quantize_denoiser  # noqa: E402
 from diffusion_ao.sampling import sample_shape  # noqa: E402
 from diffusion_ao.size import size_mb  # noqa: E402
 
@@ -46,8 +46,25 @@ def _cifar():
     return cifar10_unet(), DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
 
 
-# name -> () -> (diffusers UNet, scheduler). Add models here.
-MODELS: dict[str, Callable[[], tuple]] = {"cifar": _cifar, "default": load_default_model}
+def _dit_s():
+    """DiT-S/2's shape (hidden 384, depth 12, 6 heads, patch 2 on a 32x32x4 latent: 256 tokens; ImageNet's 1000
+    classes), random weights: speed does not depend on them."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8,
+                                num_layers=12, sample_size=32, patch_size=2, num_embeds_ada_norm=1000).eval()
+    return dit, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+
+
+# name -> () -> (diffusers denoiser, scheduler). Add models here.
+MODELS: dict[str, Callable[[], tuple]] = {"cifar": _cifar, "default": load_default_model, "dit-s": _dit_s}
+
+
+def extra_inputs(model: torch.nn.Module, batch: int) -> dict[str, torch.Tensor]:
+    """Inputs besides (sample, timestep) that a denoiser needs: class labels for a DiT."""
+    if type(model).__name__ == "DiTTransformer2DModel":
+        return {"class_labels": torch.arange(batch) % 10}
+    return {}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -90,11 +107,11 @@ def profile_table(fn: Callable, x: torch.Tensor, t: torch.Tensor, calls: int = 3
 
 def _build_variants(unet, data) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
     """The uncompiled forward of every variant and its static facts (size, layers)."""
-    graph = export_unet(unet, sample_shape=(1, *sample_shape(unet)))
-    models = {"fp32-eager": lambda x, t: unet(x, t, return_dict=False)[0], "fp32-compiled": graph}
+    graph = export_denoiser(unet, data.steps[0])
+    models = {"fp32-eager": lambda x, t, **kw: unet(x, t, return_dict=False, **kw)[0], "fp32-compiled": graph}
     facts = {"fp32-eager": {"size_mb": size_mb(unet)}, "fp32-compiled": {"size_mb": size_mb(unet)}}
     for preset in QUANTIZED:
-        converted, report = quantize_unet(unet, data, QuantConfig.preset(preset), progress=False)
+        converted, report = quantize_denoiser(unet, data, QuantConfig.preset(preset), progress=False)
         models[preset] = converted
         decisions = report.quantizer.decisions
         facts[preset] = {"size_mb": size_mb(converted), "expected_kernels": sum(
@@ -106,19 +123,23 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir
     """Rows (one per variant and batch) of one model."""
     unet, scheduler = MODELS[name]()
     shape = sample_shape(unet)
-    data = collect_calibration_data(unet, scheduler, num_samples=2, num_inference_steps=2, progress=False)
+    labels = extra_inputs(unet, 2).get("class_labels")
+    data = collect_calibration_data(unet, scheduler, num_samples=2, num_inference_steps=2, class_labels=labels,
+                                    progress=False)
     base, facts = _build_variants(unet, data)
     rows, compiled_once = [], {}
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         x, t = torch.randn((batch, *shape), generator=g), torch.linspace(1, 999, batch)
+        extra = extra_inputs(unet, batch)
+
+        def bind(fn):
+            return (lambda x, t: fn(x, t, **extra)) if extra else fn
+
         timed, compile_s = {}, {}
         for variant, model in base.items():
-            if variant == "fp32-eager":
-                timed[variant] = model
-                continue
-            if args.no_compile:
-                timed[variant] = model
+            if variant == "fp32-eager" or args.no_compile:
+                timed[variant] = bind(model)
                 continue
             start = time.perf_counter()
             if args.dynamic and variant in compiled_once:
@@ -126,11 +147,11 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir
             else:
                 # default: one static-shape compile per batch size (what a deployment with a fixed batch gets)
                 fast = compile_for_cpu(model, dynamic=True if args.dynamic else False)
-                counts = count_int8_kernels(fast, x, t)
+                counts = count_int8_kernels(fast, x, t, **extra)
                 compiled_once[variant] = (fast, counts)
             compile_s[variant] = time.perf_counter() - start
             facts[variant][f"kernels_b{batch}"] = counts
-            timed[variant] = fast
+            timed[variant] = bind(fast)
         stats = measure_interleaved(timed, x, t, rounds=args.rounds, warmup=args.warmup,
                                     progress=not args.no_progress)
         ref = stats[REFERENCE].median_ms

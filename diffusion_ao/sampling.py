@@ -60,6 +60,8 @@ def run_sampler(unet: Callable, scheduler, noise: torch.Tensor, num_inference_st
             on_step(i, float(t), model_input)
         # one timestep per sample: some denoisers (DiT) only take a 1-d timestep
         eps = unet(model_input, t.reshape(-1).expand(len(model_input)), return_dict=False, **cond)[0]
+        if eps.shape[1] == 2 * x.shape[1]:  # learned variance (DiT): the first half is epsilon, as DiTPipeline uses
+            eps = eps[:, :x.shape[1]]
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)

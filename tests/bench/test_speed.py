@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from bench import speed
 from bench.run import main as run_main
@@ -47,3 +48,18 @@ def test_bad_arguments_are_rejected():
         speed.parse_args(["--models", "imagenet"])
     with pytest.raises(SystemExit):
         speed.parse_args(["--batches", "0"])
+
+
+def test_speed_smoke_run_on_a_class_conditional_transformer(monkeypatch, scheduler, tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    def tiny_dit():
+        torch.manual_seed(0)
+        return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                     num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval(), scheduler
+
+    monkeypatch.setattr(speed, "MODELS", {"tiny": tiny_dit})
+    _, results = _run(tmp_path, "--no-compile")
+    rows = {r["variant"]: r for r in results["rows"]}
+    assert list(rows) == list(speed.VARIANTS) and all(r["median_ms"] > 0 for r in rows.values())
+    assert rows["w8a8"]["expected_int8_kernels"] >= 6  # q/k/v/out, MLP, modulation linears
