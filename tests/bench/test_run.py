@@ -109,3 +109,11 @@ def test_kernel_kind_is_int8_only_when_every_quantized_layer_lowered():
     assert kernel_kind({"qconv": 3, "qlinear": 2}, expected=5) == "int8"
     assert kernel_kind({"qconv": 3, "qlinear": 0}, expected=5) == "simulated"
     assert kernel_kind(None, expected=5) == "simulated"
+
+
+def test_dit_bench_samples_with_guidance_and_reports_label_agreement(tmp_path):
+    run_dir, results = _run(tmp_path, "--quick", "--model", "dit", "--methods", "naive-w8a8")
+    _check_outputs(run_dir, results, ["fp32", "naive-w8a8"])
+    assert results["meta"]["model_class"] == "DiTTransformer2DModel" and results["meta"]["guidance_scale"] == 1.5
+    assert all(0 <= r["label_agreement"] <= 1 for r in results["rows"])
+    assert "label agreement" in (run_dir / "report.md").read_text()
