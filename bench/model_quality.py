@@ -15,26 +15,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.quality import make_noise, sample_images  # noqa: E402
 from diffusion_ao.metrics import class_coverage, fd_to_reference, label_agreement  # noqa: E402
 from diffusion_ao.models import load_model  # noqa: E402
 from diffusion_ao.models.digits import load_digits_tensor  # noqa: E402
 from diffusion_ao.models.dit_config import NULL_LABEL, NUM_CLASSES  # noqa: E402
-from diffusion_ao.sampling import run_sampler  # noqa: E402
 
 
-@torch.no_grad()
 def sample(model, scheduler, n: int, steps: int, seed: int, batch: int, labels=None, guidance: float = 1.0):
-    noise = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
-    out = []
-    for start in range(0, n, batch):
-        torch.manual_seed(seed * 100_003 + start)
-        kw = {}
-        if labels is not None:
-            y = labels[start:start + batch]
-            kw = dict(conditioning={"class_labels": y}, guidance_scale=guidance,
-                      unconditional={"class_labels": torch.full_like(y, NULL_LABEL)})
-        out.append(run_sampler(model, scheduler, noise[start:start + batch], steps, **kw))
-    return torch.cat(out).clamp(-1, 1)
+    """The bench's own sampling (`bench.quality.sample_images`): same noise and per-batch seeding."""
+    noise = make_noise(n, (1, 16, 16), batch, seed)
+    padded = None if labels is None else torch.arange(len(noise)) % NUM_CLASSES
+    return sample_images(model, scheduler, noise, n, steps, batch, seed, "samples", progress=False, labels=padded,
+                         guidance_scale=guidance, null_label=NULL_LABEL)
 
 
 def main() -> None:
