@@ -17,6 +17,11 @@ from diffusion_ao.graph import call_graph, graph_input_names
 
 # (prepared graph, calibration data, show progress) -> None
 CalibrateFn = Callable[[torch.fx.GraphModule, CalibrationData, bool], None]
+# What a row calibrates on, for class-conditional models sampled with guidance: "sampler" is the doubled
+# (unconditional + conditional) batch the guided sampler really runs; "conditional-half" keeps only the
+# conditional rows of the same trajectories; "unguided" records trajectories sampled without guidance (as many
+# conditional rows per step as the doubled batch has).
+CALIBRATION_SOURCES = ("sampler", "conditional-half", "unguided")
 
 DIFFUSION_AO_PRESETS = ("w8a8", "w4a8", "w4a6")
 X86_SCOPE = "x86-default (all conv/linear + its own fusions)"
@@ -38,6 +43,7 @@ class RowSpec:
         calibrate: runs the prepared graph over the calibration data.
         config: for diffusion-ao rows, the `QuantConfig` run through `quantize_unet` (which also applies the
             methods' graph passes); peers leave it None and use `make_quantizer` / `calibrate`.
+        calibration: one of `CALIBRATION_SOURCES`; anything but "sampler" needs a model sampled with guidance.
     """
 
     name: str
@@ -49,6 +55,12 @@ class RowSpec:
     make_quantizer: Optional[Callable[[], Quantizer]] = None
     calibrate: Optional[CalibrateFn] = None
     config: Optional[QuantConfig] = None
+    calibration: str = "sampler"
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATION_SOURCES:
+            raise ValueError(f"RowSpec {self.name!r}: calibration={self.calibration!r}, choose from "
+                             f"{CALIBRATION_SOURCES}.")
 
     @property
     def is_reference(self) -> bool:
@@ -175,11 +187,52 @@ def qdiff_rows(bits: str) -> list[RowSpec]:
             for label, cfg in steps]
 
 
+def dit_rows(bits: str) -> list[RowSpec]:
+    """What a class-conditional DiT needs that the UNet did not, each on diffusion-ao's row of `bits` (the
+    baseline, not repeated here):
+
+    * the adaLN modulation cached per (timestep, label): "cache-t" caches the timestep-only features (the
+      timestep embedder), "cache-t+label" everything that depends only on the timestep and the label (the whole
+      modulation of every block), exact for the calibration timesteps x labels;
+    * channel balancing of the linears' inputs: SmoothQuant's closed form (alpha 0.5, no learning), DMQ's LES
+      learned from ones, LES with adaptive timestep weights, LES started from SmoothQuant with timestep weights;
+    * the skewed post-GELU inputs of the MLPs' second linear (`ff.net.2`) kept at 8 bits;
+    * min-max instead of MSE-searched 4-bit weight ranges (clipping the modulation path's weights shifts every
+      token's scale and shift; see the README's DiT section);
+    * the calibration source: the conditional half of the guided trajectories, or unguided trajectories, instead
+      of the doubled batch the guided sampler runs.
+    """
+    from diffusion_ao.config import DMQConfig, LayerQuant, TFMQConfig
+    from diffusion_ao.models.dit_config import DEFAULT_DIT_KWARGS
+
+    base = QuantConfig.preset(bits)
+    no_pts = DMQConfig(pts=False)
+    fc2 = {f"transformer_blocks.{i}.ff.net.2": LayerQuant(base.weight_bits, 8)
+           for i in range(DEFAULT_DIT_KWARGS["num_layers"])}
+    steps = [("cache-t", base.replace(tfmq=TFMQConfig(cache="all", fsc="none"))),
+             ("cache-t+label", base.replace(tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels=True))),
+             ("smoothquant", base.replace(dmq=dataclasses.replace(no_pts, les_init="smoothquant", les_iterations=0,
+                                                                  les_min_gain=0.0, timestep_weighting=False))),
+             ("les", base.replace(dmq=dataclasses.replace(no_pts, timestep_weighting=False))),
+             ("les+tw", base.replace(dmq=no_pts)),
+             ("smoothquant+les+tw", base.replace(dmq=dataclasses.replace(no_pts, les_init="smoothquant"))),
+             ("fc2-a8", base.replace(module_name_overrides=fc2)),
+             ("weights-minmax", base.replace(weight_observer="minmax"))]
+    rows = [_config_row(f"dit-{bits}-{label}", "dit", bits, cfg.replace(name=f"dit-{bits}-{label}"))
+            for label, cfg in steps]
+    for source in ("conditional-half", "unguided"):
+        rows.append(dataclasses.replace(_config_row(f"dit-{bits}-calib-{source}", "dit", bits,
+                                                    base.replace(name=f"dit-{bits}-calib-{source}")),
+                                        calibration=source))
+    return rows
+
+
 # Extra rows that `--ablation NAME` appends (they do not fit the default run's 10-minute budget).
 ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "dmq": lambda: dmq_rows("w4a8") + dmq_rows("w4a6"),
     "tfmq": lambda: tfmq_rows("w4a8") + tfmq_rows("w4a6"),
     "qdiff": lambda: qdiff_rows("w4a8") + qdiff_rows("w4a6"),
+    "dit": lambda: dit_rows("w4a8") + dit_rows("w4a6"),
 }
 
 

@@ -37,9 +37,10 @@ from bench.quality import (make_noise, noise_predictions, per_timestep_gain,  # 
                            per_timestep_relative_mse, quality_metrics, sample_images)
 from bench.report import write_report  # noqa: E402
 from bench.rows import ABLATIONS, RowSpec, default_rows, select_rows  # noqa: E402
-from diffusion_ao import (as_diffusers_denoiser, collect_calibration_data, compile_for_cpu,  # noqa: E402
-                          count_int8_kernels, export_denoiser)
+from diffusion_ao import (CalibrationData, as_diffusers_denoiser, collect_calibration_data,  # noqa: E402
+                          compile_for_cpu, count_int8_kernels, export_denoiser)
 from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
+from diffusion_ao.denoisers import CLASS_LABELS  # noqa: E402
 from diffusion_ao.metrics import classifier_features, frechet_distance  # noqa: E402
 from diffusion_ao.models import load_model  # noqa: E402
 from diffusion_ao.models.classifier import load_classifier  # noqa: E402
@@ -197,14 +198,31 @@ def main(argv: Optional[list[str]] = None) -> Path:
     labels = torch.arange(len(noise)) % NUM_CLASSES if conditional else None
     sampling = dict(labels=labels, guidance_scale=guidance, null_label=NULL_LABEL)
 
-    def collect(num_samples: int, seed: int, progress: bool):
-        extra = dict(class_labels=torch.arange(num_samples) % NUM_CLASSES, guidance_scale=guidance,
+    def collect(num_samples: int, seed: int, progress: bool, guidance_scale: float = guidance):
+        extra = dict(class_labels=torch.arange(num_samples) % NUM_CLASSES, guidance_scale=guidance_scale,
                      null_class_label=NULL_LABEL) if conditional else {}
         return collect_calibration_data(unet, scheduler, num_samples=num_samples, num_inference_steps=args.steps,
                                         seed=seed, progress=progress, **extra)
 
+    if guidance == 1.0 and any(r.calibration != "sampler" for r in rows):
+        raise SystemExit(f"Rows {[r.name for r in rows if r.calibration != 'sampler']} compare calibration sources "
+                         "of a guided sampler: they need a class-conditional model and --guidance other than 1.")
     calibs = [collect(args.calib_samples, calibration_seed(args.seed, k), progress) for k in range(args.calib_seeds)]
     calib = calibs[0]
+    other_calibs: dict[tuple[str, int], CalibrationData] = {}
+
+    def calibration_for(spec: RowSpec, k: int) -> CalibrationData:
+        """Calibration run k's data in the row's source (see `bench.rows.CALIBRATION_SOURCES`)."""
+        if spec.calibration == "sampler":
+            return calibs[k]
+        key = (spec.calibration, k)
+        if key not in other_calibs:
+            if spec.calibration == "conditional-half":
+                other_calibs[key] = CalibrationData([s.select(s.conditioning[CLASS_LABELS] != NULL_LABEL)
+                                                     for s in calibs[k].steps])
+            else:  # unguided: as many rows per step as the doubled batch
+                other_calibs[key] = collect(2 * args.calib_samples, calibration_seed(args.seed, k), False, 1.0)
+        return other_calibs[key]
     heldout = collect(args.heldout_samples, args.seed + 2, False)
     # the latency / kernel-count probe: one denoiser call as the sampler makes it (the doubled batch with guidance)
     probe_x = noise[:args.batch]
@@ -245,7 +263,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
             row["timestep_gain"] = [0.0] * len(heldout)
             sampled = fp_images
         else:
-            converted, calib_s, decisions = build_quantized(spec, unet, calib, progress)
+            converted, calib_s, decisions = build_quantized(spec, unet, calibration_for(spec, 0), progress)
             predictions = noise_predictions(converted, heldout, args.batch)
             errors[spec.name] = per_timestep_relative_mse(predictions, fp_reference)
             row["timestep_gain"] = per_timestep_gain(predictions, fp_reference)
@@ -267,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
                          **asdict(metrics))]
             for k in range(1, len(calibs)):
                 print(f"[bench]   calibration seed {k}", flush=True)
-                converted_k, calib_s_k, _ = build_quantized(spec, unet, calibs[k], progress, seed=k)
+                converted_k, calib_s_k, _ = build_quantized(spec, unet, calibration_for(spec, k), progress, seed=k)
                 model_k = converted_k if args.no_compile else compile_for_cpu(converted_k)
                 sampled_k = sample_images(as_diffusers_denoiser(model_k, like=unet), scheduler, noise,
                                           args.num_samples, args.steps, args.batch, args.seed, f"{spec.name} seed {k}",

@@ -1,7 +1,9 @@
 """The benchmark runs end to end and writes every field the issue asks for."""
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from bench.rows import default_rows, select_rows
 from diffusion_ao import QuantConfig
@@ -117,3 +119,57 @@ def test_dit_bench_samples_with_guidance_and_reports_label_agreement(tmp_path):
     assert results["meta"]["model_class"] == "DiTTransformer2DModel" and results["meta"]["guidance_scale"] == 1.5
     assert all(0 <= r["label_agreement"] <= 1 for r in results["rows"])
     assert "label agreement" in (run_dir / "report.md").read_text()
+
+
+def test_dit_ablation_rows_each_change_one_thing():
+    from diffusion_ao.models import load_model
+
+    rows = select_rows(default_rows(("dit",)), "dit")
+    assert [r.name for r in rows[1:9]] == [
+        "dit-w4a8-cache-t", "dit-w4a8-cache-t+label", "dit-w4a8-smoothquant", "dit-w4a8-les", "dit-w4a8-les+tw",
+        "dit-w4a8-smoothquant+les+tw", "dit-w4a8-fc2-a8", "dit-w4a8-weights-minmax"]
+    by_name = {r.name: r for r in rows}
+    base = QuantConfig.preset("w4a6")
+    cache_t, cache_label = (by_name[f"dit-w4a6-{k}"].config.tfmq for k in ("cache-t", "cache-t+label"))
+    assert cache_t.cache == cache_label.cache == "all" and not cache_t.cache_class_labels
+    assert cache_label.cache_class_labels and cache_label.fsc == "none"
+    smooth = by_name["dit-w4a6-smoothquant"].config.dmq
+    assert smooth.les_init == "smoothquant" and smooth.les_iterations == 0 and not smooth.pts
+    assert not by_name["dit-w4a6-les"].config.dmq.timestep_weighting
+    assert by_name["dit-w4a6-les+tw"].config.dmq.timestep_weighting
+    assert by_name["dit-w4a6-weights-minmax"].config == base.replace(weight_observer="minmax",
+                                                                     name="dit-w4a6-weights-minmax")
+    # fc2-a8 keeps the MLPs' second linear at 8-bit inputs: the overrides name real modules of the shipped DiT
+    fc2 = by_name["dit-w4a6-fc2-a8"].config.module_name_overrides
+    modules = dict(load_model("dit")[0].named_modules())
+    assert fc2 and all(isinstance(modules[name], torch.nn.Linear) and q.act_bits == 8 and q.weight_bits == 4
+                       for name, q in fc2.items())
+    sources = {r.name: r.calibration for r in rows if r.calibration != "sampler"}
+    assert sources == {f"dit-{b}-calib-{s}": s for b in ("w4a8", "w4a6") for s in ("conditional-half", "unguided")}
+    assert all(r.config.replace(name=base.name) == base for r in rows if r.calibration != "sampler"
+               and r.config.act_bits == 6)
+    with pytest.raises(ValueError, match="calibration='guided'"):
+        dataclasses.replace(rows[1], calibration="guided")
+
+
+def test_dit_bench_calibrates_each_row_on_its_source(tmp_path, monkeypatch):
+    import bench.run as run
+
+    seen = []
+    real = run.build_quantized
+
+    def record(spec, unet, calib, progress, seed=0):
+        seen.append((spec.name, sorted({int(v) for s in calib.steps for v in s.conditioning["class_labels"]}),
+                     len(calib.steps[0].sample)))
+        return real(spec, unet, calib, progress, seed)
+
+    monkeypatch.setattr(run, "build_quantized", record)
+    _run(tmp_path, "--quick", "--model", "dit", "--ablation", "dit",
+         "--methods", "diffusion-ao-w4a8,dit-w4a8-calib-conditional-half,dit-w4a8-calib-unguided")
+    doubled, half, unguided = seen
+    assert doubled == ("diffusion-ao-w4a8", [0, 1, 2, 3, 10], 8)  # 4 trajectories x (conditional + null label)
+    assert half == ("dit-w4a8-calib-conditional-half", list(range(4)), 4)
+    assert unguided == ("dit-w4a8-calib-unguided", list(range(8)), 8)
+    with pytest.raises(SystemExit, match="need a class-conditional model"):
+        main([*TINY, "--quick", "--ablation", "dit", "--methods", "dit-w4a8-calib-unguided",
+              "--out", str(tmp_path), "--run-name", "unet"])
