@@ -254,6 +254,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         timed["fp32-compiled"] = probe(fp_forward)
     for spec in rows:
         print(f"[bench] {spec.name}", flush=True)
+        row_started = time.perf_counter()
         row = {"method": spec.method, "preset": spec.preset, "name": spec.name, "weight_bits": spec.weight_bits,
                "act_bits": spec.act_bits, "scope": spec.scope}
         if spec.is_reference:
@@ -296,10 +297,12 @@ def main(argv: Optional[list[str]] = None) -> Path:
             row["calib_runs"] = runs
             row["spread"] = seed_spread(runs)
         images[spec.name] = sampled
+        row["row_s"] = round(time.perf_counter() - row_started, 1)
         results.append(row)
         agreement = "" if metrics.label_agreement is None else f" label agreement {metrics.label_agreement:.3f}"
         print(f"[bench]   fd_real {metrics.fd_real:.1f} fd_fp {metrics.fd_fp:.1f} psnr {metrics.psnr_fp:.1f} "
-              f"coverage {metrics.coverage:.2f} contrast {metrics.contrast_fp:.3f}{agreement} calib {calib_s:.1f}s",
+              f"coverage {metrics.coverage:.2f} contrast {metrics.contrast_fp:.3f}{agreement} calib {calib_s:.1f}s "
+              f"row {row['row_s']:.0f}s",
               flush=True)
         if "spread" in row:
             print("[bench]   over calibration seeds: " + ", ".join(

@@ -1,4 +1,5 @@
-"""The speed benchmark: FP32 eager, FP32 compiled, W8A8 and W4A8 compiled, per model and batch size.
+"""The speed benchmark: FP32 eager, FP32 compiled, W8A8 and W4A8 compiled (and, for class-conditional DiTs, W8A8
+with the adaLN modulation cached per (timestep, label)), per model and batch size.
 
     python bench/run.py --speed                              # CIFAR-size UNet and the default model, batch 1/8/16
     python bench/speed.py --models default --batches 1,8 --rounds 5 --profile
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 
 from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
 from diffusion_ao import collect_calibration_data, compile_for_cpu, count_int8_kernels, export_denoiser  # noqa: E402
-from diffusion_ao.config import QuantConfig  # noqa: E402
+from diffusion_ao.config import QuantConfig, TFMQConfig  # noqa: E402
 from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
 from diffusion_ao.models import load_default_model  # noqa: E402
 from diffusion_ao.models.cifar import cifar10_unet  # noqa: E402
@@ -37,8 +38,10 @@ from diffusion_ao.sampling import sample_shape  # noqa: E402
 from diffusion_ao.size import size_mb  # noqa: E402
 
 QUANTIZED = ("w8a8", "w4a8")
-VARIANTS = ("fp32-eager", "fp32-compiled", *QUANTIZED)
 REFERENCE = "fp32-compiled"
+# For class-conditional denoisers: W8A8 with everything that depends only on (timestep, label) cached, so the
+# adaLN modulation linears leave the compiled graph (exact for the calibrated timesteps x labels).
+CACHED = "w8a8-cached"
 
 
 def _cifar():
@@ -60,11 +63,24 @@ def _dit_s():
 MODELS: dict[str, Callable[[], tuple]] = {"cifar": _cifar, "default": load_default_model, "dit-s": _dit_s}
 
 
+LABELS = 10  # class labels cycled through the batch (and all of them calibrated, for the cached variant)
+
+
 def extra_inputs(model: torch.nn.Module, batch: int) -> dict[str, torch.Tensor]:
     """Inputs besides (sample, timestep) that a denoiser needs: class labels for a DiT."""
     if type(model).__name__ == "DiTTransformer2DModel":
-        return {"class_labels": torch.arange(batch) % 10}
+        return {"class_labels": torch.arange(batch) % LABELS}
     return {}
+
+
+def quantized_variants(model: torch.nn.Module) -> dict[str, QuantConfig]:
+    """The quantized variants timed for `model`: W8A8, W4A8 and, for class-conditional denoisers, W8A8 with the
+    (timestep, label) cache."""
+    variants = {preset: QuantConfig.preset(preset) for preset in QUANTIZED}
+    if extra_inputs(model, 1):
+        variants[CACHED] = QuantConfig.preset("w8a8").replace(
+            tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels=True), name=CACHED)
+    return variants
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -110,11 +126,11 @@ def _build_variants(unet, data) -> tuple[dict[str, torch.nn.Module], dict[str, d
     graph = export_denoiser(unet, data.steps[0])
     models = {"fp32-eager": lambda x, t, **kw: unet(x, t, return_dict=False, **kw)[0], "fp32-compiled": graph}
     facts = {"fp32-eager": {"size_mb": size_mb(unet)}, "fp32-compiled": {"size_mb": size_mb(unet)}}
-    for preset in QUANTIZED:
-        converted, report = quantize_denoiser(unet, data, QuantConfig.preset(preset), progress=False)
-        models[preset] = converted
+    for name, config in quantized_variants(unet).items():
+        converted, report = quantize_denoiser(unet, data, config, progress=False)
+        models[name] = converted
         decisions = report.quantizer.decisions
-        facts[preset] = {"size_mb": size_mb(converted), "expected_kernels": sum(
+        facts[name] = {"size_mb": size_mb(converted), "expected_kernels": sum(
             1 for d in decisions if d.layer is not None and d.layer.act_bits and ("conv" in d.op or "linear" in d.op))}
     return models, facts
 
@@ -123,14 +139,16 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir
     """Rows (one per variant and batch) of one model."""
     unet, scheduler = MODELS[name]()
     shape = sample_shape(unet)
-    labels = extra_inputs(unet, 2).get("class_labels")
-    data = collect_calibration_data(unet, scheduler, num_samples=2, num_inference_steps=2, class_labels=labels,
-                                    progress=False)
+    labels = extra_inputs(unet, LABELS).get("class_labels")
+    calib_samples = LABELS if labels is not None else 2
+    data = collect_calibration_data(unet, scheduler, num_samples=calib_samples, num_inference_steps=2,
+                                    class_labels=labels, progress=False)
     base, facts = _build_variants(unet, data)
     rows, compiled_once = [], {}
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
-        x, t = torch.randn((batch, *shape), generator=g), torch.linspace(1, 999, batch)
+        # one timestep per call, as a sampler makes them; a calibrated one, which the cached variant requires
+        x, t = torch.randn((batch, *shape), generator=g), torch.full((batch,), float(data.timesteps[0]))
         extra = extra_inputs(unet, batch)
 
         def bind(fn):
@@ -155,7 +173,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir
         stats = measure_interleaved(timed, x, t, rounds=args.rounds, warmup=args.warmup,
                                     progress=not args.no_progress)
         ref = stats[REFERENCE].median_ms
-        for variant in VARIANTS:
+        for variant in base:
             s = stats[variant]
             rows.append({"model": name, "variant": variant, "batch": batch, "median_ms": round(s.median_ms, 3),
                          "p25_ms": round(s.p25_ms, 3), "p75_ms": round(s.p75_ms, 3),
@@ -167,7 +185,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir
             print(f"[speed] {name} b{batch} {variant:14s} {s.median_ms:9.2f} ms  x{ref / s.median_ms:.2f}",
                   flush=True)
         if args.profile:
-            for variant in ("fp32-compiled", *QUANTIZED):
+            for variant in (v for v in base if v != "fp32-eager"):
                 (run_dir / f"profile_{name}_b{batch}_{variant}.txt").write_text(profile_table(timed[variant], x, t))
     return rows
 

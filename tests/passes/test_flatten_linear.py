@@ -1,5 +1,6 @@
 """passes.flatten_linear: linears on N-D inputs become 2-D, exactly, and an activation between two of them stays
 next to the first (so inductor can fuse it into the int8 kernel)."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -75,7 +76,8 @@ def test_a_dropout_that_is_not_the_identity_blocks_the_rewrite():
     assert act_node.args[0].target == aten.reshape.default
 
 
-def test_the_mlp_activation_runs_inside_the_int8_kernel():
+@pytest.mark.parametrize("has_vnni", [True, False])  # False: 7-bit activation ranges (AVX2 CPUs)
+def test_the_mlp_activation_runs_inside_the_int8_kernel(has_vnni):
     from torch._inductor.utils import run_and_get_code
 
     from diffusion_ao import QuantConfig, collect_calibration_data, compile_for_cpu, count_int8_kernels
@@ -88,7 +90,8 @@ def test_the_mlp_activation_runs_inside_the_int8_kernel():
     labels = torch.tensor([1, 2])
     data = collect_calibration_data(dit, DDIMScheduler(), num_samples=2, num_inference_steps=2,
                                     class_labels=labels, progress=False)
-    converted, _ = quantize_denoiser(dit, data, QuantConfig.preset("w8a8"), progress=False)
+    converted, _ = quantize_denoiser(dit, data, QuantConfig.preset("w8a8"), has_vnni=has_vnni,
+                                      progress=False)
     x, t = torch.randn(2, 1, 8, 8), torch.full((2,), float(data.timesteps[0]))
     counts = count_int8_kernels(compile_for_cpu(converted), x, t, class_labels=labels)
     # 9 per block (time MLP 2, adaLN, q, k, v, out, fc1, fc2), the final adaLN and its own copy of the time MLP
