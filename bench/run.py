@@ -11,7 +11,7 @@ For each row it exports the UNet, prepares it with the row's quantizer, calibrat
 compiles onto oneDNN int8 kernels (inductor, freezing), samples the same seeds as FP and measures sample quality,
 the noise-prediction error per timestep, latency (interleaved with FP32 eager and compiled), size and
 calibration time. Results go to `bench/results/<run>/`: results.json, report.md, samples.png,
-per_timestep_error.png.
+per_timestep_error.png (results.partial.json holds the finished rows while it runs).
 """
 from __future__ import annotations
 
@@ -299,6 +299,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
         images[spec.name] = sampled
         row["row_s"] = round(time.perf_counter() - row_started, 1)
         results.append(row)
+        # finished rows survive an interrupted run (latency is measured at the end, interleaved)
+        (run_dir / "results.partial.json").write_text(json.dumps({"args": vars(args), "rows": results}, indent=2,
+                                                                  default=str))
         agreement = "" if metrics.label_agreement is None else f" label agreement {metrics.label_agreement:.3f}"
         print(f"[bench]   fd_real {metrics.fd_real:.1f} fd_fp {metrics.fd_fp:.1f} psnr {metrics.psnr_fp:.1f} "
               f"coverage {metrics.coverage:.2f} contrast {metrics.contrast_fp:.3f}{agreement} calib {calib_s:.1f}s "
@@ -337,6 +340,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     save_sample_grid(images, run_dir / "samples.png")
     save_per_timestep_plot(heldout.timesteps, errors, run_dir / "per_timestep_error.png")
     write_report(meta, results, run_dir / "report.md")
+    (run_dir / "results.partial.json").unlink()
     print(f"[bench] done in {meta['wall_s']:.0f}s -> {run_dir}", flush=True)
     return run_dir
 

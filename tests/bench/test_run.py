@@ -34,6 +34,7 @@ def _check_outputs(run_dir, results, names):
     report = (run_dir / "report.md").read_text()
     assert all(f"| {n} |" in report for n in names)
     assert (run_dir / "samples.png").stat().st_size > 0 and (run_dir / "per_timestep_error.png").stat().st_size > 0
+    assert not (run_dir / "results.partial.json").exists()  # only while a run is in progress
 
 
 def test_quick_bench_writes_every_field(tmp_path):
