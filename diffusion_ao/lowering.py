@@ -13,6 +13,8 @@ import torch
 import torch._inductor.config as inductor_config
 from torch._dynamo.utils import counters
 
+from .passes.flatten_linear import drop_reshapes_around_activations
+
 # The inductor counters that count int8 oneDNN kernels in the compiled graph.
 INT8_KERNEL_COUNTERS = ("qconv_unary_lower_count", "qconv2d_binary_lower_count", "qlinear_unary_lower_count",
                         "qlinear_binary_lower_count")
@@ -23,6 +25,8 @@ class CompiledForCPU(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, dynamic: bool | None = None) -> None:
         super().__init__()
+        if isinstance(model, torch.fx.GraphModule):
+            drop_reshapes_around_activations(model)  # exact; lets inductor fuse the MLP's GELU into the qlinear
         self.model = model
         self._compiled = torch.compile(model, dynamic=dynamic)
 
@@ -35,7 +39,8 @@ def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None) -> Comp
     """Compiles a converted graph (or a floating-point one, for comparison) for the CPU.
 
     Args:
-        model: the output of `convert_pt2e`, or any module.
+        model: the output of `convert_pt2e`, or any module. A graph gets one exact in-place rewrite first
+            (`passes.flatten_linear.drop_reshapes_around_activations`).
         dynamic: passed to `torch.compile`; None lets dynamo decide after a batch-size change.
 
     Example:

@@ -5,10 +5,12 @@ in diffusers run on (batch, tokens, channels) and would otherwise stay on simula
 after this rewrite puts the q/dq pair on the 2-D tensor, so every projection runs on the int8 kernel.
 The rewrite is exact: a linear acts on the last dimension only.
 
-Where a flattened linear feeds an element-wise activation that feeds only flattened linears (the MLP's
-fc1 -> GELU -> fc2), the reshape back and forth around the activation is dropped: the activation runs on the
-2-D tensor, so inductor fuses it into the first `qlinear` as a post-op with a uint8 output. With the reshapes in
-between, the GELU and the next linear's quantize stay a separate fp32 kernel (a DiT-S block: 3.3 of ~21 ms).
+`drop_reshapes_around_activations`, run on the converted graph by `compile_for_cpu`: where a flattened linear
+feeds an element-wise activation that feeds only flattened linears (the MLP's fc1 -> GELU -> fc2), the reshape
+back and forth around the activation is dropped, so the activation runs on the 2-D tensor and inductor fuses it
+into the first `qlinear` as a post-op with a uint8 output. With the reshapes in between, the GELU and the next
+linear's quantize stay a separate fp32 kernel (a DiT-S block: 3.3 of ~21 ms). It runs after calibration because
+the methods' block analyses (block reconstruction) expect the activations in their exported shape.
 """
 from __future__ import annotations
 
@@ -64,7 +66,6 @@ def flatten_linear_inputs(gm: GraphModule) -> int:
         node.meta["val"] = out_val.reshape(-1, out_features)
         rewritten += 1
     if rewritten:
-        _drop_reshapes_around_activations(graph)
         graph.lint()
         gm.recompile()
     return rewritten
@@ -82,10 +83,17 @@ def _is_identity_dropout(node: torch.fx.Node) -> bool:
     return p == 0 or train is False
 
 
-def _drop_reshapes_around_activations(graph: torch.fx.Graph) -> int:
+def drop_reshapes_around_activations(gm: GraphModule) -> int:
     """`reshape(act(reshape(y, nd)), 2d)` -> `act(y)` for a 2-D linear output y whose activation only feeds
-    reshapes back to y's shape (the flattened inputs of the next linears), through identity dropouts (diffusers'
-    FeedForward has one after its activation). Exact; returns how many were dropped."""
+    reshapes back to y's shape (the flattened inputs of the next linears; in a converted graph their quantize
+    follows the reshape), through identity dropouts (diffusers' FeedForward has one after its activation). In place and exact
+    (the same element-wise ops on the same values); returns how many activations were moved.
+
+    Example:
+        >>> drop_reshapes_around_activations(convert_pt2e(prepared))   # compile_for_cpu does this
+        8
+    """
+    graph = gm.graph
     dropped = 0
     for act in list(graph.nodes):
         if act.op != "call_function" or act.target not in ELEMENTWISE_ACTIVATIONS:
@@ -114,4 +122,7 @@ def _drop_reshapes_around_activations(graph: torch.fx.Graph) -> int:
             if not size.users:
                 graph.erase_node(size)
         dropped += 1
+    if dropped:
+        graph.lint()
+        gm.recompile()
     return dropped

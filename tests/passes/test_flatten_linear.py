@@ -1,11 +1,11 @@
-"""passes.flatten_linear: linears on N-D inputs become 2-D, exactly, and an activation between two of them stays
-next to the first (so inductor can fuse it into the int8 kernel)."""
+"""passes.flatten_linear: linears on N-D inputs become 2-D, exactly, and (in the graph compile_for_cpu lowers) an
+activation between two of them moves next to the first, so inductor fuses it into the int8 kernel."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffusion_ao.passes.flatten_linear import flatten_linear_inputs
+from diffusion_ao.passes.flatten_linear import drop_reshapes_around_activations, flatten_linear_inputs
 
 aten = torch.ops.aten
 
@@ -44,6 +44,8 @@ def test_flattening_is_exact_and_keeps_the_activation_next_to_the_first_linear(l
     assert rewritten == (2 if len(lead) > 1 else 0)
     assert all(d <= 2 for d in _linear_inputs(gm))
     torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-6)
+    assert drop_reshapes_around_activations(gm) == (1 if rewritten else 0)
+    torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-6)
     if rewritten:
         act_node = next(n for n in gm.graph.nodes if n.target in (aten.gelu.default, aten.silu.default))
         assert act_node.args[0].target == aten.linear.default  # no reshape in between
@@ -55,7 +57,7 @@ def test_an_activation_read_elsewhere_keeps_its_shape():
     model, x = MLP(4, 6, tap=True), torch.randn(2, 3, 4)
     gm = _export(model, x)
     expected = gm(x)
-    assert flatten_linear_inputs(gm) == 2
+    assert flatten_linear_inputs(gm) == 2 and drop_reshapes_around_activations(gm) == 0
     out, h = gm(x)
     assert h.shape == (2, 3, 6)  # the tapped activation is still 3-D
     torch.testing.assert_close(out, expected[0])
@@ -70,7 +72,7 @@ def test_a_dropout_that_is_not_the_identity_blocks_the_rewrite():
             return self.fc2(torch.nn.functional.dropout(self.act(self.fc1(x)), 0.5, training=True))
 
     gm = torch.export.export(Train(4, 6), (torch.randn(2, 3, 4),)).module()
-    assert flatten_linear_inputs(gm) == 2
+    assert flatten_linear_inputs(gm) == 2 and drop_reshapes_around_activations(gm) == 0
     assert any(n.target == aten.dropout.default for n in gm.graph.nodes)
     act_node = next(n for n in gm.graph.nodes if n.target == aten.gelu.default)
     assert act_node.args[0].target == aten.reshape.default
