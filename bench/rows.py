@@ -196,9 +196,9 @@ def dit_rows(bits: str) -> list[RowSpec]:
       modulation of every block), exact for the calibration timesteps x labels;
     * channel balancing of the linears' inputs: SmoothQuant's closed form (alpha 0.5, no learning), DMQ's LES
       learned from ones, LES with adaptive timestep weights, LES started from SmoothQuant with timestep weights;
-    * the skewed post-GELU inputs of the MLPs' second linear (`ff.net.2`) kept at 8 bits;
     * min-max instead of MSE-searched 4-bit weight ranges (clipping the modulation path's weights shifts every
       token's scale and shift; see the README's DiT section);
+    * below 8-bit activations, the skewed post-GELU inputs of the MLPs' second linear (`ff.net.2`) kept at 8 bits;
     * the calibration source: the conditional half of the guided trajectories, or unguided trajectories, instead
       of the doubled batch the guided sampler runs.
     """
@@ -216,8 +216,9 @@ def dit_rows(bits: str) -> list[RowSpec]:
              ("les", base.replace(dmq=dataclasses.replace(no_pts, timestep_weighting=False))),
              ("les+tw", base.replace(dmq=no_pts)),
              ("smoothquant+les+tw", base.replace(dmq=dataclasses.replace(no_pts, les_init="smoothquant"))),
-             ("fc2-a8", base.replace(module_name_overrides=fc2)),
              ("weights-minmax", base.replace(weight_observer="minmax"))]
+    if base.act_bits < 8:
+        steps.append(("fc2-a8", base.replace(module_name_overrides=fc2)))
     rows = [_config_row(f"dit-{bits}-{label}", "dit", bits, cfg.replace(name=f"dit-{bits}-{label}"))
             for label, cfg in steps]
     for source in ("conditional-half", "unguided"):

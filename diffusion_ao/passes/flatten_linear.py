@@ -98,24 +98,24 @@ def drop_reshapes_around_activations(gm: GraphModule) -> int:
     for act in list(graph.nodes):
         if act.op != "call_function" or act.target not in ELEMENTWISE_ACTIVATIONS:
             continue
-        for user in list(act.users):
-            if _is_identity_dropout(user):
-                user.replace_all_uses_with(act)
-                graph.erase_node(user)
         restored = act.args[0]
         if not (isinstance(restored, torch.fx.Node) and _is_reshape(restored) and len(restored.users) == 1):
             continue
         flat = restored.args[0]
         flat_val, act_val = flat.meta.get("val"), act.meta.get("val")
-        if (flat.target != aten.linear.default or flat_val is None or act_val is None or not act.users
-                or not all(_is_reshape(u) and u.meta.get("val") is not None and u.meta["val"].dim() == 2
-                           and u.meta["val"].shape[-1] == flat_val.shape[-1] for u in act.users)):
+        dropouts = [u for u in act.users if _is_identity_dropout(u)]
+        readers = [r for u in act.users for r in (u.users if u in dropouts else [u])]
+        if (flat.target != aten.linear.default or flat_val is None or act_val is None or not readers
+                or not all(_is_reshape(r) and r.meta.get("val") is not None and r.meta["val"].dim() == 2
+                           and r.meta["val"].shape[-1] == flat_val.shape[-1] for r in readers)):
             continue
         act.args = (flat,) + tuple(act.args[1:])
         act.meta["val"] = act_val.reshape(flat_val.shape)
-        for reshape in list(act.users):
+        for reshape in readers:
             reshape.replace_all_uses_with(act)
             graph.erase_node(reshape)
+        for dropout in dropouts:
+            graph.erase_node(dropout)
         sizes = [n for n in restored.args[1] if isinstance(n, torch.fx.Node)]
         graph.erase_node(restored)
         for size in sizes:  # sym_size nodes made for the reshape back (more than one dynamic dim)

@@ -128,7 +128,7 @@ def test_dit_ablation_rows_each_change_one_thing():
     rows = select_rows(default_rows(("dit",)), "dit")
     assert [r.name for r in rows[1:9]] == [
         "dit-w4a8-cache-t", "dit-w4a8-cache-t+label", "dit-w4a8-smoothquant", "dit-w4a8-les", "dit-w4a8-les+tw",
-        "dit-w4a8-smoothquant+les+tw", "dit-w4a8-fc2-a8", "dit-w4a8-weights-minmax"]
+        "dit-w4a8-smoothquant+les+tw", "dit-w4a8-weights-minmax", "dit-w4a8-calib-conditional-half"]
     by_name = {r.name: r for r in rows}
     base = QuantConfig.preset("w4a6")
     cache_t, cache_label = (by_name[f"dit-w4a6-{k}"].config.tfmq for k in ("cache-t", "cache-t+label"))

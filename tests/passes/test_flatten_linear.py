@@ -103,3 +103,14 @@ def test_the_mlp_activation_runs_inside_the_int8_kernel(has_vnni):
     # GELU(tanh) is fc1's oneDNN post-op with a uint8 output, not a kernel of its own (as before the rewrite)
     assert sum("qlinear_pointwise" in line and "'gelu'" in line and "torch.uint8" in line for line in lines) == 2
     assert not any("cpp_fused" in line and "gelu" in line for line in lines)
+
+
+def test_compiling_a_floating_point_graph_leaves_it_unchanged():
+    """No flattened linears, nothing to move: the graph (and its dropouts) stay as exported, and it compiles."""
+    from diffusion_ao import compile_for_cpu
+
+    model, x = MLP(4, 6), torch.randn(2, 3, 4)
+    gm = _export(model, x)
+    before = [n.target for n in gm.graph.nodes]
+    assert drop_reshapes_around_activations(gm) == 0 and [n.target for n in gm.graph.nodes] == before
+    torch.testing.assert_close(compile_for_cpu(gm)(x), model(x), rtol=1e-5, atol=1e-6)
