@@ -115,11 +115,11 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
 
     def _summarise(self, old: Optional[TimestepStats], new: torch.Tensor):
         """(sample, low_tail, high_tail) of the old statistics merged with a new batch of values."""
+        empty = new.new_empty(0)  # not new[:0]: a view would keep the whole activation batch alive
         if self.method != "mse":
-            empty = new[:0]
             return empty, empty, empty
         k, cap = self.tail, self.samples_per_timestep
-        old_sample = old.sample if old is not None else new[:0]
+        old_sample = old.sample if old is not None else empty
         old_n = old.count if old is not None else 0
         if old_n + new.numel() <= cap:  # small: keep every value
             sample = torch.cat([old_sample, new])
