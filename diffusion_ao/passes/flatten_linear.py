@@ -6,9 +6,10 @@ after this rewrite puts the q/dq pair on the 2-D tensor, so every projection run
 The rewrite is exact: a linear acts on the last dimension only.
 
 `drop_reshapes_around_activations`, run on the converted graph by `compile_for_cpu`: where a flattened linear
-feeds an element-wise activation that feeds only flattened linears (the MLP's fc1 -> GELU -> fc2), the reshape
-back and forth around the activation is dropped, so the activation runs on the 2-D tensor and inductor fuses it
-into the first `qlinear` as a post-op with a uint8 output. With the reshapes in between, the GELU and the next
+feeds an element-wise activation that feeds only flattened linears (the MLP's fc1 -> GELU -> fc2, possibly through
+LES's per-channel scale), the reshape back and forth around the activation is dropped, so the activation runs on
+the 2-D tensor and inductor fuses it into the first `qlinear` (as a post-op with a uint8 output, or with the
+scale and the quantize in one kernel). With the reshapes in between, the GELU and the next
 linear's quantize stay a separate fp32 kernel (a DiT-S block: 3.3 of ~21 ms). It runs after calibration because
 the methods' block analyses (block reconstruction) expect the activations in their exported shape.
 """
@@ -83,11 +84,24 @@ def _is_identity_dropout(node: torch.fx.Node) -> bool:
     return p == 0 or train is False
 
 
+def _is_channel_scale(gm: GraphModule, node: torch.fx.Node, value: torch.fx.Node, channels: int) -> bool:
+    """`value * c` with c a constant of `channels` values along the last dimension (LES's folded 1/s in front of
+    a linear whose input has no producer to fold into): it commutes with flattening the leading dimensions."""
+    from .analysis import get_attr_tensor
+
+    if node.op != "call_function" or node.target != aten.mul.Tensor or value not in node.args[:2]:
+        return False
+    other = node.args[1] if node.args[0] is value else node.args[0]
+    c = get_attr_tensor(gm, other) if isinstance(other, torch.fx.Node) else None
+    return c is not None and c.dim() <= 2 and c.numel() == channels and c.shape[-1] == channels
+
+
 def drop_reshapes_around_activations(gm: GraphModule) -> int:
     """`reshape(act(reshape(y, nd)), 2d)` -> `act(y)` for a 2-D linear output y whose activation only feeds
     reshapes back to y's shape (the flattened inputs of the next linears; in a converted graph their quantize
-    follows the reshape), through identity dropouts (diffusers' FeedForward has one after its activation).
-    In place and exact (the same element-wise ops on the same values); returns how many activations were moved.
+    follows the reshape), through identity dropouts (diffusers' FeedForward has one after its activation) and
+    per-channel constant scales (LES). In place and exact (the same element-wise ops on the same values);
+    returns how many activations were moved.
 
     Example:
         >>> drop_reshapes_around_activations(convert_pt2e(prepared))  # the shipped DiT: one GELU per block
@@ -103,18 +117,40 @@ def drop_reshapes_around_activations(gm: GraphModule) -> int:
             continue
         flat = restored.args[0]
         flat_val, act_val = flat.meta.get("val"), act.meta.get("val")
-        dropouts = [u for u in act.users if _is_identity_dropout(u)]
-        readers = [r for u in act.users for r in (u.users if u in dropouts else [u])]
-        if (flat.target != aten.linear.default or flat_val is None or act_val is None or not readers
-                or not all(_is_reshape(r) and r.meta.get("val") is not None and r.meta["val"].dim() == 2
-                           and r.meta["val"].shape[-1] == flat_val.shape[-1] for r in readers)):
+        if flat.target != aten.linear.default or flat_val is None or act_val is None:
+            continue
+        channels = flat_val.shape[-1]
+        dropouts, scales, readers = [], [], []
+        frontier, matched, seen = [(u, act) for u in act.users], True, set()
+        while frontier and matched:
+            node, value = frontier.pop()
+            if node in seen:
+                matched = False  # reached twice (a node reading two of these values): leave the graph alone
+            seen.add(node)
+            if not matched:
+                break
+            if _is_reshape(node) and node.meta.get("val") is not None and node.meta["val"].dim() == 2 \
+                    and node.meta["val"].shape[-1] == channels:
+                readers.append(node)
+            elif _is_identity_dropout(node) and node.args[0] is value:
+                dropouts.append(node)
+                frontier += [(u, node) for u in node.users]
+            elif _is_channel_scale(gm, node, value, channels):
+                scales.append(node)
+                frontier += [(u, node) for u in node.users]
+            else:
+                matched = False
+        if not matched or not readers:
             continue
         act.args = (flat,) + tuple(act.args[1:])
         act.meta["val"] = act_val.reshape(flat_val.shape)
+        for scale in scales:
+            scale.meta["val"] = scale.meta["val"].reshape(flat_val.shape)
         for reshape in readers:
-            reshape.replace_all_uses_with(act)
+            reshape.replace_all_uses_with(reshape.args[0])
             graph.erase_node(reshape)
         for dropout in dropouts:
+            dropout.replace_all_uses_with(dropout.args[0])
             graph.erase_node(dropout)
         sizes = [n for n in restored.args[1] if isinstance(n, torch.fx.Node)]
         graph.erase_node(restored)

@@ -53,6 +53,40 @@ def test_flattening_is_exact_and_keeps_the_activation_next_to_the_first_linear(l
         assert not any(n.target == aten.dropout.default for n in gm.graph.nodes)
 
 
+class ScaledMLP(MLP):
+    """As `MLP`, with a per-channel constant scale on fc2's input (LES's folded 1/s)."""
+
+    def __init__(self, dim: int, hidden: int, scale_shape: tuple[int, ...]):
+        super().__init__(dim, hidden)
+        self.register_buffer("s", torch.rand(scale_shape) + 0.5)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(x))) * self.s)
+
+
+@settings(max_examples=10, deadline=None)
+@given(lead=st.lists(st.integers(1, 4), min_size=2, max_size=3), hidden=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_a_per_channel_scale_between_activation_and_linear_moves_with_it(lead, hidden, seed):
+    torch.manual_seed(seed)
+    model, x = ScaledMLP(4, hidden, (hidden,)), torch.randn(*lead, 4)
+    gm = _export(model, x)
+    expected = gm(x)
+    assert flatten_linear_inputs(gm) == 2 and drop_reshapes_around_activations(gm) == 1
+    torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-6)
+    act_node = next(n for n in gm.graph.nodes if n.target == aten.gelu.default)
+    assert act_node.args[0].target == aten.linear.default
+    (scale,) = act_node.users
+    assert scale.target == aten.mul.Tensor and [u.target for u in scale.users] == [aten.linear.default]
+
+
+def test_a_scale_that_broadcasts_over_more_than_channels_blocks_the_rewrite():
+    model, x = ScaledMLP(4, 6, (3, 6)), torch.randn(2, 3, 4)  # one scale per (token, channel)
+    gm = _export(model, x)
+    expected = gm(x)
+    assert flatten_linear_inputs(gm) == 2 and drop_reshapes_around_activations(gm) == 0
+    torch.testing.assert_close(gm(x), expected)
+
+
 def test_an_activation_read_elsewhere_keeps_its_shape():
     model, x = MLP(4, 6, tap=True), torch.randn(2, 3, 4)
     gm = _export(model, x)
