@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/speed.py` from anywhere
 
 from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
+from bench.rows import expected_kernels  # noqa: E402
 from diffusion_ao import collect_calibration_data, compile_for_cpu, count_int8_kernels, export_denoiser  # noqa: E402
 from diffusion_ao.config import QuantConfig, TFMQConfig  # noqa: E402
 from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
@@ -129,9 +130,7 @@ def _build_variants(unet, data) -> tuple[dict[str, torch.nn.Module], dict[str, d
     for name, config in quantized_variants(unet).items():
         converted, report = quantize_denoiser(unet, data, config, progress=False)
         models[name] = converted
-        decisions = report.quantizer.decisions
-        facts[name] = {"size_mb": size_mb(converted), "expected_kernels": sum(
-            1 for d in decisions if d.layer is not None and d.layer.act_bits and ("conv" in d.op or "linear" in d.op))}
+        facts[name] = {"size_mb": size_mb(converted), "expected_kernels": expected_kernels(report.quantizer.decisions)}
     return models, facts
 
 
