@@ -266,6 +266,37 @@ class QDiffConfig:
 
 
 @dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ's Hessian-aware rounding of the quantized weights (`diffusion_ao.gptq`), after calibration and
+    before block reconstruction (which then starts from GPTQ's codes).
+
+    Args:
+        damp: added to H's diagonal, as a fraction of its mean diagonal (GPTQ: 0.01); keeps the inverse stable
+            for inputs that are (nearly) linearly dependent.
+        block_size: columns rounded together before their error is applied to the rest (a speed setting; the
+            result does not depend on it up to float rounding).
+        act_order: round the columns with the largest input energy first (GPTQ's "act-order"): they carry the
+            most output error, and the later columns can absorb it.
+        samples_per_step: calibration trajectories per timestep whose layer inputs form H.
+        use_timestep_weights: weight each timestep's H by the adaptive timestep weights when the recipe learned
+            them (DMQ's timestep weighting); else every timestep counts the same.
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    samples_per_step: int = 16
+    use_timestep_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp < 1:
+            raise ValueError(f"GPTQConfig.damp={self.damp}: use a small positive fraction such as 0.01.")
+        if self.block_size < 1 or self.samples_per_step < 1:
+            raise ValueError(f"GPTQConfig: block_size ({self.block_size}) and samples_per_step "
+                             f"({self.samples_per_step}) must be >= 1.")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """How `DiffusionQuantizer` quantizes a UNet.
 
@@ -294,6 +325,7 @@ class QuantConfig:
         dmq: DMQ's calibration pieces (`DMQConfig`), or None; `quantize_unet` applies them.
         tfmq: TFMQ-DM's pieces (`TFMQConfig`: temporal-feature cache, finite-set calibration), or None.
         qdiff: Q-Diffusion's pieces (`QDiffConfig`: shortcut splitting, block reconstruction), or None.
+        gptq: round the weights with GPTQ on the calibration inputs (`GPTQConfig`) instead of to nearest, or None.
         name: a label for reports; presets set it.
 
     Example:
@@ -319,6 +351,7 @@ class QuantConfig:
     dmq: Optional[DMQConfig] = None
     tfmq: Optional[TFMQConfig] = None
     qdiff: Optional[QDiffConfig] = None
+    gptq: Optional[GPTQConfig] = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -356,6 +389,8 @@ class QuantConfig:
                                  "path, which quantize_time_embedding=False keeps in FP: use cache='all'.")
         if self.qdiff is not None and not isinstance(self.qdiff, QDiffConfig):
             raise ValueError(f"qdiff must be a QDiffConfig or None, got {type(self.qdiff).__name__}.")
+        if self.gptq is not None and not isinstance(self.gptq, GPTQConfig):
+            raise ValueError(f"gptq must be a GPTQConfig or None, got {type(self.gptq).__name__}.")
 
     @property
     def default_layer(self) -> LayerQuant:

@@ -1,6 +1,6 @@
 """`quantize_denoiser`: the whole PTQ recipe of a `QuantConfig` in one call: export; TFMQ-DM's and DMQ's graph
 passes (temporal cache, LES, PTS); prepare (with Q-Diffusion's shortcut splitting); timestep-aware
-calibration; DMQ's timestep weighting; Q-Diffusion's block reconstruction; convert; TFMQ-DM's finite-set
+calibration; DMQ's timestep weighting; GPTQ rounding; Q-Diffusion's block reconstruction; convert; TFMQ-DM's finite-set
 calibration and temporal-feature selection. `quantize_pipeline` runs it on a diffusers pipeline's denoiser and
 puts the int8 result back in place.
 
@@ -40,6 +40,7 @@ class QuantizationReport:
     timestep_weights: Optional[dict[float, float]] = None
     tfmq: Optional["TFMQReport"] = None
     reconstruction: Optional["ReconstructionReport"] = None
+    gptq: dict = field(default_factory=dict)
     calib_s: float = 0.0
 
 
@@ -98,6 +99,10 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
         reference = export()
         report.timestep_weights = adapt_timestep_weights(prepared, reference, data, r=dmq.weighting_r,
                                                          ema=dmq.weighting_ema, iterations=dmq.weighting_iterations)
+    if config.gptq is not None:
+        from .gptq import apply_gptq
+        weights = report.timestep_weights if config.gptq.use_timestep_weights else None
+        report.gptq = apply_gptq(prepared, data, config.gptq, timestep_weights=weights, progress=progress)
     recon = config.qdiff.reconstruction if config.qdiff is not None else None
     if recon is not None and recon.iterations > 0:
         from .qdiff import reconstruct_blocks

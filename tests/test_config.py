@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from diffusion_ao import QuantConfig
-from diffusion_ao.config import PRESETS, DMQConfig, ReconstructionConfig, TFMQConfig
+from diffusion_ao.config import PRESETS, DMQConfig, GPTQConfig, ReconstructionConfig, TFMQConfig
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -36,3 +36,12 @@ def test_label_cache_needs_the_whole_cache():
     with pytest.raises(ValueError, match="cache_budget_bytes only applies"):
         TFMQConfig(cache="all", cache_budget_bytes=10)
     assert TFMQConfig(cache="all", cache_class_labels=True, cache_budget_bytes=10).cache_budget_bytes == 10
+
+
+def test_gptq_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="damp"):
+        GPTQConfig(damp=0)
+    with pytest.raises(ValueError, match="block_size"):
+        GPTQConfig(block_size=0)
+    with pytest.raises(ValueError, match="gptq must be a GPTQConfig"):
+        QuantConfig(gptq={"damp": 0.01})

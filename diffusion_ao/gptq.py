@@ -1,0 +1,216 @@
+"""Hessian-aware rounding of quantized weights with error feedback (GPTQ / OBQ), on the inputs each layer sees
+over the calibration timesteps.
+
+Round-to-nearest rounds every weight on its own. GPTQ rounds the input columns of a layer one at a time and
+moves each column's rounding error onto the columns not yet rounded, in the direction that the layer's inputs
+make cheapest: it minimises the layer's output error ||W X - Q X||^2 rather than the weight error. The second
+moment of the inputs, H = E[x x^T], is gathered over every calibration timestep, each timestep weighted (DMQ's
+adaptive timestep weights when the config learns them, else equally), so that a layer whose inputs change with
+t is rounded for all of them. Convs use their unfolded patches as inputs (one row per output pixel).
+
+The grid is the weight observer's (its per-channel scale from min-max or the MSE search), so GPTQ only chooses
+the integers; `apply_gptq` writes scale * (codes - zero point) back into the prepared graph and pins the
+observer to that grid, so `convert_pt2e` produces the same q/dq ops and int8 kernels as round-to-nearest.
+
+Example:
+    >>> prepared = prepare_pt2e(graph, DiffusionQuantizer(config)); calibrate(prepared, data)
+    >>> apply_gptq(prepared, data, GPTQConfig())
+    >>> converted = convert_pt2e(prepared)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationData
+from .config import GPTQConfig
+from .denoisers import SAMPLE
+
+
+def _nearest(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+             quant_max: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero_point, quant_min, quant_max)
+
+
+@torch.no_grad()
+def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               quant_min: int, quant_max: int, damp: float = 0.01, block_size: int = 128,
+               act_order: bool = True) -> torch.Tensor:
+    """The integer codes of `weight` on a fixed per-output-channel grid, chosen by GPTQ for inputs whose second
+    moment is `hessian`.
+
+    Args:
+        weight: [out, in] (a conv weight flattened to [out, in * kh * kw]).
+        hessian: [in, in], symmetric positive semi-definite: E[x x^T] of the layer's (unfolded) inputs.
+        scale, zero_point: the grid, shape [out] (or scalars for per-tensor).
+        quant_min, quant_max: the integer range.
+        damp, block_size, act_order: see `GPTQConfig`.
+
+    Returns:
+        float codes in [quant_min, quant_max], shaped like `weight`; the rounded weight is
+        scale * (codes - zero_point). With a diagonal `hessian` (uncorrelated inputs) they are round-to-nearest.
+    """
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"gptq_codes needs a [out, in] weight and an [in, in] hessian; got {tuple(weight.shape)} "
+                         f"and {tuple(hessian.shape)}.")
+    out_features, n = weight.shape
+    scale = scale.double().reshape(-1, 1).expand(out_features, 1)
+    zero_point = zero_point.double().reshape(-1, 1).expand(out_features, 1)
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) <= 0  # inputs that are always 0: their weights do not matter, round them to nearest
+    h[dead, dead] = 1.0
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
+    w, h = w[:, order], h[order][:, order]
+    h += damp * torch.diagonal(h).mean() * torch.eye(n, dtype=h.dtype)
+    # Upper Cholesky factor of H^-1: row i holds how the error of column i spreads onto the columns after it.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty_like(w)
+    for start in range(0, n, block_size):
+        end = min(start + block_size, n)
+        errors = torch.empty(out_features, end - start, dtype=w.dtype)
+        for i in range(start, end):
+            column = w[:, i:i + 1]
+            q = _nearest(column, scale, zero_point, quant_min, quant_max)
+            codes[:, i:i + 1] = q
+            err = (column - scale * (q - zero_point)) / u[i, i]
+            w[:, i:end] -= err * u[i:i + 1, i:end]
+            errors[:, i - start:i - start + 1] = err
+        w[:, end:] -= errors @ u[start:end, end:]
+    return codes[:, torch.argsort(order)].to(weight.dtype)
+
+
+def layer_inputs_2d(node: Node, x: torch.Tensor, kernel_size: tuple[int, ...]) -> torch.Tensor:
+    """A conv/linear node's input as rows of the flattened weight's input dimension: a linear's features, or a
+    conv's unfolded patches (one row per output pixel, ordered as `weight.reshape(out, -1)`); `kernel_size` is
+    the conv weight's spatial shape."""
+    from .passes.analysis import CONV_OPS
+
+    if node.target not in CONV_OPS:
+        return x.reshape(-1, x.shape[-1])
+    stride, padding, dilation, groups = (list(node.args[3:7]) + [1, 0, 1, 1][len(node.args[3:7]):])
+    if groups != 1:
+        raise ValueError(f"GPTQ supports ungrouped convs only; {node.name} has groups={groups}.")
+    if isinstance(padding, str):
+        raise ValueError(f"GPTQ needs numeric conv padding; {node.name} has padding={padding!r}.")
+    patches = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+@dataclass
+class GPTQResult:
+    """One layer's rounding: the output error on the calibration inputs, E||(W - W_q) x||^2 / E||W x||^2,
+    for round-to-nearest and for GPTQ's codes (same grid)."""
+
+    nearest_error: float
+    gptq_error: float
+
+
+def _relative_output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
+    diff = (weight - rounded).double()
+    ref = weight.double()
+    return float(torch.einsum("oi,ij,oj->", diff, hessian, diff) / torch.einsum("oi,ij,oj->", ref, hessian, ref)
+                 .clamp_min(1e-30))
+
+
+@torch.no_grad()
+def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
+               timestep_weights: Optional[Mapping[float, float]] = None,
+               progress: bool = True) -> dict[str, GPTQResult]:
+    """Re-rounds every observed conv/linear weight of a calibrated PT2E graph with GPTQ and pins its grid.
+
+    Layer inputs are the floating-point ones (the observers bypassed), so every layer's H comes from one pass.
+
+    Args:
+        prepared: `prepare_pt2e(graph, DiffusionQuantizer(config))`, calibrated; changed in place (weights out of
+            place: the eager model's parameters are not touched).
+        data: the calibration data.
+        config: a `GPTQConfig`.
+        timestep_weights: {timestep: weight} for H (e.g. `QuantizationReport.timestep_weights`); None weights
+            every timestep equally.
+        progress: show progress bars.
+
+    Returns:
+        {layer module path: `GPTQResult`} for every re-rounded layer.
+    """
+    from .graph import GraphRunner
+    from .observers import TimestepActivationObserver, WeightObserver
+    from .passes.analysis import WEIGHTED_OPS, get_attr_tensor, module_path
+    from .passes.channel_scaling import replace_constant
+
+    layers: dict[Node, tuple[str, Node]] = {}  # conv/linear -> (weight observer target, weight get_attr node)
+    observers = []
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        obs = prepared.get_submodule(node.target)
+        if isinstance(obs, (WeightObserver, TimestepActivationObserver)):
+            observers.append(node.target)
+        if not isinstance(obs, WeightObserver):
+            continue
+        for user in node.users:
+            if user.op == "call_function" and user.target in WEIGHTED_OPS and user.args[1] is node:
+                if get_attr_tensor(prepared, node.args[0]) is None:
+                    raise ValueError(f"apply_gptq: the weight observer {node.target} does not read a constant.")
+                layers[user] = (node.target, node.args[0])
+    if not layers:
+        raise ValueError("apply_gptq found no observed conv/linear weights: pass a graph prepared with "
+                         "DiffusionQuantizer and calibrated, before convert_pt2e.")
+    subset = data.subset(config.samples_per_step)
+    weights = {float(t): 1.0 for t in subset.timesteps}
+    if timestep_weights is not None:
+        weights = {t: float(timestep_weights.get(t, 0.0)) for t in weights}
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("apply_gptq: the timestep weights of the calibration timesteps sum to 0.")
+    samples_at: dict[float, int] = {}
+    for step in subset.steps:
+        samples_at[float(step.timestep)] = samples_at.get(float(step.timestep), 0) + len(step)
+    hessians: dict[Node, torch.Tensor] = {}
+    current = {"t": 0.0, "n": 1}
+
+    def accumulate(node: Node):
+        kernel_size = tuple(get_attr_tensor(prepared, layers[node][1]).shape[2:])
+
+        def hook(x: torch.Tensor) -> None:  # H = sum_t w_t E_t[x x^T] / sum_t w_t
+            rows = layer_inputs_2d(node, x.float(), kernel_size).double()
+            rows_per_sample = len(rows) / current["n"]  # a linear's input may be flattened to [batch * tokens, C]
+            t = current["t"]
+            h = rows.T @ rows * (weights[t] / (total * samples_at[t] * rows_per_sample))
+            hessians[node] = hessians[node] + h if node in hessians else h
+        return hook
+
+    runner = GraphRunner(prepared, input_hooks={n.name: accumulate(n) for n in layers},
+                         modules={t: (lambda x: x) for t in observers})
+    wanted = list(layers)
+    for step, inputs in tqdm(list(subset.batches(64)), desc="GPTQ inputs", disable=not progress, unit="batch"):
+        current["t"], current["n"] = float(step.timestep), len(inputs[SAMPLE])
+        runner.values(inputs, wanted)
+    results: dict[str, GPTQResult] = {}
+    for node in tqdm(wanted, desc="GPTQ", disable=not progress, unit="layer"):
+        target, weight_node = layers[node]
+        obs = prepared.get_submodule(target)
+        weight = get_attr_tensor(prepared, weight_node).detach().float()
+        if obs.per_channel and obs.ch_axis != 0:
+            raise ValueError(f"apply_gptq: {target} quantizes along axis {obs.ch_axis}; only output channels "
+                             "(axis 0) are supported.")
+        scale, zero_point = obs.calculate_qparams()
+        flat = weight.reshape(len(weight), -1)
+        codes = gptq_codes(flat, hessians[node], scale, zero_point, obs.quant_min, obs.quant_max,
+                           damp=config.damp, block_size=config.block_size, act_order=config.act_order)
+        grid = scale.reshape(-1, 1).float()
+        zp = zero_point.reshape(-1, 1).float()
+        nearest = grid * (_nearest(flat, grid, zp, obs.quant_min, obs.quant_max) - zp)
+        rounded = grid * (codes - zp)
+        results[module_path(node) or node.name] = GPTQResult(
+            _relative_output_error(flat, nearest, hessians[node]),
+            _relative_output_error(flat, rounded, hessians[node]))
+        replace_constant(prepared, weight_node, lambda old, r=rounded: r.reshape(old.shape).to(old.dtype),
+                         requires_grad=False)
+        obs.set_fixed_qparams(scale, zero_point)
+    return results
