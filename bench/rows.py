@@ -24,6 +24,9 @@ CalibrateFn = Callable[[torch.fx.GraphModule, CalibrationData, bool], None]
 CALIBRATION_SOURCES = ("sampler", "conditional-half", "unguided")
 
 DIFFUSION_AO_PRESETS = ("w8a8", "w4a8", "w4a6")
+# Each seed paper's headline preset, in its own scope (Q-Diffusion quantizes everything, so its own-scope naive
+# row stands beside it).
+SEED_PRESETS = ("dmq-w4a8", "tfmq-w4a8", "qdiff-w4a8")
 X86_SCOPE = "x86-default (all conv/linear + its own fusions)"
 FP32_SCOPE = "none (FP32 reference)"
 
@@ -228,12 +231,43 @@ def dit_rows(bits: str) -> list[RowSpec]:
     return rows
 
 
+def best_rows(bits: str) -> list[RowSpec]:
+    """What each candidate piece of the `best-<bits>` recipe buys, on diffusion-ao's row of `bits` (the
+    baseline, not repeated here): the error of the 4-bit weights alone (activations in FP), with round-to-nearest
+    and with GPTQ; GPTQ under the full preset, on the MSE-searched grid and on the min-max grid; then, each on
+    GPTQ with the min-max grid, the seeds' pieces: TFMQ-DM's cache of the temporal features, DMQ's adaptive
+    timestep weights (of the activation ranges and of GPTQ's H; no LES / PTS), Q-Diffusion's block
+    reconstruction starting from GPTQ's codes (no shortcut split), and the three together in turn."""
+    from diffusion_ao.config import DMQConfig, GPTQConfig, QDiffConfig, ReconstructionConfig, TFMQConfig
+
+    base = QuantConfig.preset(bits)
+    gptq = GPTQConfig()
+    grid = base.replace(gptq=gptq, weight_observer="minmax")
+    steps = [("gptq", base.replace(gptq=gptq)),
+             ("gptq-minmax-grid", grid),
+             ("gptq-minmax-grid+cache", grid.replace(tfmq=TFMQConfig(cache="all", fsc="none"))),
+             ("gptq-minmax-grid+tw", grid.replace(dmq=DMQConfig(les=False, pts=False))),
+             ("gptq-minmax-grid+recon", grid.replace(qdiff=QDiffConfig(split_shortcut=False,
+                                                                       reconstruction=ReconstructionConfig()))),
+             ("gptq-minmax-grid+cache+tw", grid.replace(tfmq=TFMQConfig(cache="all", fsc="none"),
+                                                         dmq=DMQConfig(les=False, pts=False))),
+             ("gptq-minmax-grid+cache+tw+recon", grid.replace(
+                 tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                 qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig())))]
+    if bits == "w4a8":  # the weight-only rows do not depend on the activation width: listed once
+        steps = [("weights-only", base.replace(act_bits=None)),
+                 ("weights-only+gptq", base.replace(act_bits=None, gptq=gptq))] + steps
+    return [_config_row(f"best-{bits}-{label}", "best", f"best-{bits}", cfg.replace(name=f"best-{bits}-{label}"))
+            for label, cfg in steps]
+
+
 # Extra rows that `--ablation NAME` appends (they do not fit the default run's 10-minute budget).
 ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "dmq": lambda: dmq_rows("w4a8") + dmq_rows("w4a6"),
     "tfmq": lambda: tfmq_rows("w4a8") + tfmq_rows("w4a6"),
     "qdiff": lambda: qdiff_rows("w4a8") + qdiff_rows("w4a6"),
     "dit": lambda: dit_rows("w4a8") + dit_rows("w4a6"),
+    "best": lambda: best_rows("w4a8") + best_rows("w4a6"),
 }
 
 
@@ -245,7 +279,9 @@ def default_rows(ablations: tuple[str, ...] = ()) -> list[RowSpec]:
     rows = ([fp32_row()]
             + [naive_row(p) for p in DIFFUSION_AO_PRESETS]
             + [diffusion_ao_row(p) for p in DIFFUSION_AO_PRESETS]
-            + [x86_row()])
+            + [x86_row()]
+            + [preset_row(p) for p in SEED_PRESETS[:-1]]
+            + [qdiff_rows("w4a8")[0], preset_row(SEED_PRESETS[-1])])
     for name in ablations:
         rows += ABLATIONS[name]()
     return rows

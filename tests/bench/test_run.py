@@ -80,7 +80,7 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
     assert [r.name for r in select_rows(rows, "w4a6")] == ["fp32", "naive-w4a6", "diffusion-ao-w4a6"]
     with_dmq = default_rows(("dmq",))
     assert [r.name for r in select_rows(with_dmq, "dmq-w4a8")] == [
-        "fp32", "dmq-w4a8-les", "dmq-w4a8-les+tw", "dmq-w4a8-les+tw+pts-mse", "dmq-w4a8-les+tw+pts-vote"]
+        "fp32", "dmq-w4a8", "dmq-w4a8-les", "dmq-w4a8-les+tw", "dmq-w4a8-les+tw+pts-mse", "dmq-w4a8-les+tw+pts-vote"]
     with_tfmq = default_rows(("tfmq",))
     assert [r.name for r in select_rows(with_tfmq, "tfmq-w4a6")] == [
         "fp32", "tfmq-w4a6-baseline", "tfmq-w4a6-cache", "tfmq-w4a6-cache+fsc", "tfmq-w4a6-fsc-temporal",
@@ -92,8 +92,27 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
     # A preset without a row of its own becomes one row named after it.
     picked = select_rows(rows, "naive-w4a8,dmq-w4a6,qdiff-w4a8")
     assert [(r.name, r.method) for r in picked] == [("fp32", "fp32"), ("naive-w4a8", "naive-minmax"),
-                                                    ("dmq-w4a6", "dmq"), ("qdiff-w4a8", "qdiff")]
-    assert picked[2].config == QuantConfig.preset("dmq-w4a6")
+                                                    ("qdiff-w4a8-naive", "qdiff"), ("qdiff-w4a8", "qdiff"),
+                                                    ("dmq-w4a6", "dmq")]
+    assert picked[-1].config == QuantConfig.preset("dmq-w4a6")
+
+
+def test_default_rows_show_each_seed_preset_in_its_own_scope():
+    rows = {r.name: r for r in default_rows()}
+    for preset in ("dmq-w4a8", "tfmq-w4a8", "qdiff-w4a8"):
+        assert rows[preset].config == QuantConfig.preset(preset)
+    # Q-Diffusion quantizes everything: its naive row has the same scope, min-max and timestep-agnostic
+    naive, qdiff = rows["qdiff-w4a8-naive"].config, rows["qdiff-w4a8"].config
+    assert naive.scope == qdiff.scope and naive.act_observer == naive.weight_observer == "minmax"
+    assert naive.timestep_aggregation == "global" and naive.qdiff is None
+
+
+def test_best_ablation_rows_measure_gptq_alone_and_under_the_preset():
+    rows = {r.name: r.config for r in select_rows(default_rows(("best",)), "best") if r.config is not None}
+    assert rows["best-w4a8-weights-only"].act_bits is None and rows["best-w4a8-weights-only"].gptq is None
+    assert rows["best-w4a8-weights-only+gptq"].gptq is not None
+    assert rows["best-w4a6-gptq"].act_bits == 6 and rows["best-w4a6-gptq"].weight_observer == "mse"
+    assert rows["best-w4a6-gptq-minmax-grid"].weight_observer == "minmax"
 
 
 def test_qdiff_ablation_adds_each_piece_in_turn():
