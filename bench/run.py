@@ -41,6 +41,7 @@ from bench.report import write_report  # noqa: E402
 from bench.rows import ABLATIONS, RowSpec, default_rows, select_rows  # noqa: E402
 from diffusion_ao import (CalibrationData, as_diffusers_denoiser, collect_calibration_data,  # noqa: E402
                           compile_for_cpu, count_int8_kernels, export_denoiser)
+from diffusion_ao.lowering import expected_int8_kernels  # noqa: E402
 from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
 from diffusion_ao.denoisers import CLASS_LABELS  # noqa: E402
 from diffusion_ao.metrics import classifier_features, frechet_distance  # noqa: E402
@@ -169,14 +170,6 @@ def seed_spread(runs: list[dict]) -> dict[str, dict[str, float]]:
     return spread
 
 
-def expected_kernels(decisions: list) -> Optional[int]:
-    """How many int8 conv/linear kernels the quantizer asked for (None when it does not say)."""
-    if not decisions:
-        return None
-    return sum(1 for d in decisions if d.layer is not None and d.layer.act_bits and
-               ("conv" in d.op or "linear" in d.op))
-
-
 def kernel_kind(counts: Optional[dict], expected: Optional[int]) -> str:
     """"int8" when the compiled graph runs the quantized layers on int8 kernels, else "simulated"."""
     if not counts or sum(counts.values()) == 0:
@@ -294,8 +287,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
                 model = compile_for_cpu(converted)
                 counts = count_int8_kernels(model, probe_x, probe_t, **probe_kw)
                 timed[spec.name] = probe(model)
-            row.update(kernels=kernel_kind(counts, expected_kernels(decisions)), kernel_counts=counts,
-                       expected_kernels=expected_kernels(decisions), size_mb=size_mb(converted),
+            row.update(kernels=kernel_kind(counts, expected_int8_kernels(decisions)), kernel_counts=counts,
+                       expected_kernels=expected_int8_kernels(decisions), size_mb=size_mb(converted),
                        calib_s=round(calib_s, 2), timestep_rel_mse=errors[spec.name])
             sampled = sample_images(as_diffusers_denoiser(model, like=unet), scheduler, noise, args.num_samples,
                                     args.steps, args.batch, args.seed, f"{spec.name} samples", progress, **sampling)

@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/speed.py` from anywhere
 
 from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
-from bench.rows import expected_kernels  # noqa: E402
 from diffusion_ao import collect_calibration_data, compile_for_cpu, count_int8_kernels, export_denoiser  # noqa: E402
 from diffusion_ao.config import QuantConfig, TFMQConfig  # noqa: E402
+from diffusion_ao.lowering import expected_int8_kernels  # noqa: E402
 from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
 from diffusion_ao.models import load_default_model  # noqa: E402
 from diffusion_ao.models.cifar import cifar10_unet  # noqa: E402
@@ -130,7 +130,8 @@ def _build_variants(unet, data) -> tuple[dict[str, torch.nn.Module], dict[str, d
     for name, config in quantized_variants(unet).items():
         converted, report = quantize_denoiser(unet, data, config, progress=False)
         models[name] = converted
-        facts[name] = {"size_mb": size_mb(converted), "expected_kernels": expected_kernels(report.quantizer.decisions)}
+        facts[name] = {"size_mb": size_mb(converted),
+                       "expected_kernels": expected_int8_kernels(report.quantizer.decisions)}
     return models, facts
 
 

@@ -143,7 +143,8 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
     from .passes.analysis import WEIGHTED_OPS, get_attr_tensor, module_path
     from .passes.channel_scaling import replace_constant
 
-    layers: dict[Node, tuple[str, Node]] = {}  # conv/linear -> (weight observer target, weight get_attr node)
+    users: dict[str, list[Node]] = {}  # weight observer target -> the conv/linear nodes that read its output
+    weight_nodes: dict[str, Node] = {}  # weight observer target -> the get_attr node of its weight
     observers = []
     for node in prepared.graph.nodes:
         if node.op != "call_module":
@@ -151,14 +152,17 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
         obs = prepared.get_submodule(node.target)
         if isinstance(obs, (WeightObserver, TimestepActivationObserver)):
             observers.append(node.target)
+        elif "observer" in type(obs).__name__.lower() or "fake_quant" in type(obs).__name__.lower():
+            raise ValueError(f"apply_gptq supports diffusion-ao observers only; {node.target} is a "
+                             f"{type(obs).__name__}. Prepare the graph with DiffusionQuantizer.")
         if not isinstance(obs, WeightObserver):
             continue
-        for user in node.users:
-            if user.op == "call_function" and user.target in WEIGHTED_OPS and user.args[1] is node:
-                if get_attr_tensor(prepared, node.args[0]) is None:
-                    raise ValueError(f"apply_gptq: the weight observer {node.target} does not read a constant.")
-                layers[user] = (node.target, node.args[0])
-    if not layers:
+        readers = [u for u in node.users if u.op == "call_function" and u.target in WEIGHTED_OPS and u.args[1] is node]
+        if readers:
+            if get_attr_tensor(prepared, node.args[0]) is None:
+                raise ValueError(f"apply_gptq: the weight observer {node.target} does not read a constant.")
+            users[node.target], weight_nodes[node.target] = readers, node.args[0]
+    if not users:
         raise ValueError("apply_gptq found no observed conv/linear weights: pass a graph prepared with "
                          "DiffusionQuantizer and calibrated, before convert_pt2e.")
     subset = data.subset(config.samples_per_step)
@@ -171,46 +175,45 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
     samples_at: dict[float, int] = {}
     for step in subset.steps:
         samples_at[float(step.timestep)] = samples_at.get(float(step.timestep), 0) + len(step)
-    hessians: dict[Node, torch.Tensor] = {}
+    hessians: dict[str, torch.Tensor] = {}  # by weight observer: a weight read by several layers sums their H
     current = {"t": 0.0, "n": 1}
 
-    def accumulate(node: Node):
-        kernel_size = tuple(get_attr_tensor(prepared, layers[node][1]).shape[2:])
+    def accumulate(target: str, node: Node):
+        kernel_size = tuple(get_attr_tensor(prepared, weight_nodes[target]).shape[2:])
 
         def hook(x: torch.Tensor) -> None:  # H = sum_t w_t E_t[x x^T] / sum_t w_t
             rows = layer_inputs_2d(node, x.float(), kernel_size).double()
             rows_per_sample = len(rows) / current["n"]  # a linear's input may be flattened to [batch * tokens, C]
             t = current["t"]
             h = rows.T @ rows * (weights[t] / (total * samples_at[t] * rows_per_sample))
-            hessians[node] = hessians[node] + h if node in hessians else h
+            hessians[target] = hessians[target] + h if target in hessians else h
         return hook
 
-    runner = GraphRunner(prepared, input_hooks={n.name: accumulate(n) for n in layers},
-                         modules={t: (lambda x: x) for t in observers})
-    wanted = list(layers)
+    hooks = {node.name: accumulate(target, node) for target, nodes in users.items() for node in nodes}
+    runner = GraphRunner(prepared, input_hooks=hooks, modules={t: (lambda x: x) for t in observers})
+    wanted = [node for nodes in users.values() for node in nodes]
     for step, inputs in tqdm(list(subset.batches(64)), desc="GPTQ inputs", disable=not progress, unit="batch"):
         current["t"], current["n"] = float(step.timestep), len(inputs[SAMPLE])
         runner.values(inputs, wanted)
     results: dict[str, GPTQResult] = {}
-    for node in tqdm(wanted, desc="GPTQ", disable=not progress, unit="layer"):
-        target, weight_node = layers[node]
+    for target in tqdm(users, desc="GPTQ", disable=not progress, unit="layer"):
         obs = prepared.get_submodule(target)
-        weight = get_attr_tensor(prepared, weight_node).detach().float()
+        weight = get_attr_tensor(prepared, weight_nodes[target]).detach().float()
         if obs.per_channel and obs.ch_axis != 0:
             raise ValueError(f"apply_gptq: {target} quantizes along axis {obs.ch_axis}; only output channels "
                              "(axis 0) are supported.")
         scale, zero_point = obs.calculate_qparams()
         flat = weight.reshape(len(weight), -1)
-        codes = gptq_codes(flat, hessians[node], scale, zero_point, obs.quant_min, obs.quant_max,
+        codes = gptq_codes(flat, hessians[target], scale, zero_point, obs.quant_min, obs.quant_max,
                            damp=config.damp, block_size=config.block_size, act_order=config.act_order)
         grid = scale.reshape(-1, 1).float()
         zp = zero_point.reshape(-1, 1).float()
         nearest = grid * (_nearest(flat, grid, zp, obs.quant_min, obs.quant_max) - zp)
         rounded = grid * (codes - zp)
-        results[module_path(node) or node.name] = GPTQResult(
-            _relative_output_error(flat, nearest, hessians[node]),
-            _relative_output_error(flat, rounded, hessians[node]))
-        replace_constant(prepared, weight_node, lambda old, r=rounded: r.reshape(old.shape).to(old.dtype),
+        name = module_path(users[target][0]) or users[target][0].name
+        results[name] = GPTQResult(_relative_output_error(flat, nearest, hessians[target]),
+                                   _relative_output_error(flat, rounded, hessians[target]))
+        replace_constant(prepared, weight_nodes[target], lambda old, r=rounded: r.reshape(old.shape).to(old.dtype),
                          requires_grad=False)
         obs.set_fixed_qparams(scale, zero_point)
     return results

@@ -7,7 +7,7 @@ recompile), which `compile_for_cpu` takes care of.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch._inductor.config as inductor_config
@@ -48,6 +48,16 @@ def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None) -> Comp
         >>> out = fast(sample, timestep)   # first call compiles
     """
     return CompiledForCPU(model, dynamic=dynamic)
+
+
+def expected_int8_kernels(decisions: list) -> Optional[int]:
+    """How many int8 conv/linear kernels a quantizer's layer decisions ask for (`DiffusionQuantizer.decisions`:
+    every conv/linear with quantized weights and input), to compare with `count_int8_kernels`; None when there
+    are no decisions (a peer quantizer that does not report them)."""
+    if not decisions:
+        return None
+    return sum(1 for d in decisions if d.layer is not None and d.layer.act_bits and
+               ("conv" in d.op or "linear" in d.op))
 
 
 def count_int8_kernels(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, int]:

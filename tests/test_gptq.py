@@ -151,13 +151,13 @@ def test_timestep_weights_that_sum_to_zero_are_an_error(unet, data):
 
 
 def test_the_recipe_runs_gptq_and_the_result_lowers_to_int8_kernels(unet, data):
-    from bench.rows import expected_kernels
     from diffusion_ao import compile_for_cpu, count_int8_kernels
+    from diffusion_ao.lowering import expected_int8_kernels
     from diffusion_ao.recipe import quantize_denoiser
 
     config = QuantConfig.preset("w4a8").replace(gptq=GPTQConfig(samples_per_step=4))
     converted, report = quantize_denoiser(unet, data, config, has_vnni=True, progress=False)
-    expected = expected_kernels(report.quantizer.decisions)
+    expected = expected_int8_kernels(report.quantizer.decisions)
     assert len(report.gptq) == expected > 0
     x, t = _probe(data)
     counts = count_int8_kernels(compile_for_cpu(converted), x, t)
