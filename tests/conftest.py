@@ -42,6 +42,25 @@ def kernel_error_fraction(fp: torch.Tensor, eager: torch.Tensor, compiled: torch
     return ((compiled - eager).pow(2).mean() / (eager - fp).pow(2).mean()).item()
 
 
+def calibrated_tiny_unet(unet, data, config, has_vnni=None):
+    """The tiny UNet exported at 8x8, prepared with `DiffusionQuantizer(config)` and calibrated on `data`."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from diffusion_ao import DiffusionQuantizer, calibrate, export_unet
+
+    graph = export_unet(unet, sample_shape=(1, 1, 8, 8))
+    prepared = prepare_pt2e(graph, DiffusionQuantizer(config, has_vnni=has_vnni))
+    calibrate(prepared, data, progress=False)
+    return prepared
+
+
+def probe_inputs(data, per_step: int = 2):
+    """(sample, timestep) with `per_step` recorded samples of every calibration step."""
+    x = torch.cat([s.sample[:per_step] for s in data.steps])
+    t = torch.cat([torch.full((per_step,), s.timestep) for s in data.steps])
+    return x, t
+
+
 @pytest.fixture(autouse=True, scope="module")
 def module_threads(request):
     """Runs a module's tests with its `TORCH_THREADS` (set at import time, the last module collected would set

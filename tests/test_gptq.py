@@ -3,13 +3,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-from diffusion_ao import DiffusionQuantizer, QuantConfig, calibrate, collect_calibration_data, export_unet
+from diffusion_ao import QuantConfig, collect_calibration_data, export_unet
 from diffusion_ao.config import GPTQConfig
 from diffusion_ao.gptq import apply_gptq, gptq_codes, layer_inputs_2d
 from diffusion_ao.metrics import relative_mse
 from diffusion_ao.observers import WeightObserver
+from tests.conftest import calibrated_tiny_unet, probe_inputs
 
 TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
 
@@ -113,15 +114,7 @@ def data(unet, scheduler):
 
 
 def _prepared(unet, data, config):
-    prepared = prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), DiffusionQuantizer(config, has_vnni=True))
-    calibrate(prepared, data, progress=False)
-    return prepared
-
-
-def _probe(data):
-    x = torch.cat([s.sample[:2] for s in data.steps])
-    t = torch.cat([torch.full((2,), s.timestep) for s in data.steps])
-    return x, t
+    return calibrated_tiny_unet(unet, data, config, has_vnni=True)
 
 
 def test_apply_gptq_bakes_codes_on_the_observers_grid_and_lowers_layer_errors(unet, data):
@@ -137,7 +130,7 @@ def test_apply_gptq_bakes_codes_on_the_observers_grid_and_lowers_layer_errors(un
         if isinstance(obs, WeightObserver):
             scale, zp = obs.calculate_qparams()
             assert torch.equal(scale, grids[name][0]) and torch.equal(zp, grids[name][1])
-    x, t = _probe(data)
+    x, t = probe_inputs(data)
     reference = export_unet(unet, sample_shape=(1, 1, 8, 8))(x, t)
     nearest = convert_pt2e(_prepared(unet, data, config))(x, t)
     gptq = convert_pt2e(prepared)(x, t)
@@ -159,6 +152,6 @@ def test_the_recipe_runs_gptq_and_the_result_lowers_to_int8_kernels(unet, data):
     converted, report = quantize_denoiser(unet, data, config, has_vnni=True, progress=False)
     expected = expected_int8_kernels(report.quantizer.decisions)
     assert len(report.gptq) == expected > 0
-    x, t = _probe(data)
+    x, t = probe_inputs(data)
     counts = count_int8_kernels(compile_for_cpu(converted), x, t)
     assert counts["qconv"] + counts["qlinear"] == expected

@@ -1,9 +1,9 @@
 """Block reconstruction on a tiny UNet: blocks, learning, baking into convert, determinism, the zero budget."""
 import pytest
 import torch
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-from diffusion_ao import DiffusionQuantizer, QuantConfig, calibrate, collect_calibration_data, export_unet
+from diffusion_ao import QuantConfig, collect_calibration_data, export_unet
 from diffusion_ao.config import QDiffConfig, ReconstructionConfig
 from diffusion_ao.metrics import relative_mse
 from diffusion_ao.passes.analysis import get_attr_tensor, time_embedding_nodes
@@ -11,6 +11,7 @@ from diffusion_ao.qdiff import QuantSim, block_from_nodes, find_blocks, reconstr
 from diffusion_ao.qdiff.blocks import is_observer
 from diffusion_ao.qdiff.reconstruction import reconstruct_block, select_samples
 from diffusion_ao.recipe import quantize_unet
+from tests.conftest import calibrated_tiny_unet, probe_inputs
 
 TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
 qdq_channel = torch.ops.quantized_decomposed.dequantize_per_channel.default
@@ -25,15 +26,11 @@ def data(unet, scheduler):
 
 
 def _prepared(unet, data, config=CONFIG):
-    prepared = prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), DiffusionQuantizer(config))
-    calibrate(prepared, data, progress=False)
-    return prepared
+    return calibrated_tiny_unet(unet, data, config)
 
 
 def _probe(data):
-    x = torch.cat([s.sample[:2] for s in data.steps])
-    t = torch.cat([torch.full((2,), s.timestep) for s in data.steps])
-    return x, t
+    return probe_inputs(data)
 
 
 def test_blocks_cover_every_observer_once_in_dependency_order(unet, data):
