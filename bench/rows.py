@@ -261,7 +261,7 @@ def best_rows(bits: str) -> list[RowSpec]:
             for label, cfg in steps]
 
 
-# Extra rows that `--ablation NAME` appends (they do not fit the default run's 10-minute budget).
+# Extra rows that `--ablation NAME` appends (they do not fit the default run's 15-minute budget).
 ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "dmq": lambda: dmq_rows("w4a8") + dmq_rows("w4a6"),
     "tfmq": lambda: tfmq_rows("w4a8") + tfmq_rows("w4a6"),

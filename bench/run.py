@@ -1,6 +1,6 @@
 """The diffusion-ao benchmark: every method and bit width on one model, side by side.
 
-    python bench/run.py                 # the shipped digits DDPM, all rows, ~10 min on 2 cores
+    python bench/run.py                 # the shipped digits DDPM, all 12 rows, ~12 min on 2 cores
     python bench/run.py --quick         # fewer samples, eager q/dq graphs, no latency (~2 min)
     python bench/run.py --methods naive-w4a8,diffusion-ao --num-samples 500 --scheduler dpm
     python bench/run.py --ablation dmq --methods w4a8,dmq-w4a8   # DMQ's ablation at W4A8
