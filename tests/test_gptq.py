@@ -143,13 +143,14 @@ def test_timestep_weights_that_sum_to_zero_are_an_error(unet, data):
         apply_gptq(prepared, data, GPTQConfig(samples_per_step=2), timestep_weights={-1.0: 1.0}, progress=False)
 
 
-def test_the_recipe_runs_gptq_and_the_result_lowers_to_int8_kernels(unet, data):
+@pytest.mark.parametrize("has_vnni", [True, False])  # False: 7-bit activation ranges (AVX2 CPUs)
+def test_the_recipe_runs_gptq_and_the_result_lowers_to_int8_kernels(unet, data, has_vnni):
     from diffusion_ao import compile_for_cpu, count_int8_kernels
     from diffusion_ao.lowering import expected_int8_kernels
     from diffusion_ao.recipe import quantize_denoiser
 
     config = QuantConfig.preset("w4a8").replace(gptq=GPTQConfig(samples_per_step=4))
-    converted, report = quantize_denoiser(unet, data, config, has_vnni=True, progress=False)
+    converted, report = quantize_denoiser(unet, data, config, has_vnni=has_vnni, progress=False)
     expected = expected_int8_kernels(report.quantizer.decisions)
     assert len(report.gptq) == expected > 0
     x, t = probe_inputs(data)
