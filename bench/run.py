@@ -4,7 +4,7 @@
     python bench/run.py --quick         # fewer samples, eager q/dq graphs, no latency (~2 min)
     python bench/run.py --methods naive-w4a8,diffusion-ao --num-samples 500 --scheduler dpm
     python bench/run.py --ablation dmq --methods w4a8,dmq-w4a8   # DMQ's ablation at W4A8
-    python bench/run.py --model dit     # the shipped class-conditional DiT, sampled with guidance (~14 min)
+    python bench/run.py --model dit     # the shipped class-conditional DiT, sampled with guidance (~13 min)
     python bench/run.py --speed         # the speed table instead (bench/speed.py; its options follow)
 
 For each row it exports the UNet, prepares it with the row's quantizer, calibrates on FP trajectories, converts,
@@ -64,7 +64,7 @@ SCHEDULERS = {
 QUICK = dict(num_samples=128, steps=10, calib_samples=16, batch=64, heldout_samples=8)
 NUM_SAMPLES = 1000
 # A guided DiT row samples the doubled batch: 500 samples keep its 12 default rows within 15 min on 2 cores, and
-# FD vs FP still separates them (README: the spread over calibration seeds is far below the gaps between rows).
+# FD vs FP still separates them wherever the spread over calibration seeds does (README, the DiT section).
 DIT_NUM_SAMPLES = 500
 DIT_GUIDANCE = 1.5  # bench/model_quality.py: label agreement 0.997, FD to real 76.5 (1: 0.984, 16.5; 3: 0.767, 553)
 
