@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationData
 from .config import GPTQConfig
-from .denoisers import SAMPLE
 
 
 def _nearest(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
@@ -124,7 +123,8 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
                progress: bool = True) -> dict[str, GPTQResult]:
     """Re-rounds every observed conv/linear weight of a calibrated PT2E graph with GPTQ and pins its grid.
 
-    Layer inputs are the floating-point ones (the observers bypassed), so every layer's H comes from one pass.
+    Layer inputs are the floating-point ones (the observers bypassed, `passes.capture`), so every layer's H comes
+    from one pass.
 
     Args:
         prepared: `prepare_pt2e(graph, DiffusionQuantizer(config))`, calibrated; changed in place (weights out of
@@ -138,9 +138,9 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
     Returns:
         {layer module path: `GPTQResult`} for every re-rounded layer.
     """
-    from .graph import GraphRunner
     from .observers import TimestepActivationObserver, WeightObserver
     from .passes.analysis import WEIGHTED_OPS, get_attr_tensor, module_path
+    from .passes.capture import run_with_input_callbacks
     from .passes.channel_scaling import replace_constant
 
     users: dict[str, list[Node]] = {}  # weight observer target -> the conv/linear nodes that read its output
@@ -175,26 +175,22 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
     samples_at: dict[float, int] = {}
     for step in subset.steps:
         samples_at[float(step.timestep)] = samples_at.get(float(step.timestep), 0) + len(step)
+    # H = sum_t w_t E_t[x x^T], up to a constant factor per layer (its rows per sample), which GPTQ ignores
     hessians: dict[str, torch.Tensor] = {}  # by weight observer: a weight read by several layers sums their H
-    current = {"t": 0.0, "n": 1}
 
     def accumulate(target: str, node: Node):
         kernel_size = tuple(get_attr_tensor(prepared, weight_nodes[target]).shape[2:])
 
-        def hook(x: torch.Tensor) -> None:  # H = sum_t w_t E_t[x x^T] / sum_t w_t
+        def callback(x: torch.Tensor, timestep: float) -> None:
             rows = layer_inputs_2d(node, x.float(), kernel_size).double()
-            rows_per_sample = len(rows) / current["n"]  # a linear's input may be flattened to [batch * tokens, C]
-            t = current["t"]
-            h = rows.T @ rows * (weights[t] / (total * samples_at[t] * rows_per_sample))
+            t = float(timestep)
+            h = rows.T @ rows * (weights[t] / (total * samples_at[t]))
             hessians[target] = hessians[target] + h if target in hessians else h
-        return hook
+        return callback
 
-    hooks = {node.name: accumulate(target, node) for target, nodes in users.items() for node in nodes}
-    runner = GraphRunner(prepared, input_hooks=hooks, modules={t: (lambda x: x) for t in observers})
-    wanted = [node for nodes in users.values() for node in nodes]
-    for step, inputs in tqdm(list(subset.batches(64)), desc="GPTQ inputs", disable=not progress, unit="batch"):
-        current["t"], current["n"] = float(step.timestep), len(inputs[SAMPLE])
-        runner.values(inputs, wanted)
+    callbacks = {node.name: accumulate(target, node) for target, nodes in users.items() for node in nodes}
+    run_with_input_callbacks(prepared, subset, callbacks, progress=progress, desc="GPTQ inputs",
+                             modules={t: (lambda x: x) for t in observers})
     results: dict[str, GPTQResult] = {}
     for target in tqdm(users, desc="GPTQ", disable=not progress, unit="layer"):
         obs = prepared.get_submodule(target)
