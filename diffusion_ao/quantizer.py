@@ -62,10 +62,23 @@ class DiffusionQuantizer(Quantizer):
         require_exported(model, "DiffusionQuantizer")
         unshare_weights(model)
         flatten_linear_inputs(model)
-        qdiff = self.config.qdiff
-        if qdiff is not None and qdiff.split_shortcut and self.config.act_bits is not None:
-            self.split_convs = split_concat_convs(model)
+        self.split_shortcuts(model)
         return model
+
+    def split_shortcuts(self, model: GraphModule) -> list[str]:
+        """Q-Diffusion's shortcut split (`QDiffConfig.split_shortcut`), if the config asks for it: every conv on a
+        channel concat becomes one conv per part. Idempotent; `transform_for_annotation` runs it, and passes that
+        plan per layer before `prepare_pt2e` (LES, PTS) run it first so that they plan on the split convs.
+
+        Returns:
+            The convs split by this call (all of them are in `self.split_convs`).
+        """
+        qdiff = self.config.qdiff
+        if qdiff is None or not qdiff.split_shortcut or self.config.act_bits is None:
+            return []
+        done = split_concat_convs(model)
+        self.split_convs += done
+        return done
 
     def _context(self, model: GraphModule) -> AnnotationContext:
         first, last = first_and_last_layers(model)

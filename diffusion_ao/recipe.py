@@ -81,6 +81,8 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
     if tfmq is not None:  # the cache needs the sampler's timesteps: those of the calibration data
         from .tfmq import apply as tfmq_steps
         report.tfmq = tfmq_steps.before_prepare(graph, data, tfmq)
+    if dmq is not None and (dmq.les or dmq.pts):  # plan the channel scales on the convs prepare_pt2e quantizes
+        quantizer.split_shortcuts(graph)
     if dmq is not None and dmq.les:
         from .dmq import apply_learned_scaling
         report.les = apply_learned_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)

@@ -352,7 +352,7 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
     Returns:
         {layer module path: `LESResult`} for every layer LES looked at.
     """
-    from ..passes.analysis import get_attr_tensor, module_path
+    from ..passes.analysis import get_attr_tensor, layer_name
     from ..passes.capture import run_with_input_callbacks
     from ..passes.channel_scaling import scale_input_channels, scaling_blocker
     from ..quantizer import DiffusionQuantizer
@@ -390,10 +390,10 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
                                   weighting_ema=dmq.weighting_ema, seed=dmq.seed)
             if result.loss_learned < result.loss_unscaled * (1 - dmq.les_min_gain):
                 learned[node] = result.scales
-            results[module_path(node) or node.name] = result
+            results[layer_name(node)] = result
             bar.set_postfix_str(f"{node.name}: {result.deployed_unscaled:.2e} -> {result.deployed_learned:.2e}")
             bar.update(1)
     bar.close()
     for node, s in learned.items():
-        results[module_path(node) or node.name].fold = scale_input_channels(graph, node, s)
+        results[layer_name(node)].fold = scale_input_channels(graph, node, s)
     return results

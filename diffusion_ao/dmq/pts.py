@@ -198,7 +198,7 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
         layer that got non-trivial factors.
     """
     from ..observers import timestep_context
-    from ..passes.analysis import CONV_OPS, get_attr_tensor, module_path
+    from ..passes.analysis import CONV_OPS, get_attr_tensor, layer_name
     from ..passes.capture import run_with_input_callbacks
     from ..passes.channel_scaling import scale_input_channels, scaling_blocker
     from ..quantizer import DiffusionQuantizer
@@ -257,5 +257,5 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
         if int(k.max()) == 0:
             continue
         fold = scale_input_channels(graph, node, factors(k))
-        report[module_path(node) or node.name] = {"spread": spread, "k": k.tolist(), "fold": fold}
+        report[layer_name(node)] = {"spread": spread, "k": k.tolist(), "fold": fold}
     return report

@@ -36,6 +36,14 @@ def module_path(node: Node) -> str:
     return path[len(EXPORT_PREFIX):] if path.startswith(EXPORT_PREFIX) else path
 
 
+def layer_name(node: Node) -> str:
+    """A report key for a conv/linear node: its module path (the node name if it has none), with the part index
+    for a piece of a split concat conv (the pieces share the original's module path)."""
+    name = module_path(node) or node.name
+    split = node.meta.get(SPLIT_META)
+    return f"{name}[part {split['part']}]" if split is not None and "part" in split else name
+
+
 def module_type_name(node: Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:

@@ -13,6 +13,10 @@ Which nodes (`TFMQConfig.fsc`):
   per timestep they are exact constants, so FSC removes the range drift entirely.
 * "all": every activation quantizer (what TFMQ-DM's released code does, one state dict per step).
 
+Learned step sizes: when block reconstruction or TIAR has learned an observer's step (`set_fixed_qparams`), the
+per-timestep steps keep that correction: each is the timestep's own step times learned / statistics step (the
+same zero point per timestep, as LSQ keeps it). Without this, FSC would silently undo what TIAR learned.
+
 Kernels: the rewritten pairs use the `.tensor` overloads of `quantize_per_tensor` / `dequantize_per_tensor`,
 which inductor's x86 patterns also lower to oneDNN `qconv`/`qlinear` with a run-time activation scale
 (`count_int8_kernels` measures it; see tests/passes/test_finite_set.py). A whole batch uses the qparams of its
@@ -61,6 +65,16 @@ def _observer_nodes(prepared: GraphModule) -> list[tuple[Node, TimestepActivatio
     return found
 
 
+def learned_step_ratio(obs: TimestepActivationObserver) -> float:
+    """Learned step / the step the observer's statistics give, for an observer whose qparams were learned (block
+    reconstruction, TIAR); 1.0 for one that only observed."""
+    if obs.fixed_qparams is None:
+        return 1.0
+    lo, hi = obs.chosen_range()
+    statistics_scale, _ = obs._calculate_qparams(lo.reshape(()), hi.reshape(()))
+    return float(obs.fixed_qparams[0].reshape(()) / statistics_scale.reshape(()))
+
+
 def finite_set_tables(prepared: GraphModule, timesteps: Sequence[float],
                       scope: Literal["temporal", "all"] = "temporal") -> list[FSCTable]:
     """Per-timestep qparams of the chosen activation observers of a calibrated graph (before `convert_pt2e`).
@@ -92,9 +106,10 @@ def finite_set_tables(prepared: GraphModule, timesteps: Sequence[float],
             raise ValueError(f"Finite-set calibration: the observer of {obs.label} saw no data at timesteps "
                              f"{missing[:5]}; calibrate on every timestep of the set.")
         qparams = [obs.timestep_qparams(by_f32[t]) for t in values]
+        ratio = learned_step_ratio(obs)
         consumers = [(u.name, list(u.args).index(node)) for u in node.users if node in u.args]
         tables.append(FSCTable(observer=node.name, consumers=consumers,
-                               scales=torch.stack([s.reshape(()) for s, _ in qparams]).float(),
+                               scales=torch.stack([s.reshape(()) for s, _ in qparams]).float() * ratio,
                                zero_points=torch.stack([z.reshape(()) for _, z in qparams]).long(),
                                label=obs.label))
     return tables

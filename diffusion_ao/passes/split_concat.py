@@ -86,7 +86,7 @@ def split_concat_convs(gm: GraphModule, only: set[str] | None = None) -> list[st
             with graph.inserting_before(conv):
                 piece = graph.call_function(conv.target, (x, w_node, bias if i == 0 else None, *rest))
             _copy_meta(conv, piece, conv.meta["val"])
-            piece.meta[SPLIT_META] = {"of": conv.name, "shortcut": conv.name in shortcuts}
+            piece.meta[SPLIT_META] = {"of": conv.name, "shortcut": conv.name in shortcuts, "part": i}
             pieces.append(piece)
             start = stop
         if start != weight.shape[1]:

@@ -158,3 +158,29 @@ def test_dmq_folded_graph_runs_on_int8_kernels(tiny_dmq):
     snr = snr_db(quantized(x, t), fast(x, t))
     print(f"compiled vs eager q/dq after PTS folding: {snr:.1f} dB")
     assert snr > 30.0
+
+
+def test_les_and_pts_plan_on_the_split_shortcut_convs(scheduler):
+    # Q-Diffusion's split gives each part of a concat its own activation quantizer; LES and PTS must plan on those
+    # parts, not on the one concat that prepare_pt2e no longer quantizes.
+    from diffusion_ao import QuantConfig, collect_calibration_data
+    from diffusion_ao.config import DMQConfig, QDiffConfig
+    from diffusion_ao.recipe import quantize_unet
+    from tests.conftest import snr_db, tiny_unet
+
+    unet = tiny_unet()
+    data = collect_calibration_data(unet, scheduler, num_samples=4, num_inference_steps=3, progress=False)
+    config = QuantConfig.preset("dmq-w4a8").replace(
+        weight_bits=8, qdiff=QDiffConfig(split_shortcut=True),
+        dmq=DMQConfig(pts_min_spread=1.0, pts_kappa=0.5, weighting_iterations=1, les_iterations=5,
+                      les_samples_per_step=2, les_min_gain=0.0))
+    quantized, report = quantize_unet(unet, data, config, progress=False)
+    split = report.quantizer.split_convs
+    assert split
+    shortcut_paths = {k.split("[part")[0] for k in report.les if "[part" in k}
+    assert len(shortcut_paths) == len(split)
+    for path in shortcut_paths:
+        assert f"{path}[part 0]" in report.les and f"{path}[part 1]" in report.les and path not in report.les
+    assert not shortcut_paths & set(report.pts)  # PTS factors, if any, are per part too
+    x, t = data.steps[1].sample, torch.full((len(data.steps[1].sample),), data.steps[1].timestep)
+    assert snr_db(unet(x, t).sample, quantized(x, t)) > 15.0

@@ -70,6 +70,23 @@ def test_temporal_fsc_quantizes_each_timestep_with_its_own_range(calibrated):
     assert table.scales.max() / table.scales.min() > 1.01  # the ranges do differ between timesteps
 
 
+@settings(max_examples=8, deadline=None)
+@given(factor=st.floats(0.25, 4.0), which=st.integers(0, 9))
+def test_fsc_keeps_a_step_size_learned_by_reconstruction(calibrated, factor, which):
+    # TIAR / block reconstruction leave their learned step in `fixed_qparams`; FSC must keep that correction.
+    data, prepared = calibrated
+    prepared = copy.deepcopy(prepared)
+    before = finite_set_tables(prepared, data.timesteps, scope="temporal")
+    obs = prepared.get_submodule(next(n for n in prepared.graph.nodes if n.name == before[which].observer).target)
+    scale, zp = obs.calculate_qparams()
+    obs.set_fixed_qparams(scale * factor, zp)
+    after = finite_set_tables(prepared, data.timesteps, scope="temporal")
+    for k, (old, new) in enumerate(zip(before, after)):
+        expected = old.scales * (factor if k == which else 1.0)
+        assert torch.allclose(new.scales, expected, rtol=1e-5)
+        assert torch.equal(new.zero_points, old.zero_points)
+
+
 def test_fsc_graph_rejects_mixed_timestep_batches(unet, calibrated):
     data, prepared = calibrated
     tables = finite_set_tables(prepared, data.timesteps, scope="all")
