@@ -237,8 +237,10 @@ def best_rows(bits: str) -> list[RowSpec]:
     and with GPTQ; GPTQ under the full preset, on the MSE-searched grid and on the min-max grid; then, each on
     GPTQ with the min-max grid, the seeds' pieces: TFMQ-DM's cache of the temporal features, DMQ's adaptive
     timestep weights (of the activation ranges and of GPTQ's H; no LES / PTS), Q-Diffusion's block
-    reconstruction starting from GPTQ's codes (no shortcut split), and the three together in turn."""
-    from diffusion_ao.config import DMQConfig, GPTQConfig, QDiffConfig, ReconstructionConfig, TFMQConfig
+    reconstruction starting from GPTQ's codes (no shortcut split), the per-timestep output correction (gain and
+    bias), sensitivity-driven 8-bit weights within 0.17 x the FP32 size, and the pieces together in turn."""
+    from diffusion_ao.config import (DMQConfig, GPTQConfig, MixedPrecisionConfig, OutputCorrectionConfig,
+                                     QDiffConfig, ReconstructionConfig, TFMQConfig)
 
     base = QuantConfig.preset(bits)
     gptq = GPTQConfig()
@@ -251,6 +253,17 @@ def best_rows(bits: str) -> list[RowSpec]:
                                                                        reconstruction=ReconstructionConfig()))),
              ("gptq-minmax-grid+cache+tw", grid.replace(tfmq=TFMQConfig(cache="all", fsc="none"),
                                                          dmq=DMQConfig(les=False, pts=False))),
+             ("gptq-minmax-grid+oc", grid.replace(output_correction=OutputCorrectionConfig())),
+             ("gptq-minmax-grid+cache+tw+oc", grid.replace(
+                 tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                 output_correction=OutputCorrectionConfig())),
+             ("gptq-minmax-grid+mp", grid.replace(mixed_precision=MixedPrecisionConfig())),
+             ("gptq-minmax-grid+cache+tw+mp", grid.replace(
+                 tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                 mixed_precision=MixedPrecisionConfig())),
+             ("gptq-minmax-grid+cache+tw+mp+oc", grid.replace(
+                 tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                 mixed_precision=MixedPrecisionConfig(), output_correction=OutputCorrectionConfig())),
              ("gptq-minmax-grid+cache+tw+recon", grid.replace(
                  tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
                  qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig())))]

@@ -297,6 +297,52 @@ class GPTQConfig:
 
 
 @dataclass(frozen=True)
+class OutputCorrectionConfig:
+    """Per-timestep correction of the quantized denoiser's output (`diffusion_ao.output_correction`): the gain and
+    bias of each output channel's prediction, estimated on the calibration data and divided out in the graph.
+
+    Args:
+        gain: correct the per-(timestep, channel) gain of the prediction (its correlated error).
+        bias: correct the per-(timestep, channel) offset of the prediction.
+        samples_per_step: calibration samples per timestep the estimate uses (None: all of them).
+    """
+
+    gain: bool = True
+    bias: bool = True
+    samples_per_step: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not (self.gain or self.bias):
+            raise ValueError("OutputCorrectionConfig: set gain or bias (or use output_correction=None).")
+        if self.samples_per_step is not None and self.samples_per_step < 1:
+            raise ValueError(f"OutputCorrectionConfig.samples_per_step={self.samples_per_step} must be >= 1 or None.")
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """Sensitivity-driven mixed precision (`diffusion_ao.mixed_precision`): the layers whose low-bit weights hurt
+    the prediction most get `weight_bits`, within a size budget.
+
+    Args:
+        size_budget: the packed model's size as a fraction of FP32's (e.g. 0.17; all-4-bit weights are ~0.14).
+        weight_bits: the width of the promoted layers' weights.
+        samples_per_step: calibration samples per timestep that measure each layer's sensitivity.
+    """
+
+    size_budget: float = 0.17
+    weight_bits: int = 8
+    samples_per_step: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.size_budget <= 1:
+            raise ValueError(f"MixedPrecisionConfig.size_budget={self.size_budget}: a fraction of the FP32 size in "
+                             "(0, 1], e.g. 0.17.")
+        _check_bits("MixedPrecisionConfig.weight_bits", self.weight_bits, range(2, 9), allow_none=False)
+        if self.samples_per_step < 1:
+            raise ValueError(f"MixedPrecisionConfig.samples_per_step={self.samples_per_step} must be >= 1.")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """How `DiffusionQuantizer` quantizes a UNet.
 
@@ -326,6 +372,10 @@ class QuantConfig:
         tfmq: TFMQ-DM's pieces (`TFMQConfig`: temporal-feature cache, finite-set calibration), or None.
         qdiff: Q-Diffusion's pieces (`QDiffConfig`: shortcut splitting, block reconstruction), or None.
         gptq: round the weights with GPTQ on the calibration inputs (`GPTQConfig`) instead of to nearest, or None.
+        output_correction: correct the output's per-timestep gain and bias (`OutputCorrectionConfig`), or None.
+            The quantized denoiser then accepts only the calibration data's timesteps.
+        mixed_precision: promote the most sensitive layers' weights within a size budget
+            (`MixedPrecisionConfig`), or None. Explicit `module_name_overrides` win over its plan.
         name: a label for reports; presets set it.
 
     Example:
@@ -352,6 +402,8 @@ class QuantConfig:
     tfmq: Optional[TFMQConfig] = None
     qdiff: Optional[QDiffConfig] = None
     gptq: Optional[GPTQConfig] = None
+    output_correction: Optional[OutputCorrectionConfig] = None
+    mixed_precision: Optional[MixedPrecisionConfig] = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -391,6 +443,16 @@ class QuantConfig:
             raise ValueError(f"qdiff must be a QDiffConfig or None, got {type(self.qdiff).__name__}.")
         if self.gptq is not None and not isinstance(self.gptq, GPTQConfig):
             raise ValueError(f"gptq must be a GPTQConfig or None, got {type(self.gptq).__name__}.")
+        if self.mixed_precision is not None:
+            if not isinstance(self.mixed_precision, MixedPrecisionConfig):
+                raise ValueError("mixed_precision must be a MixedPrecisionConfig or None, got "
+                                 f"{type(self.mixed_precision).__name__}.")
+            if self.mixed_precision.weight_bits <= self.weight_bits:
+                raise ValueError(f"MixedPrecisionConfig.weight_bits={self.mixed_precision.weight_bits} must be above "
+                                 f"the config's weight_bits={self.weight_bits}.")
+        if self.output_correction is not None and not isinstance(self.output_correction, OutputCorrectionConfig):
+            raise ValueError("output_correction must be an OutputCorrectionConfig or None, got "
+                             f"{type(self.output_correction).__name__}.")
 
     @property
     def default_layer(self) -> LayerQuant:

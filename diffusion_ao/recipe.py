@@ -1,8 +1,8 @@
-"""`quantize_denoiser`: the whole PTQ recipe of a `QuantConfig` in one call: export; TFMQ-DM's and DMQ's graph
-passes (temporal cache, LES, PTS); prepare (with Q-Diffusion's shortcut splitting); timestep-aware
-calibration; DMQ's timestep weighting; GPTQ rounding; Q-Diffusion's block reconstruction; convert; TFMQ-DM's finite-set
-calibration and temporal-feature selection. `quantize_pipeline` runs it on a diffusers pipeline's denoiser and
-puts the int8 result back in place.
+"""`quantize_denoiser`: the whole PTQ recipe of a `QuantConfig` in one call: export; the mixed-precision plan;
+TFMQ-DM's and DMQ's graph passes (temporal cache, LES, PTS); prepare (with Q-Diffusion's shortcut splitting);
+timestep-aware calibration; DMQ's timestep weighting; GPTQ rounding; Q-Diffusion's block reconstruction;
+convert; TFMQ-DM's finite-set calibration and temporal-feature selection; the per-timestep output correction.
+`quantize_pipeline` runs it on a diffusers pipeline's denoiser and puts the int8 result back in place.
 
 The PT2E steps stay available one by one (see the README); this is the path the benchmark uses.
 """
@@ -24,6 +24,8 @@ from .lowering import compile_for_cpu
 from .quantizer import DiffusionQuantizer
 
 if TYPE_CHECKING:
+    from .mixed_precision import MixedPrecisionPlan
+    from .output_correction import OutputCorrection
     from .qdiff import ReconstructionReport
     from .tfmq import TFMQReport
 
@@ -41,6 +43,8 @@ class QuantizationReport:
     tfmq: Optional["TFMQReport"] = None
     reconstruction: Optional["ReconstructionReport"] = None
     gptq: dict = field(default_factory=dict)
+    output_correction: Optional["OutputCorrection"] = None
+    mixed_precision: Optional["MixedPrecisionPlan"] = None
     calib_s: float = 0.0
 
 
@@ -75,8 +79,13 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
         return export_denoiser(model, data.steps[0])
 
     graph = export()
+    plan = None
+    if config.mixed_precision is not None:
+        from .mixed_precision import plan_mixed_precision
+        plan = plan_mixed_precision(graph, data, config, config.mixed_precision, has_vnni=has_vnni)
+        config = config.replace(module_name_overrides={**plan.overrides, **config.module_name_overrides})
     quantizer = DiffusionQuantizer(config, has_vnni=has_vnni)
-    report = QuantizationReport(quantizer)
+    report = QuantizationReport(quantizer, mixed_precision=plan)
     dmq, tfmq = config.dmq, config.tfmq
     if tfmq is not None:  # the cache needs the sampler's timesteps: those of the calibration data
         from .tfmq import apply as tfmq_steps
@@ -118,6 +127,11 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
     converted = convert_pt2e(prepared)
     if tfmq is not None:
         tfmq_steps.after_convert(converted, reference, tables, tfmq, report.tfmq, quantizer.decisions)
+    if config.output_correction is not None:
+        from .output_correction import apply_output_correction, estimate_output_correction
+        reference = reference if reference is not None else export()
+        report.output_correction = estimate_output_correction(converted, reference, data, config.output_correction)
+        apply_output_correction(converted, report.output_correction)
     report.calib_s = time.perf_counter() - start
     return converted, report
 

@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 
 from diffusion_ao import QuantConfig
-from diffusion_ao.config import PRESETS, DMQConfig, GPTQConfig, ReconstructionConfig, TFMQConfig
+from diffusion_ao.config import (PRESETS, DMQConfig, GPTQConfig, OutputCorrectionConfig, ReconstructionConfig,
+                                 TFMQConfig)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -45,3 +46,12 @@ def test_gptq_config_rejects_bad_settings():
         GPTQConfig(block_size=0)
     with pytest.raises(ValueError, match="gptq must be a GPTQConfig"):
         QuantConfig(gptq={"damp": 0.01})
+
+
+def test_output_correction_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="set gain or bias"):
+        OutputCorrectionConfig(gain=False, bias=False)
+    with pytest.raises(ValueError, match="samples_per_step"):
+        OutputCorrectionConfig(samples_per_step=0)
+    with pytest.raises(ValueError, match="output_correction must be an OutputCorrectionConfig"):
+        QuantConfig(output_correction=True)
