@@ -24,9 +24,12 @@ CalibrateFn = Callable[[torch.fx.GraphModule, CalibrationData, bool], None]
 CALIBRATION_SOURCES = ("sampler", "conditional-half", "unguided")
 
 DIFFUSION_AO_PRESETS = ("w8a8", "w4a8", "w4a6")
-# Each seed paper's headline preset, in its own scope (Q-Diffusion quantizes everything, so its own-scope naive
-# row stands beside it).
-SEED_PRESETS = ("dmq-w4a8", "tfmq-w4a8", "qdiff-w4a8")
+LOW_BIT_WIDTHS = ("w4a8", "w4a6")
+# Each seed paper's headline preset per low-bit width, in its own scope (Q-Diffusion quantizes everything, so its
+# own-scope naive row stands beside it).
+SEED_FAMILIES = ("dmq", "tfmq", "qdiff")
+# The recommended recipes (diffusion_ao.config.PRESETS), one per low-bit width.
+BEST_PRESETS = tuple(f"best-{bits}" for bits in LOW_BIT_WIDTHS)
 X86_SCOPE = "x86-default (all conv/linear + its own fusions)"
 FP32_SCOPE = "none (FP32 reference)"
 
@@ -120,7 +123,7 @@ def preset_row(preset: str) -> RowSpec:
     """Any diffusion-ao preset as one row, named after it (e.g. "dmq-w4a8"); its method family is the preset's
     prefix ("dmq", "tfmq", "qdiff") or "diffusion-ao"."""
     family = preset.split("-")[0]
-    method = family if family in ("dmq", "tfmq", "qdiff") else "diffusion-ao"
+    method = family if family in (*SEED_FAMILIES, "best") else "diffusion-ao"
     return _config_row(preset, method, preset, QuantConfig.preset(preset))
 
 
@@ -264,6 +267,10 @@ def best_rows(bits: str) -> list[RowSpec]:
              ("gptq-minmax-grid+cache+tw+mp+oc", grid.replace(
                  tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
                  mixed_precision=MixedPrecisionConfig(), output_correction=OutputCorrectionConfig())),
+             ("gptq-minmax-grid+cache+tw+mp+recon", grid.replace(
+                 tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                 mixed_precision=MixedPrecisionConfig(),
+                 qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig()))),
              ("gptq-minmax-grid+cache+tw+recon", grid.replace(
                  tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
                  qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig())))]
@@ -289,14 +296,16 @@ def default_rows(ablations: tuple[str, ...] = ()) -> list[RowSpec]:
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
         raise ValueError(f"Unknown ablation(s) {unknown}: choose from {sorted(ABLATIONS)}.")
-    rows = ([fp32_row()]
-            + [naive_row(p) for p in DIFFUSION_AO_PRESETS]
-            + [diffusion_ao_row(p) for p in DIFFUSION_AO_PRESETS]
-            + [x86_row()]
-            + [preset_row(p) for p in SEED_PRESETS[:-1]]
-            + [qdiff_rows("w4a8")[0], preset_row(SEED_PRESETS[-1])])
+    rows = [fp32_row()] + [naive_row(p) for p in DIFFUSION_AO_PRESETS] + [diffusion_ao_row("w8a8"), x86_row()]
+    for bits in LOW_BIT_WIDTHS:
+        rows += [preset_row(f"dmq-{bits}"), preset_row(f"tfmq-{bits}"), qdiff_rows(bits)[0],
+                 preset_row(f"qdiff-{bits}")]
+    rows += [preset_row(p) for p in BEST_PRESETS]
+    if ablations:  # every ablation's rows stand on diffusion-ao's plain rows of their width
+        rows += [diffusion_ao_row(bits) for bits in LOW_BIT_WIDTHS]
     for name in ablations:
-        rows += ABLATIONS[name]()
+        have = {r.name for r in rows}
+        rows += [r for r in ABLATIONS[name]() if r.name not in have]  # e.g. qdiff-w4a8-naive is a default row
     return rows
 
 

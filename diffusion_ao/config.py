@@ -505,8 +505,8 @@ class QuantConfig:
         """A named configuration. See `PRESETS` for the list.
 
         Args:
-            name: e.g. "w8a8", "w4a8", "w4a6", "w8a32", "w4a32", "qdiff-scope", "tfmq-scope", "dmq-scope",
-                "dmq-w4a8", "tfmq-w4a8".
+            name: e.g. "best-w4a8" / "best-w4a6" (the recommended recipes), "w8a8", "w4a8", "w4a6", "w8a32",
+                "w4a32", "qdiff-scope", "tfmq-scope", "dmq-scope", "dmq-w4a8", "tfmq-w4a8", "qdiff-w4a8".
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}.")
@@ -541,4 +541,16 @@ PRESETS: dict[str, dict] = {
     "qdiff-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", quantize_first_last=True,
                        quantize_time_embedding=True, quantize_skip_convs=True, quantize_attention_matmuls=True,
                        qdiff=QDiffConfig(split_shortcut=True, reconstruction=ReconstructionConfig())),
+    # The recommended recipe per width (README, "best-*"; each piece measured in `bench/run.py --ablation best`):
+    # GPTQ rounding on the min-max weight grid, TFMQ-DM's cache of the temporal features, DMQ's adaptive timestep
+    # weights (no LES / PTS), the most sensitive layers' weights at 8 bits within 0.17 x the FP32 size, and
+    # Q-Diffusion's block reconstruction from GPTQ's codes (no shortcut split).
+    "best-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="minmax", gptq=GPTQConfig(),
+                      tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                      mixed_precision=MixedPrecisionConfig(),
+                      qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig())),
+    "best-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="minmax", gptq=GPTQConfig(),
+                      tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                      mixed_precision=MixedPrecisionConfig(),
+                      qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig())),
 }

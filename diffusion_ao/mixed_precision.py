@@ -122,25 +122,28 @@ def layer_sensitivities(graph: GraphModule, data: CalibrationData, config: Quant
 
 
 def plan_mixed_precision(graph: GraphModule, data: CalibrationData, config: QuantConfig,
-                         settings: Optional[MixedPrecisionConfig] = None,
-                         has_vnni: Optional[bool] = None) -> MixedPrecisionPlan:
+                         settings: Optional[MixedPrecisionConfig] = None, has_vnni: Optional[bool] = None,
+                         fp32_bytes: Optional[int] = None) -> MixedPrecisionPlan:
     """Measures every low-bit layer's sensitivity and promotes the worst ones within the size budget.
 
     Args:
-        graph: the FP export of the denoiser (left as it was).
+        graph: the FP graph that will be quantized (left as it was): the export, or the export after the passes
+            that remove layers (the TFMQ cache), so that the budget goes to layers that stay.
         data: calibration data; `settings.samples_per_step` of each step are the probe.
         config: the config to plan for (its `module_name_overrides` are kept and win over the plan).
         settings: the budget and the promoted width (default `MixedPrecisionConfig()`).
         has_vnni: as for `DiffusionQuantizer`.
+        fp32_bytes: the FP32 model's size the budget is a fraction of (default: the tensors of `graph`).
 
     Returns:
         A `MixedPrecisionPlan`; `plan.overrides` go into `QuantConfig.module_name_overrides`.
     """
     settings = settings or MixedPrecisionConfig()
     found = layer_sensitivities(graph, data.subset(settings.samples_per_step), config, settings.weight_bits, has_vnni)
-    fp32_bytes = int(size_mb(graph) * 2**20)
+    graph_bytes = int(size_mb(graph) * 2**20)
+    fp32_bytes = graph_bytes if fp32_bytes is None else fp32_bytes
     low = config.weight_bits
-    planned = fp32_bytes - sum(n * 4 - packed_nbytes(n, low) - c * QPARAM_BYTES for n, c, _, _ in found.values())
+    planned = graph_bytes - sum(n * 4 - packed_nbytes(n, low) - c * QPARAM_BYTES for n, c, _, _ in found.values())
     budget = settings.size_budget * fp32_bytes
     chosen: dict[str, LayerQuant] = {}
     by_value = sorted(found.items(), key=lambda kv: kv[1][2] / max(1, packed_nbytes(kv[1][0], settings.weight_bits)

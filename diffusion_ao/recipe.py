@@ -1,5 +1,5 @@
-"""`quantize_denoiser`: the whole PTQ recipe of a `QuantConfig` in one call: export; the mixed-precision plan;
-TFMQ-DM's and DMQ's graph passes (temporal cache, LES, PTS); prepare (with Q-Diffusion's shortcut splitting);
+"""`quantize_denoiser`: the whole PTQ recipe of a `QuantConfig` in one call: export; TFMQ-DM's temporal cache;
+the mixed-precision plan; DMQ's graph passes (LES, PTS); prepare (with Q-Diffusion's shortcut splitting);
 timestep-aware calibration; DMQ's timestep weighting; GPTQ rounding; Q-Diffusion's block reconstruction;
 convert; TFMQ-DM's finite-set calibration and temporal-feature selection; the per-timestep output correction.
 `quantize_pipeline` runs it on a diffusers pipeline's denoiser and puts the int8 result back in place.
@@ -22,6 +22,7 @@ from .denoisers import denoiser_role
 from .export import QuantizedDenoiser, as_diffusers_denoiser, export_denoiser
 from .lowering import compile_for_cpu
 from .quantizer import DiffusionQuantizer
+from .size import size_mb
 
 if TYPE_CHECKING:
     from .mixed_precision import MixedPrecisionPlan
@@ -79,17 +80,20 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
         return export_denoiser(model, data.steps[0])
 
     graph = export()
-    plan = None
-    if config.mixed_precision is not None:
-        from .mixed_precision import plan_mixed_precision
-        plan = plan_mixed_precision(graph, data, config, config.mixed_precision, has_vnni=has_vnni)
-        config = config.replace(module_name_overrides={**plan.overrides, **config.module_name_overrides})
-    quantizer = DiffusionQuantizer(config, has_vnni=has_vnni)
-    report = QuantizationReport(quantizer, mixed_precision=plan)
+    fp32_bytes = int(size_mb(graph) * 2**20)
     dmq, tfmq = config.dmq, config.tfmq
+    tfmq_report = None
     if tfmq is not None:  # the cache needs the sampler's timesteps: those of the calibration data
         from .tfmq import apply as tfmq_steps
-        report.tfmq = tfmq_steps.before_prepare(graph, data, tfmq)
+        tfmq_report = tfmq_steps.before_prepare(graph, data, tfmq)
+    plan = None
+    if config.mixed_precision is not None:  # on the graph left after the cache: the budget goes to layers that stay
+        from .mixed_precision import plan_mixed_precision
+        plan = plan_mixed_precision(graph, data, config, config.mixed_precision, has_vnni=has_vnni,
+                                    fp32_bytes=fp32_bytes)
+        config = config.replace(module_name_overrides={**plan.overrides, **config.module_name_overrides})
+    quantizer = DiffusionQuantizer(config, has_vnni=has_vnni)
+    report = QuantizationReport(quantizer, tfmq=tfmq_report, mixed_precision=plan)
     if dmq is not None and (dmq.les or dmq.pts):  # plan the channel scales on the convs prepare_pt2e quantizes
         quantizer.split_shortcuts(graph)
     if dmq is not None and dmq.les:

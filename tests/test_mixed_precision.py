@@ -83,3 +83,15 @@ def test_bad_mixed_precision_settings_are_rejected():
         QuantConfig.preset("w8a8").replace(mixed_precision=MixedPrecisionConfig())
     with pytest.raises(ValueError, match="mixed_precision must be a MixedPrecisionConfig"):
         QuantConfig(mixed_precision=0.17)
+
+
+def test_with_the_temporal_cache_the_budget_goes_to_layers_that_stay(unet, data):
+    from diffusion_ao.config import TFMQConfig
+
+    config = QuantConfig.preset("w4a8").replace(tfmq=TFMQConfig(cache="all", fsc="none"),
+                                                mixed_precision=MixedPrecisionConfig(samples_per_step=1))
+    converted, report = quantize_denoiser(unet, data, config, progress=False)
+    removed = set(report.tfmq.cache.removed_layers)
+    assert removed and not removed & {layer.path for layer in report.mixed_precision.layers}
+    # the budget is a fraction of the FP32 model, not of the cached graph
+    assert report.mixed_precision.fp32_bytes == int(size_mb(export_unet(unet, sample_shape=(1, 1, 8, 8))) * 2**20)

@@ -77,34 +77,40 @@ def test_compiled_bench_measures_latency_on_int8_kernels(tmp_path):
 
 def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
     rows = default_rows()
-    assert [r.name for r in select_rows(rows, "w4a6")] == ["fp32", "naive-w4a6", "diffusion-ao-w4a6"]
+    assert [r.name for r in select_rows(rows, "w4a6")] == ["fp32", "naive-w4a6"]
+    # with an ablation, the plain rows its rows build on are there too
+    assert [r.name for r in select_rows(default_rows(("best",)), "w4a6")] == ["fp32", "naive-w4a6",
+                                                                              "diffusion-ao-w4a6"]
     with_dmq = default_rows(("dmq",))
     assert [r.name for r in select_rows(with_dmq, "dmq-w4a8")] == [
         "fp32", "dmq-w4a8", "dmq-w4a8-les", "dmq-w4a8-les+tw", "dmq-w4a8-les+tw+pts-mse", "dmq-w4a8-les+tw+pts-vote"]
     with_tfmq = default_rows(("tfmq",))
     assert [r.name for r in select_rows(with_tfmq, "tfmq-w4a6")] == [
-        "fp32", "tfmq-w4a6-baseline", "tfmq-w4a6-cache", "tfmq-w4a6-cache+fsc", "tfmq-w4a6-fsc-temporal",
+        "fp32", "tfmq-w4a6", "tfmq-w4a6-baseline", "tfmq-w4a6-cache", "tfmq-w4a6-cache+fsc", "tfmq-w4a6-fsc-temporal",
         "tfmq-w4a6-fsc-temporal+tiar", "tfmq-w4a6-select"]
     with pytest.raises(ValueError, match="Unknown ablation"):
         default_rows(("les",))
     with pytest.raises(ValueError, match="match no row and name no preset"):
         select_rows(rows, "w2a2")
     # A preset without a row of its own becomes one row named after it.
-    picked = select_rows(rows, "naive-w4a8,dmq-w4a6,qdiff-w4a8")
+    picked = select_rows(rows, "naive-w4a8,tfmq-scope,qdiff-w4a8")
     assert [(r.name, r.method) for r in picked] == [("fp32", "fp32"), ("naive-w4a8", "naive-minmax"),
                                                     ("qdiff-w4a8-naive", "qdiff"), ("qdiff-w4a8", "qdiff"),
-                                                    ("dmq-w4a6", "dmq")]
-    assert picked[-1].config == QuantConfig.preset("dmq-w4a6")
+                                                    ("tfmq-scope", "tfmq")]
+    assert picked[-1].config == QuantConfig.preset("tfmq-scope")
 
 
-def test_default_rows_show_each_seed_preset_in_its_own_scope():
+def test_default_rows_show_every_method_at_both_low_bit_widths():
     rows = {r.name: r for r in default_rows()}
-    for preset in ("dmq-w4a8", "tfmq-w4a8", "qdiff-w4a8"):
-        assert rows[preset].config == QuantConfig.preset(preset)
-    # Q-Diffusion quantizes everything: its naive row has the same scope, min-max and timestep-agnostic
-    naive, qdiff = rows["qdiff-w4a8-naive"].config, rows["qdiff-w4a8"].config
-    assert naive.scope == qdiff.scope and naive.act_observer == naive.weight_observer == "minmax"
-    assert naive.timestep_aggregation == "global" and naive.qdiff is None
+    assert {"fp32", "naive-w8a8", "naive-w4a8", "naive-w4a6", "x86-default"} <= set(rows)
+    for bits in ("w4a8", "w4a6"):
+        for preset in (f"dmq-{bits}", f"tfmq-{bits}", f"qdiff-{bits}", f"best-{bits}"):
+            assert rows[preset].config == QuantConfig.preset(preset)
+        assert rows[f"best-{bits}"].method == "best"
+        # Q-Diffusion quantizes everything: its naive row has the same scope, min-max and timestep-agnostic
+        naive, qdiff = rows[f"qdiff-{bits}-naive"].config, rows[f"qdiff-{bits}"].config
+        assert naive.scope == qdiff.scope and naive.act_observer == naive.weight_observer == "minmax"
+        assert naive.timestep_aggregation == "global" and naive.qdiff is None
 
 
 def test_best_ablation_rows_measure_gptq_alone_and_under_the_preset():
@@ -113,13 +119,20 @@ def test_best_ablation_rows_measure_gptq_alone_and_under_the_preset():
     assert rows["best-w4a8-weights-only+gptq"].gptq is not None
     assert rows["best-w4a6-gptq"].act_bits == 6 and rows["best-w4a6-gptq"].weight_observer == "mse"
     assert rows["best-w4a6-gptq-minmax-grid"].weight_observer == "minmax"
+    # the preset is the ablation's row with the pieces that paid
+    for bits in ("w4a8", "w4a6"):
+        best = rows[f"best-{bits}-gptq-minmax-grid+cache+tw+mp+recon"]
+        assert best.replace(name=f"best-{bits}") == QuantConfig.preset(f"best-{bits}")
+    assert rows["best-w4a8-gptq-minmax-grid+cache+tw+mp+oc"].output_correction is not None
+    assert rows["best-w4a6-gptq-minmax-grid+cache+tw+mp+recon"].qdiff.reconstruction is not None
 
 
 def test_qdiff_ablation_adds_each_piece_in_turn():
     rows = select_rows(default_rows(("qdiff",)), "qdiff-w4a6")
-    assert [r.name for r in rows] == ["fp32", "qdiff-w4a6-naive", "qdiff-w4a6-tw", "qdiff-w4a6-split",
-                                      "qdiff-w4a6-recon", "qdiff-w4a6-recon+dmq"]
-    naive, tw, split, recon, dmq = (r.config for r in rows[1:])
+    assert [r.name for r in rows] == ["fp32", "qdiff-w4a6-naive", "qdiff-w4a6", "qdiff-w4a6-tw", "qdiff-w4a6-split",
+                                      "qdiff-w4a6-recon", "qdiff-w4a6-recon+dmq"]  # the naive row only once
+    assert rows[2].config == rows[5].config.replace(name="qdiff-w4a6")  # the preset is the ablation's last step
+    naive, tw, split, recon, dmq = (r.config for r in (rows[1], *rows[3:]))
     assert naive.act_observer == "minmax" and naive.timestep_aggregation == "global" and naive.qdiff is None
     assert tw.timestep_aggregation == "weighted" and tw.qdiff is None
     assert split.qdiff.split_shortcut and split.qdiff.reconstruction is None
