@@ -296,13 +296,13 @@ def default_rows(ablations: tuple[str, ...] = ()) -> list[RowSpec]:
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
         raise ValueError(f"Unknown ablation(s) {unknown}: choose from {sorted(ABLATIONS)}.")
-    rows = [fp32_row()] + [naive_row(p) for p in DIFFUSION_AO_PRESETS] + [diffusion_ao_row("w8a8"), x86_row()]
+    rows = [fp32_row()] + [naive_row(p) for p in DIFFUSION_AO_PRESETS] + [x86_row()]
     for bits in LOW_BIT_WIDTHS:
         rows += [preset_row(f"dmq-{bits}"), preset_row(f"tfmq-{bits}"), qdiff_rows(bits)[0],
                  preset_row(f"qdiff-{bits}")]
     rows += [preset_row(p) for p in BEST_PRESETS]
     if ablations:  # every ablation's rows stand on diffusion-ao's plain rows of their width
-        rows += [diffusion_ao_row(bits) for bits in LOW_BIT_WIDTHS]
+        rows += [diffusion_ao_row(bits) for bits in DIFFUSION_AO_PRESETS]
     for name in ablations:
         have = {r.name for r in rows}
         rows += [r for r in ABLATIONS[name]() if r.name not in have]  # e.g. qdiff-w4a8-naive is a default row
@@ -312,7 +312,8 @@ def default_rows(ablations: tuple[str, ...] = ()) -> list[RowSpec]:
 def select_rows(rows: list[RowSpec], methods: Optional[str]) -> list[RowSpec]:
     """The rows selected by a comma-separated `--methods` filter; the FP32 reference is always kept.
 
-    A preset name that no row matches (e.g. "dmq-w4a8" without `--ablation dmq`) adds that preset as a row.
+    A preset name that no row matches (e.g. "tfmq-scope") adds that preset as a row, and "diffusion-ao-<preset>"
+    (e.g. "diffusion-ao-w4a8") diffusion-ao's plain row of it.
 
     Args:
         rows: all rows, in table order.
@@ -327,9 +328,10 @@ def select_rows(rows: list[RowSpec], methods: Optional[str]) -> list[RowSpec]:
         return list(rows)
     tokens = [t.strip() for t in methods.split(",") if t.strip()]
     unmatched = [t for t in tokens if not any(r.matches(t) for r in rows)]
-    unknown = [t for t in unmatched if t not in PRESETS]
+    plain = {f"diffusion-ao-{p}": p for p in PRESETS}  # diffusion-ao's plain row of any preset, by its row name
+    unknown = [t for t in unmatched if t not in PRESETS and t not in plain]
     if unknown:
         raise ValueError(f"--methods: {unknown} match no row and name no preset; rows are {[r.name for r in rows]} "
                          f"(a method family or preset name selects all its rows), presets are {sorted(PRESETS)}.")
     return ([r for r in rows if r.is_reference or any(r.matches(t) for t in tokens)]
-            + [preset_row(t) for t in unmatched])
+            + [diffusion_ao_row(plain[t]) if t in plain else preset_row(t) for t in unmatched])

@@ -62,9 +62,10 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
 }
 QUICK = dict(num_samples=128, steps=10, calib_samples=16, batch=64, heldout_samples=8)
-NUM_SAMPLES = 1000
-# A guided DiT row samples the doubled batch: 500 samples keep its 12 default rows within 15 min on 2 cores, and
-# FD vs FP still separates them wherever the spread over calibration seeds does (README, the DiT section).
+# 500 samples per row keep the default rows (16, three of them learned) near the 15-minute budget on 2 cores; FD
+# vs FP (same seeds) still separates them wherever the spread over calibration seeds does (README). A guided DiT
+# row samples the doubled batch.
+NUM_SAMPLES = 500
 DIT_NUM_SAMPLES = 500
 DIT_GUIDANCE = 1.5  # bench/model_quality.py: label agreement 0.997, FD to real 76.5 (1: 0.984, 16.5; 3: 0.767, 553)
 
@@ -84,13 +85,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--calib-seeds", type=int, default=1, help="calibrate every quantized row this many times, "
                    "each with its own calibration trajectories and method seeds, and report the mean and min-max "
                    "of the quality columns (samples, latency and per-timestep errors come from the first seed)")
-    p.add_argument("--heldout-samples", type=int, default=32, help="held-out trajectories for per-timestep error")
+    p.add_argument("--heldout-samples", type=int, default=16, help="held-out trajectories for per-timestep error")
     p.add_argument("--methods", default=None, help="comma-separated row names, method families or presets "
                    "(the FP32 reference always runs)")
     p.add_argument("--ablation", action="append", default=[], choices=sorted(ABLATIONS),
                    help="append a method's ablation rows (repeatable), e.g. --ablation dmq")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
-    p.add_argument("--latency-rounds", type=int, default=15, help="interleaved timed calls per model")
+    p.add_argument("--latency-rounds", type=int, default=10, help="interleaved timed calls per model")
     p.add_argument("--no-compile", action="store_true", help="eager q/dq graphs only (no latency, no kernels)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}, implies --no-compile")
     p.add_argument("--seed", type=int, default=0)
@@ -277,21 +278,34 @@ def main(argv: Optional[list[str]] = None) -> Path:
             row["timestep_gain"] = [0.0] * len(heldout)
             sampled = fp_images
         else:
+            phases = {}
+            mark = time.perf_counter()
+
+            def phase(name):  # seconds since the previous phase, kept per row (where the bench's time goes)
+                nonlocal mark
+                now = time.perf_counter()
+                phases[name], mark = round(now - mark, 1), now
+
             converted, calib_s, decisions = build_quantized(spec, unet, calibration_for(spec, 0), progress)
+            phase("quantize")
             predictions = noise_predictions(converted, heldout, args.batch)
             errors[spec.name] = per_timestep_relative_mse(predictions, fp_reference)
             row["timestep_gain"] = per_timestep_gain(predictions, fp_reference)
+            phase("heldout")
             counts = None
             model = converted
             if not args.no_compile:
                 model = compile_for_cpu(converted)
                 counts = count_int8_kernels(model, probe_x, probe_t, **probe_kw)
                 timed[spec.name] = probe(model)
+            phase("compile")
             row.update(kernels=kernel_kind(counts, expected_int8_kernels(decisions)), kernel_counts=counts,
                        expected_kernels=expected_int8_kernels(decisions), size_mb=size_mb(converted),
                        calib_s=round(calib_s, 2), timestep_rel_mse=errors[spec.name])
             sampled = sample_images(as_diffusers_denoiser(model, like=unet), scheduler, noise, args.num_samples,
                                     args.steps, args.batch, args.seed, f"{spec.name} samples", progress, **sampling)
+            phase("sampling")
+            row["phase_s"] = phases
         metrics = quality_metrics(sampled, fp_images, fp_features, real_features, classifier, labels)
         row.update(asdict(metrics))
         if len(calibs) > 1 and not spec.is_reference:
@@ -319,7 +333,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         agreement = "" if metrics.label_agreement is None else f" label agreement {metrics.label_agreement:.3f}"
         print(f"[bench]   fd_real {metrics.fd_real:.1f} fd_fp {metrics.fd_fp:.1f} psnr {metrics.psnr_fp:.1f} "
               f"coverage {metrics.coverage:.2f} contrast {metrics.contrast_fp:.3f}{agreement} calib {calib_s:.1f}s "
-              f"row {row['row_s']:.0f}s",
+              f"row {row['row_s']:.0f}s {row.get('phase_s', '')}",
               flush=True)
         if "spread" in row:
             print("[bench]   over calibration seeds: " + ", ".join(

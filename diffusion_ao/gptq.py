@@ -138,23 +138,16 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
     Returns:
         {layer module path: `GPTQResult`} for every re-rounded layer.
     """
-    from .observers import TimestepActivationObserver, WeightObserver
+    from .observers import WeightObserver, diffusion_observers
     from .passes.analysis import WEIGHTED_OPS, get_attr_tensor, module_path
     from .passes.capture import run_with_input_callbacks
     from .passes.channel_scaling import replace_constant
 
     users: dict[str, list[Node]] = {}  # weight observer target -> the conv/linear nodes that read its output
     weight_nodes: dict[str, Node] = {}  # weight observer target -> the get_attr node of its weight
-    observers = []
-    for node in prepared.graph.nodes:
-        if node.op != "call_module":
-            continue
-        obs = prepared.get_submodule(node.target)
-        if isinstance(obs, (WeightObserver, TimestepActivationObserver)):
-            observers.append(node.target)
-        elif "observer" in type(obs).__name__.lower() or "fake_quant" in type(obs).__name__.lower():
-            raise ValueError(f"apply_gptq supports diffusion-ao observers only; {node.target} is a "
-                             f"{type(obs).__name__}. Prepare the graph with DiffusionQuantizer.")
+    found = diffusion_observers(prepared, "apply_gptq")
+    observers = [node.target for node, _ in found]
+    for node, obs in found:
         if not isinstance(obs, WeightObserver):
             continue
         readers = [u for u in node.users if u.op == "call_function" and u.target in WEIGHTED_OPS and u.args[1] is node]

@@ -69,5 +69,4 @@ def count_int8_kernels(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dic
     counters.clear()
     fn(*args, **kwargs)
     c = counters["inductor"]
-    return {"qconv": c["qconv_unary_lower_count"] + c["qconv2d_binary_lower_count"],
-            "qlinear": c["qlinear_unary_lower_count"] + c["qlinear_binary_lower_count"]}
+    return {kind: sum(c[name] for name in INT8_KERNEL_COUNTERS if name.startswith(kind)) for kind in ("qconv", "qlinear")}

@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 
 from ..denoisers import SAMPLE, TIMESTEP
 from ..graph import register_constant
-from ..observers import TimestepActivationObserver
+from ..observers import TimestepActivationObserver, diffusion_observers
 from .analysis import LINEAR_OPS, input_dependencies, module_path
 from .temporal_cache import normalise_timesteps, timestep_index_node
 
@@ -53,16 +53,6 @@ class FSCTable:
     scales: torch.Tensor  # [T] float32
     zero_points: torch.Tensor  # [T] int64
     label: str = ""
-
-
-def _observer_nodes(prepared: GraphModule) -> list[tuple[Node, TimestepActivationObserver]]:
-    found = []
-    for node in prepared.graph.nodes:
-        if node.op == "call_module":
-            obs = prepared.get_submodule(node.target)
-            if isinstance(obs, TimestepActivationObserver):
-                found.append((node, obs))
-    return found
 
 
 def learned_step_ratio(obs: TimestepActivationObserver) -> float:
@@ -96,7 +86,9 @@ def finite_set_tables(prepared: GraphModule, timesteps: Sequence[float],
     values = normalise_timesteps(timesteps)
     deps = input_dependencies(prepared) if scope == "temporal" else {}
     tables = []
-    for node, obs in _observer_nodes(prepared):
+    for node, obs in diffusion_observers(prepared, "finite_set_tables"):
+        if not isinstance(obs, TimestepActivationObserver):
+            continue
         observed = node.args[0]
         if scope == "temporal" and not (TIMESTEP in deps[observed] and SAMPLE not in deps[observed]):
             continue

@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..graph import GraphRunner
-from ..observers import TimestepActivationObserver, WeightObserver
+from ..observers import WeightObserver, diffusion_observers
 from ..passes.analysis import get_attr_tensor
 from ..passes.channel_scaling import replace_constant
 from .adaround import AdaRoundWeightQuantizer
@@ -43,10 +43,7 @@ class QuantSim:
         self.qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the observers' qparams at the start
         self.learned: set[str] = set()
         self._runners: dict[str, GraphRunner] = {}
-        for node in prepared.graph.nodes:
-            if node.op != "call_module":
-                continue
-            obs = prepared.get_submodule(node.target)
+        for node, obs in diffusion_observers(prepared, "QuantSim"):
             if isinstance(obs, WeightObserver):
                 weight = get_attr_tensor(prepared, node.args[0])
                 if weight is None:
@@ -56,13 +53,10 @@ class QuantSim:
                 q.soft = False
                 self.weights[node.target] = q
                 self.weight_nodes[node.target] = node.args[0]
-            elif isinstance(obs, TimestepActivationObserver):
+            else:
                 scale, zp = self.qparams[node.target] = obs.calculate_qparams()
                 self.activations[node.target] = LSQActivationQuantizer(scale, zp, obs.quant_min, obs.quant_max,
                                                                        learn=False)
-            elif "observer" in type(obs).__name__.lower() or "fake_quant" in type(obs).__name__.lower():
-                raise ValueError(f"QuantSim supports diffusion-ao observers only; {node.target} is a "
-                                 f"{type(obs).__name__}. Prepare the graph with DiffusionQuantizer.")
         if not self.weights and not self.activations:
             raise ValueError("QuantSim found no diffusion-ao observers: pass a graph prepared with "
                              "DiffusionQuantizer and calibrated, before convert_pt2e.")

@@ -98,6 +98,7 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
                                                     ("qdiff-w4a8-naive", "qdiff"), ("qdiff-w4a8", "qdiff"),
                                                     ("tfmq-scope", "tfmq")]
     assert picked[-1].config == QuantConfig.preset("tfmq-scope")
+    assert [r.name for r in select_rows(rows, "diffusion-ao-w4a8")] == ["fp32", "diffusion-ao-w4a8"]
 
 
 def test_default_rows_show_every_method_at_both_low_bit_widths():
