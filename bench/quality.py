@@ -86,10 +86,24 @@ def batched_forward(fn: ForwardFn, x: torch.Tensor, t: torch.Tensor, batch: int,
 
 
 @torch.no_grad()
-def noise_predictions(fn: ForwardFn, data: CalibrationData, batch: int) -> list[torch.Tensor]:
-    """The model's noise prediction at every recorded step of `data` (a held-out set of FP trajectories)."""
-    return [batched_forward(fn, s.sample, torch.full((len(s.sample),), s.timestep), batch, s.conditioning)
-            for s in data.steps]
+def noise_predictions(fn: ForwardFn, data: CalibrationData, batch: int,
+                      mixed_timesteps: bool = True) -> list[torch.Tensor]:
+    """The model's noise prediction at every recorded step of `data` (a held-out set of FP trajectories).
+
+    Args:
+        fn: the model (a graph taking one timestep per sample).
+        data: the held-out steps.
+        batch: rows per call.
+        mixed_timesteps: run the steps together, `batch` rows per call whatever their timesteps; False for a
+            graph with per-timestep activation ranges (finite-set calibration), which takes one timestep per call.
+    """
+    if not mixed_timesteps:
+        return [batched_forward(fn, s.sample, torch.full((len(s.sample),), s.timestep), batch, s.conditioning)
+                for s in data.steps]
+    x = torch.cat([s.sample for s in data.steps])
+    t = torch.cat([torch.full((len(s.sample),), s.timestep) for s in data.steps])
+    extra = {k: torch.cat([s.conditioning[k] for s in data.steps]) for k in data.steps[0].conditioning}
+    return list(batched_forward(fn, x, t, batch, extra).split([len(s.sample) for s in data.steps]))
 
 
 def per_timestep_relative_mse(preds: list[torch.Tensor], reference: list[torch.Tensor]) -> list[float]:
