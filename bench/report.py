@@ -8,7 +8,8 @@ COLUMNS = [("name", "row"), ("weight_bits", "W"), ("act_bits", "A"), ("fd_real",
            ("fd_fp", "FD vs FP"), ("psnr_fp", "PSNR vs FP"), ("ssim_fp", "SSIM vs FP"), ("coverage", "coverage"),
            ("contrast_fp", "contrast vs FP"),
            ("latency_ms", "latency ms"), ("speedup_vs_fp32_compiled", "x FP32 compiled"), ("kernels", "kernels"),
-           ("size_mb", "MiB"), ("calib_s", "calib s")]
+           ("size_mb", "MiB"), ("calib_s", "calib s"), ("compile_s", "compile s"),
+           ("compile_rss_mib", "compiled +MiB")]
 
 
 def _cell(value) -> str:
@@ -72,7 +73,9 @@ def write_report(meta: dict, rows: list[dict], path: Path, notes: Optional[list[
         "samples' standard deviation over FP32's (same seeds); a systematic gain in the noise prediction "
         "(`timestep_gain` in results.json) shows up here while per-step MSE hides it. kernels: `int8` when "
         "inductor lowered every quantized conv/linear to a oneDNN int8 kernel, `simulated` when q/dq runs in fp32. "
-        "MiB: tensors the graph uses, weight codes counted at their packed bit width (as `save_quantized` stores them).",
+        "MiB: tensors the graph uses, weight codes counted at their packed bit width (as `save_quantized` stores them). "
+        "compile s / compiled +MiB: time to compile (every group of a time-grouped model) and the growth of the "
+        "process's resident memory meanwhile (packed weights and code; rough: the allocator keeps freed pages).",
         "",
         latency_note,
         "",

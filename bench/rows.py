@@ -281,6 +281,19 @@ def best_rows(bits: str) -> list[RowSpec]:
             for label, cfg in steps]
 
 
+def time_group_rows(bits: str) -> list[RowSpec]:
+    """Time-grouped activation ranges on `best-<bits>`: K = 2, 4, 8 groups cut where the fewest bits of
+    activation resolution are lost, and K = 4 in equal groups (TQ-DiT's split). Each group compiles its own int8
+    graph: the rows' compile time and compiled memory show the cost."""
+    from diffusion_ao.config import TimeGroupConfig
+
+    best = QuantConfig.preset(f"best-{bits}")
+    steps = [(f"tg{k}", TimeGroupConfig(groups=k)) for k in (2, 4, 8)]
+    steps.append(("tg4-uniform", TimeGroupConfig(groups=4, split="uniform")))
+    return [_config_row(f"best-{bits}-{label}", "timegroups", f"best-{bits}",
+                        best.replace(time_groups=groups, name=f"best-{bits}-{label}")) for label, groups in steps]
+
+
 # Extra rows that `--ablation NAME` appends (they do not fit the default run's 15-minute budget).
 ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "dmq": lambda: dmq_rows("w4a8") + dmq_rows("w4a6"),
@@ -288,6 +301,7 @@ ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "qdiff": lambda: qdiff_rows("w4a8") + qdiff_rows("w4a6"),
     "dit": lambda: dit_rows("w4a8") + dit_rows("w4a6"),
     "best": lambda: best_rows("w4a8") + best_rows("w4a6"),
+    "timegroups": lambda: time_group_rows("w4a8") + time_group_rows("w4a6"),
 }
 
 

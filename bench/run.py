@@ -16,8 +16,10 @@ per_timestep_error.png (results.partial.json holds the finished rows while it ru
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
+import os
 import json
 import platform
 import sys
@@ -52,6 +54,7 @@ from diffusion_ao.models.digits import load_digits_tensor  # noqa: E402
 from diffusion_ao.models.dit_config import NULL_LABEL, NUM_CLASSES  # noqa: E402
 from diffusion_ao.recipe import quantize_denoiser  # noqa: E402
 from diffusion_ao.size import size_mb  # noqa: E402
+from diffusion_ao.time_groups import TimeGroupedGraph  # noqa: E402
 from diffusers import DiTTransformer2DModel  # noqa: E402
 from diffusion_ao.sampling import sample_shape  # noqa: E402
 
@@ -136,23 +139,46 @@ def release_freed_memory() -> None:
         pass
 
 
+def rss_mib() -> float:
+    """This process's resident memory in MiB (Linux; 0.0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def compile_and_count(converted: torch.nn.Module, probe_x: torch.Tensor, probe_t: torch.Tensor,
+                      probe_kw: dict) -> tuple[torch.nn.Module, Optional[dict]]:
+    """`compile_for_cpu(converted)` and the int8 kernels inductor emitted; a `TimeGroupedGraph` compiles every
+    group (a call with one of its timesteps each), and its counts are per group (the groups must agree)."""
+    model = compile_for_cpu(converted)
+    if not isinstance(model, TimeGroupedGraph):
+        return model, count_int8_kernels(model, probe_x, probe_t, **probe_kw)
+    per_group = [count_int8_kernels(model, probe_x, torch.full_like(probe_t, group[0]), **probe_kw)
+                 for group in model.group_timesteps()]
+    if any(c != per_group[0] for c in per_group):
+        raise RuntimeError(f"The time groups lowered to different int8 kernels: {per_group}.")
+    return model, per_group[0]
+
+
 def calibration_seed(base_seed: int, k: int) -> int:
     """The seed of calibration run k's trajectories: k = 0 is the bench's usual one (base + 1); the others stay
     clear of the held-out (base + 2) and sampling (base, base + 1000) seeds."""
     return base_seed + 1 + 10_007 * k
 
 
-def build_quantized(spec: RowSpec, unet, calib, progress: bool,
-                    seed: int = 0) -> tuple[torch.fx.GraphModule, float, list]:
-    """export -> prepare -> calibrate -> convert for one row, its methods seeded with `seed`; returns the converted
-    graph, calibration seconds and the quantizer's layer decisions (empty for peers without them)."""
+def build_quantized(spec: RowSpec, graph: torch.fx.GraphModule, calib, progress: bool,
+                    seed: int = 0) -> tuple[torch.nn.Module, float, list]:
+    """prepare -> calibrate -> convert for one row on (a copy of) the FP export `graph`, its methods seeded with
+    `seed`; returns the converted graph, calibration seconds and the quantizer's layer decisions (empty for peers
+    without them)."""
     if spec.config is not None:
-        converted, report = quantize_denoiser(unet, calib, spec.config.with_seed(seed), progress=progress)
+        converted, report = quantize_denoiser(graph, calib, spec.config.with_seed(seed), progress=progress)
         return converted, report.calib_s, list(report.quantizer.decisions)
-    graph = export_denoiser(unet, calib.steps[0])
     quantizer = spec.make_quantizer()
     start = time.perf_counter()
-    prepared = prepare_pt2e(graph, quantizer)
+    prepared = prepare_pt2e(copy.deepcopy(graph), quantizer)
     spec.calibrate(prepared, calib, progress)
     converted = convert_pt2e(prepared)
     return converted, time.perf_counter() - start, list(getattr(quantizer, "decisions", []))
@@ -253,6 +279,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         return lambda x, t: fn(x, t, **probe_kw)
 
     fp_graph = export_denoiser(unet, calib.steps[0])
+    pristine = copy.deepcopy(fp_graph)  # every row quantizes a copy (compiling rewrites fp_graph in place)
     fp_forward = compile_for_cpu(fp_graph) if not args.no_compile else fp_graph
     fp_unet = as_diffusers_denoiser(fp_forward, like=unet)
     fp_reference = noise_predictions(fp_graph, heldout, args.batch)
@@ -287,7 +314,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
                 now = time.perf_counter()
                 phases[name], mark = round(now - mark, 1), now
 
-            converted, calib_s, decisions = build_quantized(spec, unet, calibration_for(spec, 0), progress)
+            converted, calib_s, decisions = build_quantized(spec, pristine, calibration_for(spec, 0), progress)
             phase("quantize")
             per_timestep_ranges = any(name.startswith(FSC_SCALE_PREFIX) for name, _ in converted.named_buffers())
             predictions = noise_predictions(converted, heldout, args.batch, mixed_timesteps=not per_timestep_ranges)
@@ -297,10 +324,14 @@ def main(argv: Optional[list[str]] = None) -> Path:
             counts = None
             model = converted
             if not args.no_compile:
-                model = compile_for_cpu(converted)
-                counts = count_int8_kernels(model, probe_x, probe_t, **probe_kw)
+                before = rss_mib()
+                model, counts = compile_and_count(converted, probe_x, probe_t, probe_kw)
+                row["compile_rss_mib"] = round(rss_mib() - before, 1)  # compiled (packed) weights and code, roughly
                 timed[spec.name] = probe(model)
             phase("compile")
+            row["compile_s"] = phases["compile"] if not args.no_compile else None
+            if isinstance(converted, TimeGroupedGraph):
+                row["time_groups"] = converted.group_timesteps()
             row.update(kernels=kernel_kind(counts, expected_int8_kernels(decisions)), kernel_counts=counts,
                        expected_kernels=expected_int8_kernels(decisions), size_mb=size_mb(converted),
                        calib_s=round(calib_s, 2), timestep_rel_mse=errors[spec.name])
@@ -315,7 +346,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
                          **asdict(metrics))]
             for k in range(1, len(calibs)):
                 print(f"[bench]   calibration seed {k}", flush=True)
-                converted_k, calib_s_k, _ = build_quantized(spec, unet, calibration_for(spec, k), progress, seed=k)
+                converted_k, calib_s_k, _ = build_quantized(spec, pristine, calibration_for(spec, k), progress, seed=k)
                 model_k = converted_k if args.no_compile else compile_for_cpu(converted_k)
                 sampled_k = sample_images(as_diffusers_denoiser(model_k, like=unet), scheduler, noise,
                                           args.num_samples, args.steps, args.batch, args.seed, f"{spec.name} seed {k}",

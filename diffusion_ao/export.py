@@ -23,6 +23,7 @@ from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP, DenoiserAdapter, adapter_
 from .graph import MAX_BATCH, call_graph, graph_input_names
 from .passes.shared_weights import unshare_weights
 from .passes.timestep_guard import timestep_guard
+from .time_groups import as_graph_module
 
 EXPORT_BATCH = 2  # torch.export specialises example dimensions of size 1, so the example is traced at batch 2
 
@@ -270,8 +271,8 @@ class QuantizedDenoiser(torch.nn.Module):
 
 
 def _graph_module(graph: torch.nn.Module) -> torch.fx.GraphModule:
-    inner = getattr(graph, "model", graph)  # CompiledForCPU keeps the graph it compiled
-    if not isinstance(inner, torch.fx.GraphModule):
+    inner = as_graph_module(graph)
+    if inner is None:
         raise TypeError(f"QuantizedDenoiser needs an exported graph (or compile_for_cpu of one), got "
                         f"{type(graph).__name__}.")
     return inner

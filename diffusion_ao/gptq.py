@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationData
-from .config import GPTQConfig
+from .method_configs import GPTQConfig
 
 
 def _nearest(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,

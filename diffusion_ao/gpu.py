@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from .passes.analysis import CONV_OPS, LINEAR_OPS, get_attr_tensor
+from .time_groups import TimeGroupedGraph
 
 qd = torch.ops.quantized_decomposed
 _ACT_DQ = {qd.dequantize_per_tensor.default}
@@ -132,7 +133,7 @@ def _match(gm: GraphModule, node: Node) -> Optional[dict[str, Any]]:
                 x_zero_point=int(x_zp))
 
 
-def lower_to_int_mm(converted: GraphModule) -> GraphModule:
+def lower_to_int_mm(converted: GraphModule) -> torch.nn.Module:
     """A copy of a converted graph whose quantized convs (groups = 1) and linears run as int8 matmuls.
 
     Args:
@@ -146,6 +147,8 @@ def lower_to_int_mm(converted: GraphModule) -> GraphModule:
     Example:
         >>> lowered = lower_to_int_mm(converted)
     """
+    if isinstance(converted, TimeGroupedGraph):  # each group lowered on its own (K copies of the int8 weights)
+        return converted.map_groups(lower_to_int_mm)
     gm = copy.deepcopy(converted)
     lowered = {"conv": 0, "linear": 0}
     for node in list(gm.graph.nodes):
@@ -178,7 +181,7 @@ def lower_to_int_mm(converted: GraphModule) -> GraphModule:
     return gm
 
 
-def lower_linears_torchao(converted: GraphModule, config: Any) -> GraphModule:
+def lower_linears_torchao(converted: GraphModule, config: Any) -> torch.nn.Module:
     """A copy of a converted graph whose quantized linears are torchao-quantized `nn.Linear`s.
 
     Each linear gets the dequantized weight of its codes and is then quantized by `torchao.quantization.quantize_`
@@ -191,6 +194,8 @@ def lower_linears_torchao(converted: GraphModule, config: Any) -> GraphModule:
     """
     from torchao.quantization import quantize_
 
+    if isinstance(converted, TimeGroupedGraph):
+        return converted.map_groups(lambda group: lower_linears_torchao(group, config))
     gm = copy.deepcopy(converted)
     count = 0
     for node in list(gm.graph.nodes):

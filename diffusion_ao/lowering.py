@@ -14,6 +14,7 @@ import torch._inductor.config as inductor_config
 from torch._dynamo.utils import counters
 
 from .passes.flatten_linear import drop_reshapes_around_activations
+from .time_groups import TimeGroupedGraph
 
 # The inductor counters that count int8 oneDNN kernels in the compiled graph.
 INT8_KERNEL_COUNTERS = ("qconv_unary_lower_count", "qconv2d_binary_lower_count", "qlinear_unary_lower_count",
@@ -35,18 +36,21 @@ class CompiledForCPU(torch.nn.Module):
             return self._compiled(*args, **kwargs)
 
 
-def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None) -> CompiledForCPU:
+def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None) -> torch.nn.Module:
     """Compiles a converted graph (or a floating-point one, for comparison) for the CPU.
 
     Args:
         model: the output of `convert_pt2e`, or any module. A graph gets one exact in-place rewrite first
-            (`passes.flatten_linear.drop_reshapes_around_activations`).
+            (`passes.flatten_linear.drop_reshapes_around_activations`). A `TimeGroupedGraph` gets each of its
+            groups compiled (one set of int8 kernels per group).
         dynamic: passed to `torch.compile`; None lets dynamo decide after a batch-size change.
 
     Example:
         >>> fast = compile_for_cpu(convert_pt2e(prepared))
         >>> out = fast(sample, timestep)   # first call compiles
     """
+    if isinstance(model, TimeGroupedGraph):
+        return model.map_groups(lambda group: CompiledForCPU(group, dynamic=dynamic))
     return CompiledForCPU(model, dynamic=dynamic)
 
 

@@ -28,7 +28,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .calibration import CalibrationData
-from .config import OutputCorrectionConfig
+from .method_configs import OutputCorrectionConfig
 from .graph import call_graph, graph_input_names, register_constant
 from .passes.temporal_cache import normalise_timesteps, timestep_index_node
 

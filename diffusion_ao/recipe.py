@@ -1,13 +1,15 @@
 """`quantize_denoiser`: the whole PTQ recipe of a `QuantConfig` in one call: export; TFMQ-DM's temporal cache;
 the mixed-precision plan; DMQ's graph passes (LES, PTS); prepare (with Q-Diffusion's shortcut splitting);
 timestep-aware calibration; DMQ's timestep weighting; GPTQ rounding; Q-Diffusion's block reconstruction;
-convert; TFMQ-DM's finite-set calibration and temporal-feature selection; the per-timestep output correction.
+convert (one graph per group of timesteps with time-grouped ranges); TFMQ-DM's finite-set calibration and
+temporal-feature selection; the per-timestep output correction.
 `quantize_pipeline` runs it on a diffusers pipeline's denoiser and puts the int8 result back in place.
 
 The PT2E steps stay available one by one (see the README); this is the path the benchmark uses.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from .calibration import CalibrationData, calibrate
 from .config import QuantConfig
 from .denoisers import denoiser_role
 from .export import QuantizedDenoiser, as_diffusers_denoiser, export_denoiser
+from .graph import require_exported
 from .lowering import compile_for_cpu
 from .quantizer import DiffusionQuantizer
 from .size import size_mb
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from .output_correction import OutputCorrection
     from .qdiff import ReconstructionReport
     from .tfmq import TFMQReport
+    from .time_groups import TimeGroups
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +50,19 @@ class QuantizationReport:
     gptq: dict = field(default_factory=dict)
     output_correction: Optional["OutputCorrection"] = None
     mixed_precision: Optional["MixedPrecisionPlan"] = None
+    time_groups: Optional["TimeGroups"] = None
     calib_s: float = 0.0
 
 
 def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Union[QuantConfig, str],
                       has_vnni: Optional[bool] = None,
-                      progress: bool = True) -> tuple[torch.fx.GraphModule, QuantizationReport]:
-    """Exports `model` and quantizes it with `config`; returns the converted graph and a report.
+                      progress: bool = True) -> tuple[torch.nn.Module, QuantizationReport]:
+    """Exports `model` and quantizes it with `config`; returns the converted graph (a `TimeGroupedGraph` of one
+    converted graph per group with `config.time_groups`) and a report.
 
     Args:
-        model: a diffusers denoiser (UNet2DModel, UNet2DConditionModel, DiT, PixArt, SD3 or Flux transformer).
+        model: a diffusers denoiser (UNet2DModel, UNet2DConditionModel, DiT, PixArt, SD3 or Flux transformer), or
+            its `export_denoiser` graph (left unchanged: export once, quantize with several configs).
         data: calibration data of the same model (`capture_calibration_data` from its pipeline, or
             `collect_calibration_data` for a UNet); its first step is the export example. With `config.tfmq` the
             finite timestep set of the cache / finite-set calibration is `data.timesteps`.
@@ -75,9 +82,13 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
                         "capture_calibration_data(pipe, ...) or collect_calibration_data(unet, scheduler, ...).")
     data.validate()
     start = time.perf_counter()
+    if isinstance(model, torch.fx.GraphModule):  # exported already (e.g. once for several configs)
+        pristine = require_exported(model, "quantize_denoiser")
+    else:
+        pristine = export_denoiser(model, data.steps[0])
 
-    def export():
-        return export_denoiser(model, data.steps[0])
+    def export():  # a fresh FP graph for each pass that changes one or needs an untouched reference
+        return copy.deepcopy(pristine)
 
     graph = export()
     fp32_bytes = int(size_mb(graph) * 2**20)
@@ -128,14 +139,22 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
     if tfmq is not None:
         reference = export()
         tables = tfmq_steps.before_convert(prepared, data, tfmq, report.tfmq)
-    converted = convert_pt2e(prepared)
+    if config.time_groups is not None:
+        from .time_groups import convert_time_grouped
+        converted, report.time_groups = convert_time_grouped(prepared, data.timesteps, config.time_groups)
+        graphs = list(converted.groups)
+    else:
+        converted = convert_pt2e(prepared)
+        graphs = [converted]
     if tfmq is not None:
-        tfmq_steps.after_convert(converted, reference, tables, tfmq, report.tfmq, quantizer.decisions)
+        for graph in graphs:
+            tfmq_steps.after_convert(graph, reference, tables, tfmq, report.tfmq, quantizer.decisions)
     if config.output_correction is not None:
         from .output_correction import apply_output_correction, estimate_output_correction
         reference = reference if reference is not None else export()
         report.output_correction = estimate_output_correction(converted, reference, data, config.output_correction)
-        apply_output_correction(converted, report.output_correction)
+        for graph in graphs:
+            apply_output_correction(graph, report.output_correction)
     report.calib_s = time.perf_counter() - start
     return converted, report
 

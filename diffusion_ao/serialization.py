@@ -12,6 +12,9 @@ A saved model is a directory with three files:
 * `config.json`: format version, the graph's input names, the tensors in the order the graph reads them, and the
   bit width, dtype and shape of the packed ones.
 
+A time-grouped model (`TimeGroupedGraph`) adds one `graph.group<k>.pt2.xz` per further group (its groups read the
+same tensors, stored once) and the timestep -> group table in config.json's `time_groups`.
+
 `load_quantized` re-attaches the tensors as buffers of the loaded graph, which is then an ordinary converted
 graph: it runs eagerly, `compile_for_cpu` lowers it to the same int8 kernels, and its batch size is dynamic.
 """
@@ -29,7 +32,9 @@ from torch.fx import GraphModule
 
 from .graph import MAX_BATCH, graph_input_names
 from .packing import pack_int, unpack_int
+from .passes.temporal_cache import TIMESTEPS_BUFFER
 from .size import DEQUANTIZE_OPS, QUANTIZE_OPS, graph_tensor_targets, weight_code_bits
+from .time_groups import GROUP_INDEX_BUFFER, TimeGroupedGraph
 
 FORMAT = "diffusion-ao-quantized"
 VERSION = 1
@@ -37,6 +42,7 @@ GRAPH_FILE, TENSORS_FILE, CONFIG_FILE = "graph.pt2.xz", "tensors.safetensors", "
 INPUTS_META = "diffusion_ao_inputs"
 GUARDS_MODULE = "_guards_fn"  # torch.export's input-shape check; dynamo guards the compiled graph itself
 _EXAMPLE_BATCH = 2  # torch.export specialises dimensions of size 1
+TIME_GROUPS = "time_groups"  # config.json: timesteps, group of each, batch inputs of a TimeGroupedGraph
 DROPPED_META = ("stack_trace", "from_node", "torch_fn", "source_fn_stack")
 
 
@@ -102,9 +108,35 @@ def tensor_key(target: str) -> str:
     return target.replace(".", "__")
 
 
+def _graph_archive(graph: GraphModule, tensors: dict[str, torch.Tensor], keys: dict[str, str],
+                   max_batch: int) -> bytes:
+    """The graph's structure, `torch.export`-serialised with its tensors as inputs, xz-compressed."""
+    flat = _graph_with_tensor_inputs(graph, keys)
+    examples = _example_inputs(graph)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    # a batch dimension on every input exported with one (not on shared inputs such as Flux's img_ids)
+    dynamic = [{0: batch} if _has_batch(graph, name) else None for name in graph_input_names(graph)]
+    dynamic += [None] * len(tensors)
+    with torch.no_grad():
+        program = torch.export.export(flat, (*examples, *tensors.values()), dynamic_shapes=dynamic)
+    program._example_inputs = None  # they would hold a copy of every tensor
+    for node in program.graph.nodes:  # provenance metadata is most of the archive and not needed to run it
+        for key in DROPPED_META:
+            node.meta.pop(key, None)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    # The archive is uncompressed JSON: compressing it makes the graph ~20x smaller than its weights' worth.
+    return lzma.compress(buffer.getvalue(), preset=6)
+
+
+def _group_file(k: int) -> str:
+    return GRAPH_FILE.replace("graph", f"graph.group{k}", 1)
+
+
 def save_quantized(graph: GraphModule, path: Union[str, Path], metadata: Optional[dict[str, Any]] = None,
                    max_batch: int = MAX_BATCH) -> Path:
-    """Saves a converted graph to the directory `path` with packed low-bit weights and no FP weights.
+    """Saves a converted graph to the directory `path` with packed low-bit weights and no FP weights. A
+    `TimeGroupedGraph` is saved with its tensors once and one graph file per group.
 
     Args:
         graph: the output of `convert_pt2e` / `quantize_unet` (not compiled), possibly rewritten by passes that
@@ -123,6 +155,8 @@ def save_quantized(graph: GraphModule, path: Union[str, Path], metadata: Optiona
         >>> save_quantized(convert_pt2e(prepared), "unet-w4a8", metadata={"preset": "w4a8"})
         >>> fast = compile_for_cpu(load_quantized("unet-w4a8"))
     """
+    if isinstance(graph, TimeGroupedGraph):
+        return _save_time_grouped(graph, Path(path), metadata, max_batch)
     graph = _require_converted(graph)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -132,21 +166,7 @@ def save_quantized(graph: GraphModule, path: Union[str, Path], metadata: Optiona
     if len(set(keys.values())) != len(keys):
         raise ValueError("Two graph attributes map to the same file key; rename them.")
     inputs = graph_input_names(graph)
-    flat = _graph_with_tensor_inputs(graph, keys)
-    examples = _example_inputs(graph)
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    # a batch dimension on every input exported with one (not on shared inputs such as Flux's img_ids)
-    dynamic = [{0: batch} if _has_batch(graph, name) else None for name in inputs] + [None] * len(tensors)
-    with torch.no_grad():
-        program = torch.export.export(flat, (*examples, *tensors.values()), dynamic_shapes=dynamic)
-    program._example_inputs = None  # they would hold a copy of every tensor
-    for node in program.graph.nodes:  # provenance metadata is most of the archive and not needed to run it
-        for key in DROPPED_META:
-            node.meta.pop(key, None)
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    # The archive is uncompressed JSON: compressing it makes the graph ~20x smaller than its weights' worth.
-    (path / GRAPH_FILE).write_bytes(lzma.compress(buffer.getvalue(), preset=6))
+    (path / GRAPH_FILE).write_bytes(_graph_archive(graph, tensors, keys, max_batch))
 
     stored, packed = {}, {}
     for target, tensor in tensors.items():
@@ -162,6 +182,28 @@ def save_quantized(graph: GraphModule, path: Union[str, Path], metadata: Optiona
     config = {"format": FORMAT, "version": VERSION, "inputs": inputs, "tensors": list(keys.values()),
               "packed": packed, "graph_meta_inputs": graph.meta.get(INPUTS_META, inputs),
               "metadata": metadata or {}}
+    (path / CONFIG_FILE).write_text(json.dumps(config, separators=(",", ":")))
+    return path
+
+
+def _save_time_grouped(model: TimeGroupedGraph, path: Path, metadata: Optional[dict[str, Any]],
+                       max_batch: int) -> Path:
+    """The first group as a plain save; every other group's graph beside it (`graph.group<k>.pt2.xz`), reading
+    the same tensors; the timestep -> group table in config.json."""
+    groups = [_require_converted(g) for g in model.groups]
+    save_quantized(groups[0], path, metadata, max_batch)
+    first = graph_tensor_targets(groups[0])
+    for k, group in enumerate(groups[1:], start=1):
+        mine = graph_tensor_targets(group)
+        if list(mine) != list(first) or any(mine[t] is not first[t] for t in mine):
+            raise ValueError("save_quantized: the time groups do not read the same tensors; save the model that "
+                             "convert_time_grouped / quantize_denoiser returned, unmodified.")
+        (path / _group_file(k)).write_bytes(_graph_archive(group, mine, {t: tensor_key(t) for t in mine},
+                                                           max_batch))
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config[TIME_GROUPS] = {"timesteps": getattr(model, TIMESTEPS_BUFFER).tolist(),
+                           "group_of": getattr(model, GROUP_INDEX_BUFFER).tolist(),
+                           "batch_inputs": model.batch_inputs}
     (path / CONFIG_FILE).write_text(json.dumps(config, separators=(",", ":")))
     return path
 
@@ -184,7 +226,7 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def load_quantized(path: Union[str, Path]) -> GraphModule:
+def load_quantized(path: Union[str, Path]) -> torch.nn.Module:
     """Loads a model saved by `save_quantized` as a converted graph (q/dq ops, integer weight codes).
 
     Args:
@@ -192,7 +234,7 @@ def load_quantized(path: Union[str, Path]) -> GraphModule:
 
     Returns:
         A GraphModule taking the same inputs as the saved graph (e.g. `(sample, timestep)`), with a dynamic
-        batch; `compile_for_cpu` lowers it to int8 kernels and `as_diffusers_denoiser` puts it into a pipeline.
+        batch (a `TimeGroupedGraph` of such graphs, sharing one set of tensors, for a time-grouped model); `compile_for_cpu` lowers it to int8 kernels and `as_diffusers_denoiser` puts it into a pipeline.
         `graph.meta["diffusion_ao_metadata"]` holds the `metadata` given when saving.
 
     Raises:
@@ -206,8 +248,6 @@ def load_quantized(path: Union[str, Path]) -> GraphModule:
     path = Path(path)
     config = _read_config(path)
     stored = load_file(str(path / TENSORS_FILE))
-    program = torch.export.load(io.BytesIO(lzma.decompress((path / GRAPH_FILE).read_bytes())))
-    flat = program.module()
     root = torch.nn.Module()
     for key in config["tensors"]:
         if key not in stored:
@@ -217,7 +257,20 @@ def load_quantized(path: Union[str, Path]) -> GraphModule:
             info = config["packed"][key]
             data = unpack_int(data, info["bits"], tuple(info["shape"]), getattr(torch, info["dtype"]))
         root.register_buffer(key, data)
+    if TIME_GROUPS not in config:
+        return _load_graph(path, path / GRAPH_FILE, config, root)
+    grouped = config[TIME_GROUPS]
+    files = [path / GRAPH_FILE] + [path / _group_file(k) for k in range(1, max(grouped["group_of"]) + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"'{path}' lacks the time groups' graphs {missing}; save the model again.")
+    graphs = [_load_graph(path, f, config, root) for f in files]  # every group reads root's tensors
+    return TimeGroupedGraph(graphs, grouped["timesteps"], torch.tensor(grouped["group_of"]), grouped["batch_inputs"])
 
+
+def _load_graph(path: Path, archive: Path, config: dict, root: torch.nn.Module) -> GraphModule:
+    program = torch.export.load(io.BytesIO(lzma.decompress(archive.read_bytes())))
+    flat = program.module()
     new = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     n_inputs = len(config["inputs"])

@@ -113,25 +113,33 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return total
 
 
-def packed_graph_bytes(graph: GraphModule) -> int:
-    """Bytes of the tensors the graph reads, with weight codes at their packed bit width."""
-    bits = weight_code_bits(graph)
-    targets = graph_tensor_targets(graph)
-    packed = [t for name, t in targets.items() if name in bits]
-    seen_packed = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in packed}
-    rest = [t for t in graph_tensors(graph)
-            if (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) not in seen_packed]
-    return tensor_bytes(rest) + sum(packed_nbytes(targets[name].numel(), b) for name, b in bits.items())
+def packed_graph_bytes(*graphs: GraphModule) -> int:
+    """Bytes of the tensors the graphs read (a tensor several of them share counted once), with weight codes at
+    their packed bit width."""
+    packed: dict[tuple[int, int], int] = {}  # storage -> packed bytes of the codes stored there
+    for graph in graphs:
+        targets = graph_tensor_targets(graph)
+        for name, b in weight_code_bits(graph).items():
+            t = targets[name]
+            packed[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = packed_nbytes(t.numel(), b)
+    rest = [t for graph in graphs for t in graph_tensors(graph)
+            if (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) not in packed]
+    return tensor_bytes(rest) + sum(packed.values())
 
 
 def size_mb(module: torch.nn.Module) -> float:
     """MiB (2**20 bytes) a model needs: a graph's used tensors (weight codes packed), or all of an eager module's.
+    A `TimeGroupedGraph` counts the weights its groups share once.
 
     Example:
         >>> size_mb(converted)   # 4-bit weights count half a byte each
     """
+    from .time_groups import TimeGroupedGraph  # it reads get_attr targets with this module's helpers
+
     if isinstance(module, GraphModule):
         return packed_graph_bytes(module) / 2**20
+    if isinstance(module, TimeGroupedGraph) and all(isinstance(g, GraphModule) for g in module.groups):
+        return packed_graph_bytes(*module.groups) / 2**20
     return tensor_bytes(module_tensors(module)) / 2**20
 
 

@@ -152,18 +152,27 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
             raise RuntimeError(f"The observer of {self.label} saw no data: run `calibrate(prepared, data)` "
                                "before `convert_pt2e`.")
 
-    def chosen_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (min, max) that the qparams are computed from."""
+    def chosen_range(self, keys: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) that the qparams are computed from: over every observed timestep, or over `keys`
+        alone (one timestep for finite-set calibration, a group of them for time-grouped ranges)."""
         self._require_data()
-        keys = self.timesteps()
+        if keys is None:
+            keys = self.timesteps()
+        else:
+            unseen = [k for k in keys if k not in self.stats]
+            if unseen or not keys:
+                raise KeyError(f"The observer of {self.label} saw no data at timesteps {unseen[:5] or keys}; "
+                               f"calibrated timesteps are {sorted(k for k in self.stats if k is not None)[:8]}...")
+        lo = torch.tensor(min(self.stats[k].lo for k in keys))
+        hi = torch.tensor(max(self.stats[k].hi for k in keys))
         if self.method == "minmax":
             if self.aggregation == "global":
-                return self.min_val.clone(), self.max_val.clone()
+                return lo, hi
             w = _normalised_weights(keys, self._weights).tolist()
             lo = sum(wi * self.stats[k].lo for wi, k in zip(w, keys))
             hi = sum(wi * self.stats[k].hi for wi, k in zip(w, keys))
             return torch.tensor(lo), torch.tensor(hi)
-        return self._mse_range(keys)
+        return self._mse_range(keys, lo, hi)
 
     def _mse_per_candidate(self, stats: TimestepStats, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
         def sq_err(x: torch.Tensor) -> torch.Tensor:
@@ -176,13 +185,11 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         rest_weight = max(stats.count - tails, 0) / stats.sample.numel()
         return (sq_err(stats.low_tail) + sq_err(stats.high_tail) + rest_weight * sq_err(stats.sample)) / stats.count
 
-    def _mse_range(self, keys: list, lo: Optional[torch.Tensor] = None,
-                   hi: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # Candidates clip the observed range [lo, hi] (default: over all timesteps) at grid x grid ratios.
+    def _mse_range(self, keys: list, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Candidates clip the observed range [lo, hi] of `keys` at grid x grid ratios.
         # The quantized range always holds 0, so the candidates clip [min(lo, 0), max(hi, 0)] (a range that is
         # all positive, e.g. one timestep of a post-SiLU input, would otherwise give candidates with lo > hi).
-        lo = (self.min_val if lo is None else lo).clamp(max=0.0)
-        hi = (self.max_val if hi is None else hi).clamp(min=0.0)
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         ratios = torch.linspace(1.0 / self.grid, 1.0, self.grid)
         lo_c = (lo * ratios).repeat_interleave(self.grid)
         hi_c = (hi * ratios).repeat(self.grid)
@@ -217,20 +224,29 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
     def timestep_range(self, timestep: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The (min, max) chosen from one timestep's statistics alone (finite-set calibration, METHODS.md §3):
         its own min/max for "minmax", else the MSE-optimal clipping of its own range."""
-        self._require_data()
-        if timestep not in self.stats:
-            raise KeyError(f"The observer of {self.label} saw no data at timestep {timestep}; calibrated timesteps "
-                           f"are {sorted(k for k in self.stats if k is not None)[:8]}...")
-        st = self.stats[timestep]
-        lo, hi = torch.tensor(st.lo), torch.tensor(st.hi)
-        if self.method == "minmax":
-            return lo, hi
-        return self._mse_range([timestep], lo, hi)
+        return self.chosen_range([timestep])
+
+    def learned_step_ratio(self) -> float:
+        """Learned step / the step the statistics give, for an observer whose qparams were learned (block
+        reconstruction, TIAR: `set_fixed_qparams`); 1.0 for one that only observed."""
+        if self.fixed_qparams is None:
+            return 1.0
+        lo, hi = self.chosen_range()
+        statistics_scale, _ = self._calculate_qparams(lo.reshape(()), hi.reshape(()))
+        return float(self.fixed_qparams[0].reshape(()) / statistics_scale.reshape(()))
+
+    def qparams_over(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) from the statistics of the timesteps `keys` alone (one timestep for finite-set
+        calibration, a group for time-grouped ranges). A learned step keeps its correction: the scale is the
+        statistics' scale times `learned_step_ratio()`, the zero point the statistics' one (as LSQ keeps it);
+        without this, per-timestep or per-group qparams would silently undo what TIAR / reconstruction learned."""
+        lo, hi = self.chosen_range(keys)
+        scale, zero_point = self._calculate_qparams(lo.reshape(()), hi.reshape(()))
+        return scale * self.learned_step_ratio(), zero_point
 
     def timestep_qparams(self, timestep: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero_point) for `timestep` alone (see `timestep_range`)."""
-        lo, hi = self.timestep_range(timestep)
-        return self._calculate_qparams(lo.reshape(()), hi.reshape(()))
+        """(scale, zero_point) for `timestep` alone (`qparams_over([timestep])`)."""
+        return self.qparams_over([timestep])
 
     def extra_repr(self) -> str:
         return (f"method={self.method}, aggregation={self.aggregation}, quant_range=({self.quant_min}, "

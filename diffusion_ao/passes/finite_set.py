@@ -14,8 +14,8 @@ Which nodes (`TFMQConfig.fsc`):
 * "all": every activation quantizer (what TFMQ-DM's released code does, one state dict per step).
 
 Learned step sizes: when block reconstruction or TIAR has learned an observer's step (`set_fixed_qparams`), the
-per-timestep steps keep that correction: each is the timestep's own step times learned / statistics step (the
-same zero point per timestep, as LSQ keeps it). Without this, FSC would silently undo what TIAR learned.
+per-timestep steps keep that correction (`TimestepActivationObserver.qparams_over`): each is the timestep's own
+step times learned / statistics step. Without this, FSC would silently undo what TIAR learned.
 
 Kernels: the rewritten pairs use the `.tensor` overloads of `quantize_per_tensor` / `dequantize_per_tensor`,
 which inductor's x86 patterns also lower to oneDNN `qconv`/`qlinear` with a run-time activation scale
@@ -55,16 +55,6 @@ class FSCTable:
     label: str = ""
 
 
-def learned_step_ratio(obs: TimestepActivationObserver) -> float:
-    """Learned step / the step the observer's statistics give, for an observer whose qparams were learned (block
-    reconstruction, TIAR); 1.0 for one that only observed."""
-    if obs.fixed_qparams is None:
-        return 1.0
-    lo, hi = obs.chosen_range()
-    statistics_scale, _ = obs._calculate_qparams(lo.reshape(()), hi.reshape(()))
-    return float(obs.fixed_qparams[0].reshape(()) / statistics_scale.reshape(()))
-
-
 def finite_set_tables(prepared: GraphModule, timesteps: Sequence[float],
                       scope: Literal["temporal", "all"] = "temporal") -> list[FSCTable]:
     """Per-timestep qparams of the chosen activation observers of a calibrated graph (before `convert_pt2e`).
@@ -97,11 +87,10 @@ def finite_set_tables(prepared: GraphModule, timesteps: Sequence[float],
         if missing:
             raise ValueError(f"Finite-set calibration: the observer of {obs.label} saw no data at timesteps "
                              f"{missing[:5]}; calibrate on every timestep of the set.")
-        qparams = [obs.timestep_qparams(by_f32[t]) for t in values]
-        ratio = learned_step_ratio(obs)
+        qparams = [obs.timestep_qparams(by_f32[t]) for t in values]  # a learned step's correction kept
         consumers = [(u.name, list(u.args).index(node)) for u in node.users if node in u.args]
         tables.append(FSCTable(observer=node.name, consumers=consumers,
-                               scales=torch.stack([s.reshape(()) for s, _ in qparams]).float() * ratio,
+                               scales=torch.stack([s.reshape(()) for s, _ in qparams]).float(),
                                zero_points=torch.stack([z.reshape(()) for _, z in qparams]).long(),
                                label=obs.label))
     return tables

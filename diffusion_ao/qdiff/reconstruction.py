@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationData
-from ..config import ReconstructionConfig
+from ..method_configs import ReconstructionConfig
 from ..denoisers import SAMPLE, TIMESTEP
 from ..graph import require_exported
 from ..passes.analysis import input_dependencies

@@ -19,7 +19,7 @@ import torch
 from torch.fx import GraphModule
 
 from ..calibration import CalibrationData
-from ..config import TFMQConfig
+from ..method_configs import TFMQConfig
 from ..denoisers import CLASS_LABELS
 from ..passes.finite_set import FSCTable, apply_finite_set_calibration, finite_set_tables
 from ..passes.temporal_cache import TemporalCache, cache_temporal_features, normalise_timesteps

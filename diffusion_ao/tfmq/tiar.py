@@ -12,7 +12,7 @@ import logging
 import torch
 
 from ..calibration import CalibrationData
-from ..config import ReconstructionConfig
+from ..method_configs import ReconstructionConfig
 from ..passes.temporal import find_temporal_blocks
 
 logger = logging.getLogger(__name__)

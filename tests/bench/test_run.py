@@ -208,3 +208,31 @@ def test_dit_bench_calibrates_each_row_on_its_source(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="need a class-conditional model"):
         main([*TINY, "--quick", "--ablation", "dit", "--methods", "dit-w4a8-calib-unguided",
               "--out", str(tmp_path), "--run-name", "unet"])
+
+
+def test_time_group_rows_put_best_into_k_groups():
+    rows = {r.name: r.config for r in select_rows(default_rows(("timegroups",)), "timegroups")
+            if r.config is not None}
+    assert sorted(rows) == sorted(f"best-{b}-{k}" for b in ("w4a8", "w4a6")
+                                  for k in ("tg2", "tg4", "tg8", "tg4-uniform"))
+    for name, config in rows.items():
+        bits = name.split("-")[1]
+        assert config.replace(time_groups=None, name=f"best-{bits}") == QuantConfig.preset(f"best-{bits}")
+    assert rows["best-w4a6-tg8"].time_groups.groups == 8 and rows["best-w4a6-tg8"].time_groups.split == "ranges"
+    assert rows["best-w4a8-tg4-uniform"].time_groups.split == "uniform"
+
+
+def test_compile_and_count_compiles_every_time_group(unet, scheduler):
+    from bench.run import compile_and_count
+    from diffusion_ao import collect_calibration_data, count_int8_kernels, quantize_denoiser
+    from diffusion_ao.config import TimeGroupConfig
+
+    data = collect_calibration_data(unet, scheduler, num_samples=2, num_inference_steps=4, progress=False)
+    config = QuantConfig.preset("w8a8").replace(time_groups=TimeGroupConfig(groups=2, split="uniform"))
+    grouped, _ = quantize_denoiser(unet, data, config, progress=False)
+    x, t = data.steps[0].sample, torch.full((2,), data.steps[0].timestep)
+    model, counts = compile_and_count(grouped, x, t, {})
+    assert counts["qconv"] > 0
+    # every group compiled already: calling each again lowers nothing new
+    for timesteps in model.group_timesteps():
+        assert count_int8_kernels(model, x, torch.full((2,), timesteps[0])) == {"qconv": 0, "qlinear": 0}

@@ -163,3 +163,49 @@ def test_bad_weights_are_rejected():
 def test_bad_method_is_rejected():
     with pytest.raises(ValueError, match="method"):
         TimestepActivationObserver(method="percentile")
+
+
+@settings(max_examples=25, deadline=None)
+@given(method=methods, aggregation=aggregations, seed=st.integers(0, 1000), spread=st.floats(0.1, 20),
+       learned=st.floats(0.5, 2.0) | st.none())
+def test_qparams_over_every_timestep_are_the_observers_own(method, aggregation, seed, spread, learned):
+    """`qparams_over(all timesteps)` is `calculate_qparams()`, learned step or not; over one timestep it is
+    `timestep_qparams`; a learned step's correction carries over to any subset of timesteps."""
+    obs = TimestepActivationObserver(method=method, aggregation=aggregation)
+    g = torch.Generator().manual_seed(seed)
+    keys = [999.0, 500.0, 20.0]
+    _observe(obs, [(t, torch.randn(300, generator=g) * spread * (1 + t / 300) + 0.3 * spread) for t in keys])
+    plain_scale, plain_zp = obs.calculate_qparams()
+    if learned is not None:
+        obs.set_fixed_qparams(plain_scale * learned, plain_zp)
+    scale, zp = obs.qparams_over(keys)
+    fixed_scale, fixed_zp = obs.calculate_qparams()
+    assert scale.item() == pytest.approx(fixed_scale.item(), rel=1e-5) and int(zp) == int(plain_zp)
+    for t in keys:
+        assert torch.equal(torch.stack(obs.qparams_over([t])), torch.stack(obs.timestep_qparams(t)))
+    own_scale, _ = obs.qparams_over(keys[:2])
+    obs.fixed_qparams = None
+    statistics_scale, _ = obs.qparams_over(keys[:2])
+    assert own_scale.item() == pytest.approx(statistics_scale.item() * (learned or 1.0), rel=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 1000), spread=st.floats(0.1, 20), start=st.integers(0, 3), size=st.integers(1, 4))
+def test_minmax_range_of_a_group_lies_within_the_whole_range(seed, spread, start, size):
+    obs = TimestepActivationObserver(method="minmax", aggregation="global")
+    g = torch.Generator().manual_seed(seed)
+    keys = [float(t) for t in (900, 700, 500, 300, 100)]
+    _observe(obs, [(t, torch.randn(100, generator=g) * spread * (1 + t / 100)) for t in keys])
+    group = keys[start:start + size]
+    lo, hi = obs.chosen_range(group)
+    assert lo.item() == min(obs.stats[t].lo for t in group) and hi.item() == max(obs.stats[t].hi for t in group)
+    assert obs.qparams_over(group)[0] <= obs.calculate_qparams()[0]
+
+
+def test_range_over_unseen_timesteps_is_a_clear_error():
+    obs = TimestepActivationObserver()
+    _observe(obs, [(1.0, torch.randn(10))])
+    with pytest.raises(KeyError, match="saw no data at timesteps"):
+        obs.chosen_range([1.0, 2.0])
+    with pytest.raises(KeyError, match="saw no data"):
+        obs.qparams_over([])
