@@ -206,7 +206,8 @@ def dit_rows(bits: str) -> list[RowSpec]:
       token's scale and shift; see the README's DiT section);
     * below 8-bit activations, the skewed post-GELU inputs of the MLPs' second linear (`ff.net.2`) kept at 8 bits;
     * the calibration source: the conditional half of the guided trajectories, or unguided trajectories, instead
-      of the doubled batch the guided sampler runs.
+      of the doubled batch the guided sampler runs;
+    * `best-<bits>` with the modulation cached per (timestep, label) instead of per timestep.
     """
     from diffusion_ao.config import DMQConfig, LayerQuant, TFMQConfig
     from diffusion_ao.models.dit_config import DEFAULT_DIT_KWARGS
@@ -225,6 +226,8 @@ def dit_rows(bits: str) -> list[RowSpec]:
              ("weights-minmax", base.replace(weight_observer="minmax"))]
     if base.act_bits < 8:
         steps.append(("fc2-a8", base.replace(module_name_overrides=fc2)))
+    best = QuantConfig.preset(f"best-{bits}")
+    steps.append(("best+cache-t+label", best.replace(tfmq=dataclasses.replace(best.tfmq, cache_class_labels=True))))
     rows = [_config_row(f"dit-{bits}-{label}", "dit", bits, cfg.replace(name=f"dit-{bits}-{label}"))
             for label, cfg in steps]
     for source in ("conditional-half", "unguided"):

@@ -1,10 +1,10 @@
 """The diffusion-ao benchmark: every method and bit width on one model, side by side.
 
-    python bench/run.py                 # the shipped digits DDPM, all 12 rows, ~12 min on 2 cores
+    python bench/run.py                 # the shipped digits DDPM, all 16 rows, ~15 min on 2 cores
     python bench/run.py --quick         # fewer samples, eager q/dq graphs, no latency (~2 min)
     python bench/run.py --methods naive-w4a8,diffusion-ao --num-samples 500 --scheduler dpm
     python bench/run.py --ablation dmq --methods w4a8,dmq-w4a8   # DMQ's ablation at W4A8
-    python bench/run.py --model dit     # the shipped class-conditional DiT, sampled with guidance (~13 min)
+    python bench/run.py --model dit     # the shipped class-conditional DiT, sampled with guidance (~25 min)
     python bench/run.py --speed         # the speed table instead (bench/speed.py; its options follow)
 
 For each row it exports the UNet, prepares it with the row's quantizer, calibrates on FP trajectories, converts,
@@ -248,6 +248,13 @@ def main(argv: Optional[list[str]] = None) -> Path:
     if guidance == 1.0 and any(r.calibration != "sampler" for r in rows):
         raise SystemExit(f"Rows {[r.name for r in rows if r.calibration != 'sampler']} compare calibration sources "
                          "of a guided sampler: they need a class-conditional model and --guidance other than 1.")
+    setup_s, setup_mark = {}, started  # where the time outside the rows goes (meta["setup_s"])
+
+    def setup_phase(name):
+        nonlocal setup_mark
+        now = time.perf_counter()
+        setup_s[name], setup_mark = round(now - setup_mark, 1), now
+
     calibs = [collect(args.calib_samples, calibration_seed(args.seed, k), progress) for k in range(args.calib_seeds)]
     calib = calibs[0]
     other_calibs: dict[tuple[str, int], CalibrationData] = {}
@@ -265,6 +272,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
                 other_calibs[key] = collect(2 * args.calib_samples, calibration_seed(args.seed, k), False, 1.0)
         return other_calibs[key]
     heldout = collect(args.heldout_samples, args.seed + 2, False)
+    setup_phase("model_and_calibration_data")
     # the latency / kernel-count probe: one denoiser call as the sampler makes it (the doubled batch with guidance)
     probe_x = noise[:args.batch]
     probe_kw = {}
@@ -289,6 +297,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     floor_images = sample_images(fp_unet, scheduler, floor_noise, args.num_samples, args.steps, args.batch,
                                  args.seed + 1000, "fp32 other seeds", progress, **sampling)
     fp_floor = frechet_distance(classifier_features(floor_images, classifier), fp_features)
+    setup_phase("fp32_reference")
 
     results, images, errors, timed = [], {}, {}, {}
     if not args.no_compile:
@@ -324,8 +333,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
             counts = None
             model = converted
             if not args.no_compile:
+                release_freed_memory()  # the quantization's freed temporaries, so that the compile's growth shows
                 before = rss_mib()
                 model, counts = compile_and_count(converted, probe_x, probe_t, probe_kw)
+                release_freed_memory()
                 row["compile_rss_mib"] = round(rss_mib() - before, 1)  # compiled (packed) weights and code, roughly
                 timed[spec.name] = probe(model)
             phase("compile")
@@ -373,6 +384,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
                 f"{key} {v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}]" for key, v in row["spread"].items()),
                 flush=True)
 
+    setup_mark = time.perf_counter()
     latency = {}
     if timed:
         stats = measure_interleaved(timed, probe_x, probe_t, rounds=args.latency_rounds, progress=progress)
@@ -396,6 +408,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
             "fp_fd_real": next(r["fd_real"] for r in results if r["name"] == "fp32"),
             "timesteps": heldout.timesteps, "latency_fp32_eager_ms": latency.get("fp32-eager", {}).get("median_ms"),
             "latency": latency, "latency_rounds": args.latency_rounds, "wall_s": None}
+    setup_phase("latency")
+    meta["setup_s"] = setup_s
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     (run_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
     save_sample_grid(images, run_dir / "samples.png")

@@ -63,15 +63,21 @@ def test_plan_stays_within_the_budget_and_promotes_greedily(graph, data, budget)
         assert not promoted
 
 
-def test_recipe_quantizes_the_plan_and_its_size_estimate_holds(unet, data):
+@pytest.mark.parametrize("has_vnni", [True, False], ids=["vnni", "no-vnni"])
+def test_recipe_quantizes_the_plan_and_its_size_estimate_holds(unet, data, has_vnni):
     config = QuantConfig.preset("w4a8").replace(mixed_precision=MixedPrecisionConfig(size_budget=0.3,
                                                                                      samples_per_step=1))
-    converted, report = quantize_denoiser(unet, data, config, progress=False)
+    converted, report = quantize_denoiser(unet, data, config, has_vnni=has_vnni, progress=False)
     plan = report.mixed_precision
     assert plan is not None and plan.overrides
-    widths = {d.module: d.layer.weight_bits for d in report.quantizer.decisions if d.layer is not None}
+    quantized = [d for d in report.quantizer.decisions if d.layer is not None]
+    widths = {d.module: d.layer.weight_bits for d in quantized}
     assert {widths[p] for p in plan.overrides} == {8}
     assert {w for p, w in widths.items() if p not in plan.overrides} == {4}
+    # without VNNI the promoted 8-bit-weight layers need the 7-bit activation range (int16 pair sums); 4-bit not
+    top = {d.module: d.act_range[1] for d in quantized if d.act_range}
+    assert {top[p] for p in plan.overrides if p in top} == ({255} if has_vnni else {127})
+    assert {v for p, v in top.items() if p not in plan.overrides} == {255}
     actual = size_mb(converted) * 2**20
     assert actual == pytest.approx(plan.planned_bytes, rel=0.05)
 

@@ -107,10 +107,10 @@ def test_token_shaped_predictions_are_corrected_per_last_dim():
     assert torch.allclose(graph(x, t)[0], expected, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def corrected(unet, data):
+@pytest.fixture(scope="module", params=[True, False], ids=["vnni", "no-vnni"])
+def corrected(request, unet, data):
     config = QuantConfig.preset("w4a8").replace(output_correction=OutputCorrectionConfig())
-    converted, report = quantize_denoiser(unet, data, config, progress=False)
+    converted, report = quantize_denoiser(unet, data, config, has_vnni=request.param, progress=False)
     return converted, report
 
 
