@@ -60,12 +60,8 @@ def _observer_ranges(prepared: GraphModule, timesteps: list[float]) -> torch.Ten
     for _, obs in diffusion_observers(prepared, "time groups"):
         if not isinstance(obs, TimestepActivationObserver):
             continue
-        by_f32 = {torch.tensor(k, dtype=torch.float32).item(): k for k in obs.stats if k is not None}
-        missing = [t for t in timesteps if t not in by_f32]
-        if missing:
-            raise ValueError(f"Time-grouped ranges: the observer of {obs.label} saw no data at timesteps "
-                             f"{missing[:5]}; calibrate on every timestep of the set.")
-        rows.append([(min(obs.stats[by_f32[t]].lo, 0.0), max(obs.stats[by_f32[t]].hi, 0.0)) for t in timesteps])
+        keys = obs.keys_for(timesteps, "Time-grouped ranges")
+        rows.append([(min(obs.stats[k].lo, 0.0), max(obs.stats[k].hi, 0.0)) for k in keys])
     if not rows:
         raise ValueError("Time-grouped ranges need activation observers (TimestepActivationObserver): prepare the "
                          "graph with DiffusionQuantizer and a config with act_bits.")
@@ -245,11 +241,7 @@ def convert_time_grouped(prepared: GraphModule, timesteps: Sequence[float], conf
                         lost_bits_single=lost_bits(ranges, [(0, len(values))]))
     observers = [(node.target, obs) for node, obs in diffusion_observers(prepared, "time groups")
                  if isinstance(obs, TimestepActivationObserver)]
-    keys = {}  # the observers' own timestep keys (as recorded) for the float32 values of the set
-    for target, obs in observers:
-        by_f32 = {torch.tensor(k, dtype=torch.float32).item(): k for k in obs.stats if k is not None}
-        keys[target] = by_f32
-    per_group = [{target: obs.qparams_over([keys[target][t] for t in group]) for target, obs in observers}
+    per_group = [{target: obs.qparams_over(obs.keys_for(group, "Time-grouped ranges")) for target, obs in observers}
                  for group in report.groups]
     graphs = []
     for k, qparams in enumerate(per_group):

@@ -139,6 +139,16 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         """The timestep values observed (None stands for data seen outside a `timestep_context`)."""
         return list(self.stats)
 
+    def keys_for(self, timesteps: list[float], what: str) -> list:
+        """The observer's own timestep keys for the float32 timestep values `timesteps` (a graph compares float32
+        values; the keys are what `timestep_context` set). A ValueError naming `what` if one was never observed."""
+        by_f32 = {torch.tensor(k, dtype=torch.float32).item(): k for k in self.stats if k is not None}
+        missing = [t for t in timesteps if t not in by_f32]
+        if missing:
+            raise ValueError(f"{what}: the observer of {self.label} saw no data at timesteps {missing[:5]}; "
+                             "calibrate on every timestep of the set.")
+        return [by_f32[t] for t in timesteps]
+
     def timestep_ranges(self) -> dict:
         """{timestep: (min, max)} of everything observed at that timestep."""
         return {k: (s.lo, s.hi) for k, s in self.stats.items()}
@@ -161,8 +171,9 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         else:
             unseen = [k for k in keys if k not in self.stats]
             if unseen or not keys:
-                raise KeyError(f"The observer of {self.label} saw no data at timesteps {unseen[:5] or keys}; "
-                               f"calibrated timesteps are {sorted(k for k in self.stats if k is not None)[:8]}...")
+                shown = ", ".join(f"{k:g}" for k in unseen[:5]) if unseen else "(none given)"
+                raise KeyError(f"The observer of {self.label} saw no data at timestep {shown}; calibrated timesteps "
+                               f"are {sorted(k for k in self.stats if k is not None)[:8]}...")
         lo = torch.tensor(min(self.stats[k].lo for k in keys))
         hi = torch.tensor(max(self.stats[k].hi for k in keys))
         if self.method == "minmax":

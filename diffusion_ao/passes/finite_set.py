@@ -82,12 +82,8 @@ def finite_set_tables(prepared: GraphModule, timesteps: Sequence[float],
         observed = node.args[0]
         if scope == "temporal" and not (TIMESTEP in deps[observed] and SAMPLE not in deps[observed]):
             continue
-        by_f32 = {torch.tensor(k, dtype=torch.float32).item(): k for k in obs.stats if k is not None}
-        missing = [t for t in values if t not in by_f32]
-        if missing:
-            raise ValueError(f"Finite-set calibration: the observer of {obs.label} saw no data at timesteps "
-                             f"{missing[:5]}; calibrate on every timestep of the set.")
-        qparams = [obs.timestep_qparams(by_f32[t]) for t in values]  # a learned step's correction kept
+        keys = obs.keys_for(values, "Finite-set calibration")
+        qparams = [obs.timestep_qparams(k) for k in keys]  # a learned step's correction kept
         consumers = [(u.name, list(u.args).index(node)) for u in node.users if node in u.args]
         tables.append(FSCTable(observer=node.name, consumers=consumers,
                                scales=torch.stack([s.reshape(()) for s, _ in qparams]).float(),

@@ -205,7 +205,7 @@ def test_minmax_range_of_a_group_lies_within_the_whole_range(seed, spread, start
 def test_range_over_unseen_timesteps_is_a_clear_error():
     obs = TimestepActivationObserver()
     _observe(obs, [(1.0, torch.randn(10))])
-    with pytest.raises(KeyError, match="saw no data at timesteps"):
+    with pytest.raises(KeyError, match="saw no data at timestep 2"):
         obs.chosen_range([1.0, 2.0])
     with pytest.raises(KeyError, match="saw no data"):
         obs.qparams_over([])
