@@ -13,7 +13,7 @@ import torch
 
 from .method_configs import (DMQConfig, GPTQConfig, MixedPrecisionConfig, OutputCorrectionConfig,  # noqa: F401
                              QDiffConfig, ReconstructionConfig, TFMQConfig, TimeGroupConfig, _check_bits,
-                             _check_choice, _check_seed)
+                             _check_choice)
 
 WEIGHT_BITS = range(2, 9)
 ACT_BITS = range(4, 9)
