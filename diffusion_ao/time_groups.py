@@ -28,7 +28,6 @@ import torch
 from torch.fx import GraphModule
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-from .graph import graph_input_names
 from .method_configs import TimeGroupConfig
 from .observers import TimestepActivationObserver, diffusion_observers
 from .passes.temporal_cache import TIMESTEPS_BUFFER, normalise_timesteps
@@ -234,7 +233,6 @@ def convert_time_grouped(prepared: GraphModule, timesteps: Sequence[float], conf
         >>> fast = compile_for_cpu(grouped)   # one int8 graph per group
     """
     values = normalise_timesteps(timesteps)
-    names = graph_input_names(prepared)
     ranges = _observer_ranges(prepared, values)
     spans = split_timesteps(ranges, config.groups, config.split)
     report = TimeGroups(groups=[values[i:j] for i, j in spans], lost_bits=lost_bits(ranges, spans),
@@ -251,8 +249,6 @@ def convert_time_grouped(prepared: GraphModule, timesteps: Sequence[float], conf
         graphs.append(convert_pt2e(copy_k))
     _share_constants(graphs)
     group_of = torch.tensor([k for k, (i, j) in enumerate(spans) for _ in range(i, j)])
-    if graph_input_names(graphs[0]) != names:
-        raise RuntimeError("convert_pt2e changed the graph inputs; time groups cannot dispatch on them.")
     return TimeGroupedGraph(graphs, values, group_of, _batch_inputs(graphs[0])), report
 
 
