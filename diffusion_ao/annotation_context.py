@@ -16,6 +16,7 @@ from torchao.quantization.pt2e.quantizer import QuantizationSpec
 from .config import LayerQuant, QuantConfig
 from .cpu import int16_pair_overflows
 from .observers import TimestepActivationObserver, WeightObserver
+from .observers.fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
 from .passes.analysis import module_path, module_type_name, resolve_type
 from .primitives import int_range
 
@@ -40,6 +41,7 @@ class AnnotationContext:
     time_path: set[Node]
     shortcuts: set[Node]
     has_vnni: bool
+    qat: bool = False  # FakeQuantize modules (for `prepare_qat_pt2e`) instead of observers
     decisions: list[LayerDecision] = field(default_factory=list)
 
     def _override(self, node: Node) -> tuple[bool, Optional[LayerQuant], str]:
@@ -76,9 +78,10 @@ class AnnotationContext:
         qmin, qmax = int_range(bits - 1 if reduce else bits, signed=False)
         symmetric = self.config.act_scheme == "symmetric"
         qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
-        ctor = TimestepActivationObserver.with_args(
-            dtype=torch.uint8, qscheme=qscheme, quant_min=qmin, quant_max=qmax,
-            method=self.config.act_observer, aggregation=self.config.timestep_aggregation)
+        kwargs = dict(dtype=torch.uint8, qscheme=qscheme, quant_min=qmin, quant_max=qmax,
+                      method=self.config.act_observer, aggregation=self.config.timestep_aggregation)
+        ctor = TimestepFakeQuantize.with_args(observer=TimestepActivationObserver, **kwargs) if self.qat \
+            else TimestepActivationObserver.with_args(**kwargs)
         return QuantizationSpec(dtype=torch.uint8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
                                 observer_or_fake_quant_ctr=ctor)
 
@@ -96,8 +99,10 @@ class AnnotationContext:
         qmin, qmax = int_range(bits, signed=True)
         per_channel = self.config.weight_granularity == "per_channel"
         qscheme = torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
-        ctor = WeightObserver.with_args(dtype=torch.int8, qscheme=qscheme, quant_min=qmin, quant_max=qmax,
-                                        ch_axis=0, method=self.config.weight_observer)
+        kwargs = dict(dtype=torch.int8, qscheme=qscheme, quant_min=qmin, quant_max=qmax, ch_axis=0,
+                      method=self.config.weight_observer)
+        ctor = WeightFakeQuantize.with_args(observer=WeightObserver, **kwargs) if self.qat \
+            else WeightObserver.with_args(**kwargs)
         return QuantizationSpec(dtype=torch.int8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
                                 ch_axis=0 if per_channel else None, is_dynamic=False,
                                 observer_or_fake_quant_ctr=ctor)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP
 from .graph import call_graph, graph_input_names, require_exported
 from .observers import TimestepActivationObserver, WeightObserver, timestep_context
+from .observers.fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
 from .sampling import run_sampler, sample_shape
 
 
@@ -85,6 +86,14 @@ class CalibrationData:
     def subset(self, samples_per_step: int) -> "CalibrationData":
         """The first `samples_per_step` samples of every step (a cheaper calibration set)."""
         return CalibrationData([s.select(torch.arange(min(samples_per_step, len(s)))) for s in self.steps])
+
+    def mixed_batch(self, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The graph inputs of the samples `rows[i]` of every step i, in one batch (a timestep per sample)."""
+        if len(rows) != len(self.steps):
+            raise ValueError(f"mixed_batch needs one row index tensor per step ({len(self.steps)}), got {len(rows)}.")
+        parts = [step.select(r).graph_inputs() for step, r in zip(self.steps, rows)]
+        shared = self.steps[0].shared
+        return {k: (shared[k] if k in shared else torch.cat([p[k] for p in parts])) for k in parts[0]}
 
     def batches(self, batch_size: int):
         """(step, graph inputs) for every batch of at most `batch_size` samples, step by step (one timestep
@@ -188,6 +197,8 @@ def label_observers(prepared: torch.fx.GraphModule) -> list[torch.nn.Module]:
         if node.op != "call_module":
             continue
         obs = prepared.get_submodule(node.target)
+        if isinstance(obs, (TimestepFakeQuantize, WeightFakeQuantize)):  # a QAT graph: label its statistics
+            obs = obs.activation_post_process
         if not isinstance(obs, (TimestepActivationObserver, WeightObserver)):
             continue
         users = [u for u in node.users if u.op == "call_function"]

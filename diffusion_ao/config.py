@@ -11,8 +11,8 @@ from typing import Literal, Optional
 
 import torch
 
-from .method_configs import (DMQConfig, GPTQConfig, MixedPrecisionConfig, OutputCorrectionConfig,  # noqa: F401
-                             QDiffConfig, ReconstructionConfig, TFMQConfig, TimeGroupConfig, _check_bits,
+from .method_configs import (DMQConfig, FinetuneConfig, GPTQConfig, MixedPrecisionConfig,  # noqa: F401
+                             OutputCorrectionConfig, QDiffConfig, ReconstructionConfig, TFMQConfig, TimeGroupConfig, _check_bits,
                              _check_choice)
 
 WEIGHT_BITS = range(2, 9)
@@ -77,6 +77,11 @@ class QuantConfig:
         time_groups: one static activation range per group of consecutive timesteps, each group its own int8
             graph (`TimeGroupConfig`), or None. The quantized denoiser then accepts only the calibration data's
             timesteps.
+        finetune: prepare with FakeQuantize modules (`prepare_qat_pt2e`) and train the quantization parameters
+            to reproduce the FP model on the calibration trajectories (`FinetuneConfig`, `diffusion_ao.qat`), or
+            None. It replaces the PTQ learners that work on observers (GPTQ, block reconstruction, TIAR,
+            finite-set calibration, time groups, DMQ's timestep weighting) and composes with the graph passes
+            (LES, PTS, TFMQ-DM's cache, mixed precision) and the output correction.
         name: a label for reports; presets set it.
 
     Example:
@@ -106,6 +111,7 @@ class QuantConfig:
     output_correction: Optional[OutputCorrectionConfig] = None
     mixed_precision: Optional[MixedPrecisionConfig] = None
     time_groups: Optional[TimeGroupConfig] = None
+    finetune: Optional[FinetuneConfig] = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -161,9 +167,30 @@ class QuantConfig:
                 raise ValueError("time_groups and TFMQ-DM's finite-set calibration / feature selection both choose "
                                  "activation ranges per timestep: use one (TFMQConfig(cache='all' or 'none', "
                                  "fsc='none') with time_groups).")
+        if self.finetune is not None:
+            self._check_finetune()
         if self.output_correction is not None and not isinstance(self.output_correction, OutputCorrectionConfig):
             raise ValueError("output_correction must be an OutputCorrectionConfig or None, got "
                              f"{type(self.output_correction).__name__}.")
+
+    def _check_finetune(self) -> None:
+        if not isinstance(self.finetune, FinetuneConfig):
+            raise ValueError(f"finetune must be a FinetuneConfig or None, got {type(self.finetune).__name__}.")
+        clashes = []
+        if self.gptq is not None:
+            clashes.append("gptq")
+        if self.qdiff is not None and self.qdiff.reconstruction is not None and self.qdiff.reconstruction.iterations:
+            clashes.append("qdiff.reconstruction")
+        if self.tfmq is not None and (self.tfmq.tiar or self.tfmq.fsc != "none" or self.tfmq.cache == "select"):
+            clashes.append("tfmq (tiar, fsc or cache='select')")
+        if self.time_groups is not None:
+            clashes.append("time_groups")
+        if self.dmq is not None and self.dmq.timestep_weighting:
+            clashes.append("dmq.timestep_weighting")
+        if clashes:
+            raise ValueError(f"finetune trains the FakeQuantize modules of a prepare_qat_pt2e graph; {', '.join(clashes)} "
+                             "work on prepare_pt2e observers and cannot run on it. Drop them (the fine-tune weights "
+                             "timesteps itself: FinetuneConfig.weighting_r), or set finetune=None.")
 
     @property
     def default_layer(self) -> LayerQuant:
@@ -194,7 +221,7 @@ class QuantConfig:
 
     def with_seed(self, seed: int) -> "QuantConfig":
         """A copy whose methods all draw their random choices from `seed` (LES minibatches, TIAR's and block
-        reconstruction's samples and minibatches). Calibration data has its own seed
+        reconstruction's samples and minibatches, the fine-tune's minibatches). Calibration data has its own seed
         (`collect_calibration_data(seed=...)`).
 
         Example:
@@ -209,6 +236,8 @@ class QuantConfig:
         if self.qdiff is not None and self.qdiff.reconstruction is not None:
             changes["qdiff"] = dataclasses.replace(
                 self.qdiff, reconstruction=dataclasses.replace(self.qdiff.reconstruction, seed=seed))
+        if self.finetune is not None:
+            changes["finetune"] = dataclasses.replace(self.finetune, seed=seed)
         return self.replace(**changes)
 
     @classmethod

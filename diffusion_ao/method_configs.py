@@ -1,5 +1,5 @@
 """The method configs that `QuantConfig` composes: one frozen dataclass per method (DMQ, TFMQ-DM, Q-Diffusion,
-GPTQ, output correction, mixed precision, time-grouped ranges), each validated in `__post_init__`.
+GPTQ, output correction, mixed precision, time-grouped ranges, QAT fine-tune), each validated in `__post_init__`.
 """
 from __future__ import annotations
 
@@ -338,3 +338,57 @@ class TimeGroupConfig:
             raise ValueError(f"TimeGroupConfig.groups={self.groups!r}: use an int >= 2 (one group is the plain static "
                              "ranges: QuantConfig(time_groups=None)).")
         _check_choice("TimeGroupConfig.split", self.split, TIME_GROUP_SPLITS)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A short quantization-aware fine-tune (`diffusion_ao.qat.finetune`): the denoiser is prepared with
+    FakeQuantize modules (`prepare_qat_pt2e`), calibrated, and then only the quantization parameters (activation
+    step sizes, and AdaRound's rounding or the weight step sizes) are trained to reproduce the FP model's noise
+    prediction on the calibration trajectories (distillation: no training data), with DMQ's adaptive timestep
+    weights.
+
+    Args:
+        iterations: Adam steps over the whole denoiser.
+        batch_per_step: calibration samples drawn from every timestep in each step.
+        adaround: learn each weight's rounding (AdaRound, on the weight observer's grid); False learns the
+            per-channel weight steps (LSQ).
+        weight_lr: Adam learning rate of the rounding variables (or weight steps).
+        act_lr: Adam learning rate of the activation step sizes.
+        round_weight: weight of AdaRound's regulariser against the relative noise-prediction error.
+        beta_start, beta_end: the regulariser's exponent, annealed linearly after the warm-up.
+        warmup: fraction of the iterations without the regulariser.
+        weighting_r: r of DMQ's adaptive timestep weights (0: uniform).
+        weighting_ema: EMA factor of the per-timestep losses.
+        seed: seeds the minibatch draws.
+
+    Example:
+        >>> QuantConfig.preset("w4a8").replace(finetune=FinetuneConfig(iterations=200))
+    """
+
+    iterations: int = 200
+    batch_per_step: int = 2
+    adaround: bool = True
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-4
+    round_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    weighting_r: float = 20.0
+    weighting_ema: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_per_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FinetuneConfig.{name}={value!r}: use an int >= 1.")
+        _check_seed("FinetuneConfig", self.seed)
+        if self.weight_lr <= 0 or self.act_lr <= 0 or self.round_weight < 0 or self.weighting_r < 0:
+            raise ValueError("FinetuneConfig: weight_lr and act_lr must be > 0, round_weight and weighting_r >= 0; "
+                             f"got {self.weight_lr}, {self.act_lr}, {self.round_weight}, {self.weighting_r}.")
+        if not 0 < self.beta_end <= self.beta_start or not 0 <= self.warmup < 1 or not 0 <= self.weighting_ema < 1:
+            raise ValueError("FinetuneConfig: need 0 < beta_end <= beta_start, warmup in [0, 1) and weighting_ema in "
+                             f"[0, 1); got beta {self.beta_start} -> {self.beta_end}, warmup {self.warmup}, ema "
+                             f"{self.weighting_ema}.")

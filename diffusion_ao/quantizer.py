@@ -45,16 +45,20 @@ class DiffusionQuantizer(Quantizer):
     Args:
         config: what to quantize and how; defaults to `QuantConfig.preset("w8a8")`.
         has_vnni: override the CPU detection that chooses the activation range (None: detect).
+        qat: annotate with FakeQuantize modules (`TimestepFakeQuantize`, `WeightFakeQuantize`) for
+            `prepare_qat_pt2e` instead of observers for `prepare_pt2e`; the bit widths and ranges are the same.
 
     After `prepare_pt2e`, `quantizer.decisions` lists every layer with its bit widths (or FP) and the reason.
     """
 
-    def __init__(self, config: Optional[QuantConfig] = None, has_vnni: Optional[bool] = None) -> None:
+    def __init__(self, config: Optional[QuantConfig] = None, has_vnni: Optional[bool] = None,
+                 qat: bool = False) -> None:
         super().__init__()
         if config is not None and not isinstance(config, QuantConfig):
             raise TypeError(f"DiffusionQuantizer takes a QuantConfig, got {type(config).__name__}.")
         self.config = config or QuantConfig.preset("w8a8")
         self.has_vnni = cpu_has_vnni() if has_vnni is None else has_vnni
+        self.qat = qat
         self.decisions: list[LayerDecision] = []
         self.split_convs: list[str] = []  # convs split by QDiffConfig.split_shortcut, by original node name
 
@@ -83,7 +87,7 @@ class DiffusionQuantizer(Quantizer):
     def _context(self, model: GraphModule) -> AnnotationContext:
         first, last = first_and_last_layers(model)
         return AnnotationContext(self.config, first | last, time_embedding_nodes(model), shortcut_convs(model),
-                                 self.has_vnni)
+                                 self.has_vnni, self.qat)
 
     def planned_layers(self, model: GraphModule) -> dict[Node, PlannedLayer]:
         """The conv/linear nodes of an exported graph that this config will quantize, with their bit widths and

@@ -1,8 +1,9 @@
 """`quantize_denoiser`: the whole PTQ recipe of a `QuantConfig` in one call: export; TFMQ-DM's temporal cache;
 the mixed-precision plan; DMQ's graph passes (LES, PTS); prepare (with Q-Diffusion's shortcut splitting);
-timestep-aware calibration; DMQ's timestep weighting; GPTQ rounding; Q-Diffusion's block reconstruction;
-convert (one graph per group of timesteps with time-grouped ranges); TFMQ-DM's finite-set calibration and
-temporal-feature selection; the per-timestep output correction.
+timestep-aware calibration; the QAT fine-tune (with `config.finetune` the graph is prepared by `prepare_qat_pt2e`);
+DMQ's timestep weighting; GPTQ rounding; Q-Diffusion's block reconstruction; convert (one graph per group of
+timesteps with time-grouped ranges); TFMQ-DM's finite-set calibration and temporal-feature selection; the
+per-timestep output correction.
 `quantize_pipeline` runs it on a diffusers pipeline's denoiser and puts the int8 result back in place.
 
 The PT2E steps stay available one by one (see the README); this is the path the benchmark uses.
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
 from .calibration import CalibrationData, calibrate
 from .config import QuantConfig
@@ -30,6 +31,7 @@ from .size import size_mb
 if TYPE_CHECKING:
     from .mixed_precision import MixedPrecisionPlan
     from .output_correction import OutputCorrection
+    from .qat import FinetuneReport
     from .qdiff import ReconstructionReport
     from .tfmq import TFMQReport
     from .time_groups import TimeGroups
@@ -51,6 +53,7 @@ class QuantizationReport:
     output_correction: Optional["OutputCorrection"] = None
     mixed_precision: Optional["MixedPrecisionPlan"] = None
     time_groups: Optional["TimeGroups"] = None
+    finetune: Optional["FinetuneReport"] = None
     calib_s: float = 0.0
 
 
@@ -103,7 +106,7 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
         plan = plan_mixed_precision(graph, data, config, config.mixed_precision, has_vnni=has_vnni,
                                     fp32_bytes=fp32_bytes)
         config = config.replace(module_name_overrides={**plan.overrides, **config.module_name_overrides})
-    quantizer = DiffusionQuantizer(config, has_vnni=has_vnni)
+    quantizer = DiffusionQuantizer(config, has_vnni=has_vnni, qat=config.finetune is not None)
     report = QuantizationReport(quantizer, tfmq=tfmq_report, mixed_precision=plan)
     if dmq is not None and (dmq.les or dmq.pts):  # plan the channel scales on the convs prepare_pt2e quantizes
         quantizer.split_shortcuts(graph)
@@ -116,8 +119,11 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
         from .dmq import apply_power_of_two_scaling
         report.pts = apply_power_of_two_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
         logger.info("PTS: %d layers scaled: %s", len(report.pts), sorted(report.pts))
-    prepared = prepare_pt2e(graph, quantizer)
+    prepared = (prepare_pt2e if config.finetune is None else prepare_qat_pt2e)(graph, quantizer)
     calibrate(prepared, data, progress=progress)
+    if config.finetune is not None:
+        from .qat import finetune
+        report.finetune = finetune(prepared, export(), data, config.finetune, progress=progress)
     if dmq is not None and dmq.timestep_weighting and dmq.weighting_iterations > 0:
         if config.timestep_aggregation != "weighted":
             raise ValueError("DMQConfig(timestep_weighting=True) needs QuantConfig(timestep_aggregation='weighted').")

@@ -219,7 +219,7 @@ class LESResult:
     fold: Optional[str] = None  # "producer" / "multiply" once folded; None when s stayed at 1
 
 
-def _per_timestep(errors: torch.Tensor, step_ids: torch.Tensor, num_steps: int) -> torch.Tensor:
+def per_timestep_mean(errors: torch.Tensor, step_ids: torch.Tensor, num_steps: int) -> torch.Tensor:
     """(num_steps,) mean of per-sample `errors` per timestep id."""
     sums = torch.zeros(num_steps, dtype=errors.dtype).index_add(0, step_ids, errors)
     return sums / torch.bincount(step_ids, minlength=num_steps).clamp_min(1)
@@ -283,7 +283,7 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
     eval_noise = (_uniform(x_all.shape, generator), _uniform(sim.weight.shape, generator))
 
     def per_timestep_loss(pred: torch.Tensor, reference: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return _per_timestep(per_sample_relative_error(pred, reference), ids, len(timesteps))
+        return per_timestep_mean(per_sample_relative_error(pred, reference), ids, len(timesteps))
 
     with torch.no_grad():
         reference = sim.reference(x_all)

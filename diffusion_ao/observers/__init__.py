@@ -6,10 +6,11 @@ from torch.fx import GraphModule, Node
 
 from .activation import TimestepActivationObserver
 from .context import current_timestep, timestep_context
+from .fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
 from .weight import WeightObserver
 
-__all__ = ["TimestepActivationObserver", "WeightObserver", "current_timestep", "diffusion_observers",
-           "timestep_context"]
+__all__ = ["TimestepActivationObserver", "TimestepFakeQuantize", "WeightFakeQuantize", "WeightObserver",
+           "current_timestep", "diffusion_observers", "timestep_context"]
 
 
 def diffusion_observers(prepared: GraphModule, owner: str) -> list[tuple[Node, torch.nn.Module]]:
@@ -31,6 +32,11 @@ def diffusion_observers(prepared: GraphModule, owner: str) -> list[tuple[Node, t
         obs = prepared.get_submodule(node.target)
         if isinstance(obs, (WeightObserver, TimestepActivationObserver)):
             found.append((node, obs))
+        elif isinstance(obs, (WeightFakeQuantize, TimestepFakeQuantize)):
+            raise ValueError(f"{owner} runs on a graph from `prepare_pt2e`; this one is from `prepare_qat_pt2e` "
+                             f"({node.target} is a {type(obs).__name__}). Prepare with "
+                             "`prepare_pt2e(graph, DiffusionQuantizer(config))`, or train the QAT graph with "
+                             "`diffusion_ao.qat.finetune`.")
         elif "observer" in type(obs).__name__.lower() or "fake_quant" in type(obs).__name__.lower():
             raise ValueError(f"{owner} supports diffusion-ao observers only; {node.target} is a "
                              f"{type(obs).__name__}. Prepare the graph with DiffusionQuantizer.")

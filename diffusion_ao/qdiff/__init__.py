@@ -7,9 +7,9 @@ Example:
     >>> reconstruct_blocks(prepared, data, ReconstructionConfig(iterations=200))
     >>> quantized = convert_pt2e(prepared)
 """
-from .adaround import AdaRoundWeightQuantizer, annealed_beta, rectified_sigmoid, round_regularizer
+from ..observers.adaround import AdaRoundWeightQuantizer, annealed_beta, rectified_sigmoid, round_regularizer
 from .blocks import Block, block_from_nodes, find_blocks
-from .lsq import LSQActivationQuantizer
+from ..observers.lsq import LSQActivationQuantizer
 from .reconstruction import BlockResult, ReconstructionReport, reconstruct_blocks, select_samples
 from .sim import QuantSim
 

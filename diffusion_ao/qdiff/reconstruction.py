@@ -26,7 +26,7 @@ from ..method_configs import ReconstructionConfig
 from ..denoisers import SAMPLE, TIMESTEP
 from ..graph import require_exported
 from ..passes.analysis import input_dependencies
-from .adaround import annealed_beta, round_regularizer
+from ..observers.adaround import annealed_beta, round_regularizer
 from .blocks import Block, build_block_module, find_blocks
 from .sim import QuantSim
 

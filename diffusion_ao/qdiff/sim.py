@@ -19,8 +19,8 @@ from ..graph import GraphRunner
 from ..observers import WeightObserver, diffusion_observers
 from ..passes.analysis import get_attr_tensor
 from ..passes.channel_scaling import replace_constant
-from .adaround import AdaRoundWeightQuantizer
-from .lsq import LSQActivationQuantizer
+from ..observers.adaround import AdaRoundWeightQuantizer
+from ..observers.lsq import LSQActivationQuantizer
 
 
 class QuantSim:

@@ -13,8 +13,10 @@ from ..primitives import fake_quantize_ste
 
 
 def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """x forward; its gradient multiplied by `factor` backward."""
-    return (x - x * factor).detach() + x * factor
+    """x forward (bit for bit: a step one ulp off would move the codes of values on a half step); its gradient
+    multiplied by `factor` backward."""
+    scaled = x * factor
+    return x.detach() + (scaled - scaled.detach())
 
 
 class LSQActivationQuantizer(torch.nn.Module):

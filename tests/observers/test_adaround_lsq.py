@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from diffusion_ao.primitives import fake_quantize
 from diffusion_ao.qdiff import (AdaRoundWeightQuantizer, LSQActivationQuantizer, annealed_beta, rectified_sigmoid,
                                 round_regularizer)
-from diffusion_ao.qdiff.adaround import inverse_rectified_sigmoid
+from diffusion_ao.observers.adaround import inverse_rectified_sigmoid
 
 seeds = st.integers(0, 10_000)
 
@@ -103,3 +103,15 @@ def test_lsq_step_size_gets_a_gradient():
     x = torch.linspace(0, 3, 100)  # partly above the range: clipping error pulls the step up
     (q(x) - x).pow(2).mean().backward()
     assert q.scale.grad is not None and float(q.scale.grad) < 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=seeds, factor=st.floats(1e-4, 1.0))
+def test_scale_gradient_keeps_the_value_bit_for_bit_and_scales_the_gradient(seed, factor):
+    from diffusion_ao.observers.lsq import scale_gradient
+
+    x = (torch.rand(7, generator=torch.Generator().manual_seed(seed)) * 10).requires_grad_(True)
+    y = scale_gradient(x, factor)
+    assert torch.equal(y, x.detach())  # a step one ulp off would move codes that sit on a half step
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, factor))

@@ -1,0 +1,176 @@
+"""The PT2E QAT path: `prepare_qat_pt2e(graph, DiffusionQuantizer(config, qat=True))` calibrates to the same
+qparams as PTQ, its fake-quantized forward is the converted q/dq graph, the fine-tune lowers the error on the
+data it trains on and converts to the same int8 kernels (VNNI detection forced both ways), and misuse gets clear
+errors."""
+import copy
+
+import pytest
+import torch
+from torchao.quantization.pt2e import move_exported_model_to_eval
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+
+from diffusion_ao import (DiffusionQuantizer, QuantConfig, calibrate, collect_calibration_data, compile_for_cpu,
+                          count_int8_kernels, export_unet, quantize_denoiser)
+from diffusion_ao.config import FinetuneConfig, GPTQConfig, TFMQConfig
+from diffusion_ao.gptq import apply_gptq
+from diffusion_ao.lowering import expected_int8_kernels
+from diffusion_ao.observers import diffusion_observers
+from diffusion_ao.qat import enable_learning, fake_quantizers, finetune, finish_training
+from tests.conftest import KERNEL_ERROR_FRACTION, kernel_error_fraction, probe_inputs
+
+TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
+qd = torch.ops.quantized_decomposed
+QUICK = FinetuneConfig(iterations=40, batch_per_step=2)
+
+
+@pytest.fixture(scope="module")
+def data(unet, scheduler):
+    return collect_calibration_data(unet, scheduler, num_samples=6, num_inference_steps=5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def graph(unet):
+    return export_unet(unet, sample_shape=(1, 1, 8, 8))
+
+
+def _prepared(graph, data, qat: bool, has_vnni: bool = True, config=None):
+    config = config or QuantConfig.preset("w4a8")
+    quantizer = DiffusionQuantizer(config, has_vnni=has_vnni, qat=qat)
+    prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(copy.deepcopy(graph), quantizer)
+    calibrate(prepared, data, progress=False)
+    return prepared, quantizer
+
+
+def _qparams(converted) -> list:
+    out = []
+    for n in converted.graph.nodes:
+        if n.target == qd.quantize_per_tensor.default:
+            out.append(("act", float(n.args[1]), int(n.args[2]), n.args[3], n.args[4]))
+        elif n.target == qd.dequantize_per_channel.default:
+            out.append(("weight", n.args[1].target, n.args[3], n.args[4]))
+    return out
+
+
+def _mse(a, b) -> float:
+    return (a - b).pow(2).mean().item()
+
+
+def test_qat_graph_calibrates_to_ptqs_qparams_and_fakequantizes_as_converted(graph, data):
+    ptq, _ = _prepared(graph, data, qat=False)
+    qat, _ = _prepared(graph, data, qat=True)
+    x, t = probe_inputs(data)
+    for _, fq in fake_quantizers(qat):
+        fq.disable_observer()
+    with torch.no_grad():
+        fp = graph(x, t)
+        assert torch.equal(qat(x, t), fp)  # fake quantization stays off while calibrating
+    for _, fq in fake_quantizers(qat):
+        fq.enable_fake_quant()
+    ptq_converted = convert_pt2e(copy.deepcopy(ptq))
+    qat_converted = convert_pt2e(copy.deepcopy(qat))
+    acts = [q for q in _qparams(ptq_converted) if q[0] == "act"]
+    assert acts and acts == [q for q in _qparams(qat_converted) if q[0] == "act"]
+    observers = diffusion_observers(ptq, "test")
+    assert len(observers) == len(fake_quantizers(qat))
+    for (node, fq), (_, obs) in zip(fake_quantizers(qat), observers):
+        for a, b in zip(fq.calculate_qparams(), obs.calculate_qparams()):
+            assert torch.equal(a, b), node.target
+    with torch.no_grad():
+        expected = ptq_converted(x, t)
+        assert _mse(qat(x, t), expected) <= 0.01 * _mse(expected, fp)  # up to code flips of float rounding
+        assert _mse(qat_converted(x, t), expected) <= 0.01 * _mse(expected, fp)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["vnni", "no-vnni"])
+def tuned(request, graph, data):
+    """(converted after the fine-tune, report, quantizer, the fake-quantized output on the probe, PTQ converted)"""
+    ptq, _ = _prepared(graph, data, qat=False, has_vnni=request.param)
+    qat, quantizer = _prepared(graph, data, qat=True, has_vnni=request.param)
+    report = finetune(qat, copy.deepcopy(graph), data, QUICK, progress=False)
+    x, t = probe_inputs(data)
+    with torch.no_grad():
+        fake = qat(x, t)
+    return convert_pt2e(qat), report, quantizer, fake, convert_pt2e(ptq), request.param
+
+
+def test_finetune_lowers_the_error_it_trains_on_and_fakequantizes_as_converted(tuned, graph, data):
+    converted, report, quantizer, fake, ptq, _ = tuned
+    assert report.iterations == QUICK.iterations and report.loss_end < report.loss_start
+    weight_fqs = [d for d in quantizer.decisions if d.layer is not None]
+    assert report.hardened_weights == len(weight_fqs) > 0
+    assert sum(report.timestep_weights.values()) == pytest.approx(1.0)
+    x, t = probe_inputs(data, per_step=6)
+    with torch.no_grad():
+        fp, tuned_out, ptq_out = graph(x, t), converted(x, t), ptq(x, t)
+    assert _mse(tuned_out, fp) < _mse(ptq_out, fp)
+    xp, tp = probe_inputs(data)
+    with torch.no_grad():
+        assert _mse(fake, converted(xp, tp)) <= 0.01 * _mse(converted(xp, tp), graph(xp, tp))
+    dropouts = [n.args[1] for n in converted.graph.nodes if "dropout" in str(n.target)]
+    assert all(p == 0.0 for p in dropouts)  # the graph stayed in eval mode
+
+
+def test_finetuned_graph_lowers_to_the_int8_kernels(tuned, graph, data):
+    converted, _, quantizer, _, _, has_vnni = tuned
+    x, t = probe_inputs(data)
+    with torch.no_grad():
+        fp, eager = graph(x, t), converted(x, t)
+    fast = compile_for_cpu(copy.deepcopy(converted))
+    counts = count_int8_kernels(fast, x, t)
+    assert counts["qconv"] + counts["qlinear"] == expected_int8_kernels(quantizer.decisions)
+    with torch.no_grad():
+        compiled = fast(x, t)
+    assert kernel_error_fraction(fp, eager, compiled) < KERNEL_ERROR_FRACTION, has_vnni
+
+
+@pytest.mark.parametrize("has_vnni", [True, False], ids=["vnni", "no-vnni"])
+def test_fakequantizers_get_the_ranges_ptq_observers_get(graph, has_vnni):
+    config = QuantConfig.preset("w8a8")  # 8-bit weights: without VNNI the activations get the 7-bit range
+    ranges = []
+    for qat in (False, True):
+        quantizer = DiffusionQuantizer(config, has_vnni=has_vnni, qat=qat)
+        prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(copy.deepcopy(graph), quantizer)
+        modules = [prepared.get_submodule(n.target) for n in prepared.graph.nodes if n.op == "call_module"
+                   and hasattr(prepared.get_submodule(n.target), "quant_max")]
+        ranges.append([(type(m.activation_post_process if qat else m).__name__, m.quant_min, m.quant_max)
+                       for m in modules])
+    assert ranges[0] == ranges[1]
+    assert ((0, 127) in {r[1:] for r in ranges[0]}) == (not has_vnni)
+
+
+def test_eval_mode_and_the_recipe(graph, data):
+    qat, _ = _prepared(graph, data, qat=True)
+    enable_learning(qat)
+    finish_training(qat)
+    x, t = probe_inputs(data)
+    with torch.no_grad():
+        before = qat(x, t)
+        move_exported_model_to_eval(qat)
+        assert torch.equal(qat(x, t), before)
+    config = QuantConfig.preset("w4a8").replace(finetune=QUICK, tfmq=TFMQConfig(cache="all", fsc="none"))
+    converted, report = quantize_denoiser(graph, data, config, progress=False)
+    assert report.finetune is not None and report.finetune.loss_end < report.finetune.loss_start
+    assert report.tfmq.cache is not None
+    with torch.no_grad():
+        assert torch.isfinite(converted(x, t)).all()
+
+
+def test_misuse_gets_clear_errors(graph, data):
+    qat, _ = _prepared(graph, data, qat=True)
+    with pytest.raises(RuntimeError, match="never had fake quantization on"):
+        convert_pt2e(copy.deepcopy(qat))
+    enable_learning(qat)
+    with pytest.raises(RuntimeError, match="still learning.*finish_training"):
+        convert_pt2e(copy.deepcopy(qat))
+    with pytest.raises(ValueError, match="prepare_qat_pt2e"):
+        apply_gptq(qat, data, GPTQConfig(), progress=False)
+    ptq, _ = _prepared(graph, data, qat=False)
+    with pytest.raises(ValueError, match="no diffusion-ao FakeQuantize"):
+        finetune(ptq, graph, data, QUICK, progress=False)
+    fresh = prepare_qat_pt2e(copy.deepcopy(graph), DiffusionQuantizer(QuantConfig.preset("w4a8"), qat=True))
+    with pytest.raises(RuntimeError, match="saw no data.*calibrate"):
+        enable_learning(fresh)
+    with pytest.raises(ValueError, match="gptq.*cannot run on it"):
+        QuantConfig.preset("w4a8").replace(finetune=QUICK, gptq=GPTQConfig())
+    with pytest.raises(ValueError, match="iterations"):
+        FinetuneConfig(iterations=0)
