@@ -297,6 +297,24 @@ def time_group_rows(bits: str) -> list[RowSpec]:
                         best.replace(time_groups=groups, name=f"best-{bits}-{label}")) for label, groups in steps]
 
 
+def qat_rows(bits: str) -> list[RowSpec]:
+    """The QAT fine-tune (`QuantConfig.finetune`: `prepare_qat_pt2e`, then the quantization parameters trained to
+    reproduce the FP model on the calibration trajectories) on diffusion-ao's row of `bits` (the baseline, not
+    repeated here), with AdaRound rounding or learned weight steps, and on best-<bits>'s graph passes (TFMQ-DM's
+    cache, 8-bit weights for the most sensitive layers, the min-max weight grid) in place of its GPTQ +
+    reconstruction."""
+    from diffusion_ao.config import FinetuneConfig, MixedPrecisionConfig, TFMQConfig
+
+    base = QuantConfig.preset(bits)
+    steps = [("adaround", base.replace(finetune=FinetuneConfig())),
+             ("lsq-weights", base.replace(finetune=FinetuneConfig(adaround=False))),
+             ("adaround+cache+mp", base.replace(weight_observer="minmax", finetune=FinetuneConfig(),
+                                                tfmq=TFMQConfig(cache="all", fsc="none"),
+                                                mixed_precision=MixedPrecisionConfig()))]
+    return [_config_row(f"qat-{bits}-{label}", "qat", bits, cfg.replace(name=f"qat-{bits}-{label}"))
+            for label, cfg in steps]
+
+
 # Extra rows that `--ablation NAME` appends (they do not fit the default run's 15-minute budget).
 ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "dmq": lambda: dmq_rows("w4a8") + dmq_rows("w4a6"),
@@ -305,6 +323,7 @@ ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "dit": lambda: dit_rows("w4a8") + dit_rows("w4a6"),
     "best": lambda: best_rows("w4a8") + best_rows("w4a6"),
     "timegroups": lambda: time_group_rows("w4a8") + time_group_rows("w4a6"),
+    "qat": lambda: qat_rows("w4a8") + qat_rows("w4a6"),
 }
 
 
