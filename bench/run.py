@@ -44,7 +44,7 @@ from bench.rows import ABLATIONS, RowSpec, default_rows, select_rows  # noqa: E4
 from diffusion_ao import (CalibrationData, as_diffusers_denoiser, collect_calibration_data,  # noqa: E402
                           compile_for_cpu, count_int8_kernels, export_denoiser)
 from diffusion_ao.lowering import expected_int8_kernels  # noqa: E402
-from diffusion_ao.passes.finite_set import FSC_SCALE_PREFIX  # noqa: E402
+from diffusion_ao.passes.finite_set import has_per_timestep_qparams  # noqa: E402
 from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
 from diffusion_ao.denoisers import CLASS_LABELS  # noqa: E402
 from diffusion_ao.metrics import classifier_features, frechet_distance  # noqa: E402
@@ -325,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
             converted, calib_s, decisions = build_quantized(spec, pristine, calibration_for(spec, 0), progress)
             phase("quantize")
-            per_timestep_ranges = any(name.startswith(FSC_SCALE_PREFIX) for name, _ in converted.named_buffers())
+            per_timestep_ranges = has_per_timestep_qparams(converted)
             predictions = noise_predictions(converted, heldout, args.batch, mixed_timesteps=not per_timestep_ranges)
             errors[spec.name] = per_timestep_relative_mse(predictions, fp_reference)
             row["timestep_gain"] = per_timestep_gain(predictions, fp_reference)

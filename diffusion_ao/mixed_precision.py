@@ -26,7 +26,6 @@ from .calibration import CalibrationData
 from .config import LayerQuant, MixedPrecisionConfig, QuantConfig
 from .graph import call_graph, graph_input_names
 from .passes.analysis import get_attr_tensor, module_path
-from .primitives import fake_quantize
 from .packing import packed_nbytes
 from .size import size_mb
 
@@ -103,12 +102,8 @@ def layer_sensitivities(graph: GraphModule, data: CalibrationData, config: Quant
         saved = []
         for node, plan in entries:
             weight = get_attr_tensor(graph, node.args[1])
-            observer = plan.weight_spec.observer_or_fake_quant_ctr()
-            observer(weight.detach())
-            scale, zero_point = observer.broadcast_qparams()
             saved.append((weight, weight.detach().clone()))
-            weight.data.copy_(fake_quantize(weight.detach(), scale, zero_point, observer.quant_min,
-                                            observer.quant_max))
+            weight.data.copy_(plan.weight_spec.observer_or_fake_quant_ctr().fake_quantized(weight.detach()))
         try:
             errors = [((_prediction(call_graph(graph, inputs, names)) - fp).pow(2).mean()
                        / fp.pow(2).mean().clamp_min(1e-12)).item() for inputs, fp in steps]

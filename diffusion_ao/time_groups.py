@@ -169,9 +169,9 @@ class TimeGroupedGraph(torch.nn.Module):
 
     @property
     def graph(self) -> torch.fx.Graph:
-        """The first group's fx graph (every group has the same inputs and outputs), for code that reads them."""
-        first = self.groups[0]
-        return getattr(first, "model", first).graph
+        """The first group's fx graph (every group has the same inputs and outputs), for code that reads them
+        (`as_graph_module(self).graph`)."""
+        return as_graph_module(self).graph
 
     def group_timesteps(self) -> list[list[float]]:
         """The timesteps of each group."""

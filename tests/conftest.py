@@ -84,6 +84,14 @@ def unet() -> UNet2DModel:
     return tiny_unet()
 
 
+@pytest.fixture(scope="module")
+def graph(unet) -> torch.fx.GraphModule:
+    """The module's tiny UNet exported at 8x8, for tests that only read it (copy it before changing it)."""
+    from diffusion_ao import export_unet
+
+    return export_unet(unet, sample_shape=(1, 1, 8, 8))
+
+
 def cifar_size_unet(seed: int = 0) -> UNet2DModel:
     """The DDPM CIFAR-10 UNet (~35.7 M parameters, random weights): for kernel coverage and speed only."""
     from diffusion_ao.models.cifar import cifar10_unet

@@ -18,11 +18,6 @@ def data(unet, scheduler):
 
 
 @pytest.fixture(scope="module")
-def graph(unet):
-    return export_unet(unet, sample_shape=(1, 1, 8, 8))
-
-
-@pytest.fixture(scope="module")
 def sensitivities(graph, data):
     return layer_sensitivities(graph, data.subset(2), QuantConfig.preset("w4a8"))
 

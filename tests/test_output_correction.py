@@ -26,11 +26,6 @@ def data(unet, scheduler):
     return collect_calibration_data(unet, scheduler, num_samples=6, num_inference_steps=4, progress=False)
 
 
-@pytest.fixture(scope="module")
-def reference(unet):
-    return export_unet(unet, sample_shape=(1, 1, 8, 8))
-
-
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(2, 200), channels=st.integers(1, 4), gain=st.floats(0.5, 2.0),
        bias=st.floats(-1.0, 1.0), which=st.sampled_from(["both", "gain", "bias"]))
@@ -58,21 +53,21 @@ def test_moments_fit_and_error_match_direct_computation(seed, n, channels, gain,
     assert m.relative_error(fitted_gain, fitted_bias) == pytest.approx(direct.item(), rel=1e-6, abs=1e-12)
 
 
-def test_estimate_recovers_a_known_gain_and_offset_per_timestep(unet, reference, data):
+def test_estimate_recovers_a_known_gain_and_offset_per_timestep(unet, graph, data):
     timesteps = [float(t) for t in data.timesteps]
     gain = torch.tensor([[0.9], [1.05], [1.2], [0.97]])
     bias = torch.tensor([[0.02], [-0.1], [0.0], [0.3]])
-    fitted = estimate_output_correction(_distorted(unet, timesteps, gain, bias), reference, data)
+    fitted = estimate_output_correction(_distorted(unet, timesteps, gain, bias), graph, data)
     assert fitted.timesteps == timesteps
     assert torch.allclose(fitted.gain, gain, atol=1e-4) and torch.allclose(fitted.bias, bias, atol=1e-4)
     assert all(fitted.error_after[t] < 1e-8 < fitted.error_before[t] for t in timesteps)
 
 
-def test_a_lost_prediction_is_an_error_not_a_division(unet, reference, data):
+def test_a_lost_prediction_is_an_error_not_a_division(unet, graph, data):
     timesteps = [float(t) for t in data.timesteps]
     gain = torch.full((4, 1), 0.05)
     with pytest.raises(ValueError, match="gain at timestep .* nearly lost"):
-        estimate_output_correction(_distorted(unet, timesteps, gain, torch.zeros(4, 1)), reference, data)
+        estimate_output_correction(_distorted(unet, timesteps, gain, torch.zeros(4, 1)), graph, data)
 
 
 def test_rewritten_graph_divides_out_each_samples_tables(unet, data):
@@ -114,12 +109,12 @@ def corrected(request, unet, data):
     return converted, report
 
 
-def test_recipe_leaves_no_gain_or_offset_on_the_calibration_data(corrected, reference, data):
+def test_recipe_leaves_no_gain_or_offset_on_the_calibration_data(corrected, graph, data):
     converted, report = corrected
     fitted = report.output_correction
     assert fitted is not None and fitted.gain.shape == (len(data.timesteps), 1)
     assert not torch.equal(fitted.gain, torch.ones_like(fitted.gain))  # 4-bit weights leave some gain
-    again = estimate_output_correction(converted, reference, data)  # on the corrected graph: nothing left to fit
+    again = estimate_output_correction(converted, graph, data)  # on the corrected graph: nothing left to fit
     assert torch.allclose(again.gain, torch.ones_like(again.gain), atol=1e-4)
     assert torch.allclose(again.bias, torch.zeros_like(again.bias), atol=1e-4 * fitted.bias.abs().max().item() + 1e-6)
 

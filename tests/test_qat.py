@@ -15,6 +15,7 @@ from diffusion_ao.config import FinetuneConfig, GPTQConfig, TFMQConfig
 from diffusion_ao.gptq import apply_gptq
 from diffusion_ao.lowering import expected_int8_kernels
 from diffusion_ao.observers import diffusion_observers
+from diffusion_ao.size import size_mb
 from diffusion_ao.qat import enable_learning, fake_quantizers, finetune, finish_training
 from tests.conftest import KERNEL_ERROR_FRACTION, kernel_error_fraction, probe_inputs
 
@@ -26,11 +27,6 @@ QUICK = FinetuneConfig(iterations=40, batch_per_step=2)
 @pytest.fixture(scope="module")
 def data(unet, scheduler):
     return collect_calibration_data(unet, scheduler, num_samples=6, num_inference_steps=5, progress=False)
-
-
-@pytest.fixture(scope="module")
-def graph(unet):
-    return export_unet(unet, sample_shape=(1, 1, 8, 8))
 
 
 def _prepared(graph, data, qat: bool, has_vnni: bool = True, config=None):
@@ -68,6 +64,7 @@ def test_qat_graph_calibrates_to_ptqs_qparams_and_fakequantizes_as_converted(gra
         fq.enable_fake_quant()
     ptq_converted = convert_pt2e(copy.deepcopy(ptq))
     qat_converted = convert_pt2e(copy.deepcopy(qat))
+    assert size_mb(qat_converted) == size_mb(ptq_converted)  # same tensors and dtypes (zero points included)
     acts = [q for q in _qparams(ptq_converted) if q[0] == "act"]
     assert acts and acts == [q for q in _qparams(qat_converted) if q[0] == "act"]
     observers = diffusion_observers(ptq, "test")
@@ -96,6 +93,7 @@ def tuned(request, graph, data):
 def test_finetune_lowers_the_error_it_trains_on_and_fakequantizes_as_converted(tuned, graph, data):
     converted, report, quantizer, fake, ptq, _ = tuned
     assert report.iterations == QUICK.iterations and report.loss_end < report.loss_start
+    assert size_mb(converted) == size_mb(ptq)
     weight_fqs = [d for d in quantizer.decisions if d.layer is not None]
     assert report.hardened_weights == len(weight_fqs) > 0
     assert sum(report.timestep_weights.values()) == pytest.approx(1.0)

@@ -128,9 +128,7 @@ class LayerQuantSim(torch.nn.Module):
         return obs
 
     def _quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
-        obs = self._weight_observer(w)
-        scale, zp = obs.broadcast_qparams()
-        return fake_quantize(w, scale, zp, obs.quant_min, obs.quant_max)
+        return self.weight_spec.observer_or_fake_quant_ctr(grid=WEIGHT_SEARCH_GRID).fake_quantized(w)
 
     def _channel_dims(self, x: torch.Tensor) -> tuple[int, ...]:
         """The dimensions of x other than its channels (dim 1 of a conv input, the last of a linear's)."""

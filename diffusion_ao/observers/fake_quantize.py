@@ -173,6 +173,7 @@ class WeightFakeQuantize(_DiffusionFakeQuantize):
         super().__init__(observer, **observer_kwargs)
         self.adaround: Optional[AdaRoundWeightQuantizer] = None
         self.step: Optional[torch.nn.Parameter] = None  # per-channel LSQ step, shaped like the broadcast scale
+        self.zero_point_dtype = torch.int64
         self.register_buffer("step_zero_point", None)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -209,6 +210,7 @@ class WeightFakeQuantize(_DiffusionFakeQuantize):
                                "(e.g. `calibrate(prepared, data)`) before enabling learning.")
         if self.adaround is None and self.step is None:
             scale, zero_point = obs.calculate_qparams()
+            self.zero_point_dtype = zero_point.dtype  # convert stores what the observer would have returned
             if adaround:
                 self.adaround = AdaRoundWeightQuantizer(obs.weight, scale, zero_point, self.quant_min,
                                                         self.quant_max, obs.ch_axis if obs.per_channel else 0)
@@ -255,9 +257,8 @@ class WeightFakeQuantize(_DiffusionFakeQuantize):
             scale, zero_point = self.step.detach().abs().clamp_min(MIN_STEP), self.step_zero_point
         else:
             return obs.calculate_qparams()
-        if not obs.per_channel:
-            return scale.reshape(()).clone(), zero_point.reshape(()).round().to(torch.int32)
-        return scale.reshape(-1).clone(), zero_point.reshape(-1).round().to(torch.int32)
+        shape = () if not obs.per_channel else (-1,)
+        return scale.reshape(shape).clone(), zero_point.reshape(shape).round().to(self.zero_point_dtype)
 
     def extra_repr(self) -> str:
         state = "AdaRound" if self.adaround is not None else "learned step" if self.step is not None else "observer"

@@ -99,5 +99,12 @@ class WeightObserver(UniformQuantizationObserverBase):
         shape[self.ch_axis] = -1
         return scale.reshape(shape), zero_point.reshape(shape).float()
 
+    def fake_quantized(self, w: torch.Tensor) -> torch.Tensor:
+        """Observes `w` and returns it on the grid this observer chooses for it (what convert's q/dq makes of it):
+        how passes that plan before `prepare_pt2e` (LES, mixed precision) see a quantized weight."""
+        self(w.detach())
+        scale, zero_point = self.broadcast_qparams()
+        return fake_quantize(w, scale, zero_point, self.quant_min, self.quant_max)
+
     def extra_repr(self) -> str:
         return f"method={self.method}, per_channel={self.per_channel}, range=({self.quant_min}, {self.quant_max})"

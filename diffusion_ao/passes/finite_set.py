@@ -37,7 +37,13 @@ from ..observers import TimestepActivationObserver, diffusion_observers
 from .analysis import LINEAR_OPS, input_dependencies, module_path
 from .temporal_cache import normalise_timesteps, timestep_index_node
 
-FSC_SCALE_PREFIX = "fsc_scale_"  # the per-timestep scale tables; `timestep_guard` recognises FSC graphs by it
+FSC_SCALE_PREFIX = "fsc_scale_"  # the per-timestep scale tables (`has_per_timestep_qparams` looks for them)
+
+
+def has_per_timestep_qparams(graph: torch.nn.Module) -> bool:
+    """Whether a converted graph looks its activation qparams up per timestep (finite-set calibration): such a
+    graph takes one timestep per batch."""
+    return any(name.startswith(FSC_SCALE_PREFIX) for name, _ in graph.named_buffers())
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .finite_set import FSC_SCALE_PREFIX
+from .finite_set import has_per_timestep_qparams
 from .temporal_cache import LABELS_BUFFER, TIMESTEPS_BUFFER
 
 
@@ -61,7 +61,7 @@ def timestep_guard(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], 
         return None
     known = getattr(graph, TIMESTEPS_BUFFER)
     known_labels = getattr(graph, LABELS_BUFFER, None)
-    per_timestep_qparams = any(name.startswith(FSC_SCALE_PREFIX) for name, _ in graph.named_buffers())
+    per_timestep_qparams = has_per_timestep_qparams(graph)
 
     def guard(timestep: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> None:
         check_timesteps(known, timestep)

@@ -101,14 +101,20 @@ def _weight(seed, shape=(5, 4, 3, 3)):
     return torch.randn(shape, generator=g) * torch.rand(shape[0], 1, 1, 1, generator=g)
 
 
+def _learning_weight_fq(seed, qmin, qmax, adaround, method="minmax"):
+    """(weight, its FakeQuantize after one observation and `enable_range_learning`)."""
+    w = _weight(seed)
+    fq = _weight_fq(qmin, qmax, method)
+    fq(w)
+    fq.enable_range_learning(adaround=adaround)
+    return w, fq
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=seeds, bounds=weight_ranges)
 def test_weight_lsq_gradient_is_its_definition_per_channel(seed, bounds):
     qmin, qmax = bounds
-    w = _weight(seed)
-    fq = _weight_fq(qmin, qmax)
-    fq(w)
-    fq.enable_range_learning(adaround=False)
+    w, fq = _learning_weight_fq(seed, qmin, qmax, adaround=False)
     upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 1))
     (fq(w) * upstream).sum().backward()
     s = fq.step.detach()
@@ -125,10 +131,7 @@ def test_weight_lsq_gradient_is_its_definition_per_channel(seed, bounds):
 @given(seed=seeds, bounds=weight_ranges)
 def test_adaround_gradient_is_the_rectified_sigmoids_slope(seed, bounds):
     qmin, qmax = bounds
-    w = _weight(seed)
-    fq = _weight_fq(qmin, qmax)
-    fq(w)
-    fq.enable_range_learning(adaround=True)
+    w, fq = _learning_weight_fq(seed, qmin, qmax, adaround=True)
     q = fq.adaround
     with torch.no_grad():  # move some rounding variables off their start, some into the flat parts of h
         q.alpha.add_(torch.randn(q.alpha.shape, generator=torch.Generator().manual_seed(seed + 2)) * 3)
@@ -147,10 +150,7 @@ def test_adaround_gradient_is_the_rectified_sigmoids_slope(seed, bounds):
 @given(seed=seeds, bounds=weight_ranges, adaround=st.booleans(), method=st.sampled_from(["minmax", "mse"]))
 def test_weight_forward_after_learning_is_converts_qdq(seed, bounds, adaround, method):
     qmin, qmax = bounds
-    w = _weight(seed)
-    fq = _weight_fq(qmin, qmax, method)
-    fq(w)
-    fq.enable_range_learning(adaround=adaround)
+    w, fq = _learning_weight_fq(seed, qmin, qmax, adaround, method)
     with torch.no_grad():
         if adaround:
             fq.adaround.alpha.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)))
