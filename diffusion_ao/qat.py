@@ -105,6 +105,10 @@ def finish_training(prepared: GraphModule) -> int:
     for node, fq in found:
         fq.disable_range_learning()
         if isinstance(fq, WeightFakeQuantize) and fq.adaround is not None:
+            if not isinstance(node.args[0], Node) or node.args[0].op != "get_attr":
+                raise ValueError(f"finish_training: the weight of {fq.label} is computed in the graph, not a "
+                                 "constant, so its hardened rounding has nowhere to go; learn its steps instead "
+                                 "(enable_learning(prepared, adaround=False)).")
             weight = fq.hardened_weight()
             replace_constant(prepared, node.args[0], lambda old: weight.to(old.dtype), requires_grad=False)
             hardened += 1

@@ -53,6 +53,7 @@ class _DiffusionFakeQuantize(FakeQuantizeBase):
         self.is_dynamic = False
         self.register_buffer("learning_enabled", torch.tensor([0], dtype=torch.uint8))
         self._qparams_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # of the statistics so far
+        self.zero_point_dtype = torch.int64  # of the learned qparams; set from the observer's when learning starts
         self.fake_quant_was_enabled = False
         self.disable_fake_quant()  # calibration sees floating-point activations, as with prepare_pt2e
 
@@ -83,7 +84,7 @@ class _DiffusionFakeQuantize(FakeQuantizeBase):
             self._qparams_cache = self.activation_post_process.calculate_qparams()
         return self._qparams_cache
 
-    def _require_not_learning(self, what: str) -> None:
+    def _require_convertible(self, what: str) -> None:
         if not self.fake_quant_was_enabled:
             raise RuntimeError(f"{what}: the FakeQuantize of {self.label} never had fake quantization on, so "
                                "whatever trained this graph saw no quantization. Call "
@@ -109,8 +110,8 @@ class TimestepFakeQuantize(_DiffusionFakeQuantize):
     Example:
         >>> fq = TimestepFakeQuantize(quant_min=0, quant_max=255, method="minmax")
         >>> with timestep_context(500.0):
-        ...     y = fq(x)                 # observes x, returns it fake-quantized
-        >>> fq.enable_range_learning()    # the step becomes a parameter (`fq.lsq.scale`)
+        ...     y = fq(x)                 # observes x; fake quantization starts off, so y is x
+        >>> fq.enable_range_learning()    # fake quantization on, the step a parameter (`fq.lsq.scale`)
     """
 
     def __init__(self, observer: type = TimestepActivationObserver, **observer_kwargs) -> None:
@@ -130,6 +131,7 @@ class TimestepFakeQuantize(_DiffusionFakeQuantize):
         """Makes the step size a parameter, starting at the statistics' step; stops observing."""
         if self.lsq is None:
             scale, zero_point = self._statistics_qparams()
+            self.zero_point_dtype = zero_point.dtype  # convert stores what the observer would have returned
             self.lsq = LSQActivationQuantizer(scale, zero_point, self.quant_min, self.quant_max, learn=True)
         self.lsq.scale.requires_grad_(True)
         self.disable_observer()
@@ -144,11 +146,11 @@ class TimestepFakeQuantize(_DiffusionFakeQuantize):
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self._require_not_learning("calculate_qparams")
+        self._require_convertible("calculate_qparams")
         if self.lsq is None:
             return self.activation_post_process.calculate_qparams()
         scale = self.lsq.scale.detach().abs().clamp_min(MIN_STEP).reshape(())
-        return scale.clone(), self.lsq.zero_point.detach().round().to(torch.int32).reshape(()).clone()
+        return scale.clone(), self.lsq.zero_point.detach().round().to(self.zero_point_dtype).reshape(())
 
     def extra_repr(self) -> str:
         state = "learned step" if self.lsq is not None else "statistics"
@@ -165,7 +167,7 @@ class WeightFakeQuantize(_DiffusionFakeQuantize):
 
     Example:
         >>> fq = WeightFakeQuantize(quant_min=-8, quant_max=7, method="mse")
-        >>> w_q = fq(weight)
+        >>> fq(weight)                                  # observes it (fake quantization starts off)
         >>> fq.enable_range_learning(adaround=True)   # learns up/down per weight (`fq.adaround.alpha`)
     """
 
@@ -173,7 +175,6 @@ class WeightFakeQuantize(_DiffusionFakeQuantize):
         super().__init__(observer, **observer_kwargs)
         self.adaround: Optional[AdaRoundWeightQuantizer] = None
         self.step: Optional[torch.nn.Parameter] = None  # per-channel LSQ step, shaped like the broadcast scale
-        self.zero_point_dtype = torch.int64
         self.register_buffer("step_zero_point", None)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -249,7 +250,7 @@ class WeightFakeQuantize(_DiffusionFakeQuantize):
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self._require_not_learning("calculate_qparams")
+        self._require_convertible("calculate_qparams")
         obs = self.activation_post_process
         if self.adaround is not None:
             scale, zero_point = self.adaround.scale, self.adaround.zero_point
