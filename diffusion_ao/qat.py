@@ -46,6 +46,89 @@ def fake_quantizers(prepared: GraphModule) -> list[tuple[Node, torch.nn.Module]]
     return found
 
 
+def _set_submodule(gm: GraphModule, target: str, module: torch.nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def wrap_observers(prepared: GraphModule, owner: str) -> tuple[dict[str, torch.nn.Module], bool]:
+    """The FakeQuantize module of every quantizer of a calibrated graph, ready to learn: fake quantization on at
+    the statistics' qparams (the converted graph's forward), observing off.
+
+    A `prepare_qat_pt2e` graph's own FakeQuantize modules are used as they are. In a `prepare_pt2e` graph each
+    diffusion-ao observer is replaced, in place, by a FakeQuantize around it (`FakeQuantize.around`: the same
+    statistics object), so the learned methods run on the modules of the QAT path in either case;
+    `unwrap_observers` puts the observers back with what was learned.
+
+    Args:
+        prepared: a calibrated graph from `prepare_pt2e` or `prepare_qat_pt2e` with `DiffusionQuantizer`.
+        owner: the method that asks, named in errors.
+
+    Returns:
+        (node target -> FakeQuantize in graph order, whether observers were wrapped).
+
+    Raises:
+        ValueError: if the graph has no diffusion-ao quantizer.
+    """
+    require_exported(prepared, owner)
+    found = fake_quantizers(prepared)
+    wrapped = not found
+    if wrapped:
+        from .observers import diffusion_observers
+
+        observed = diffusion_observers(prepared, owner)
+        if not observed:
+            raise ValueError(f"{owner} found no diffusion-ao observers: pass a graph prepared with "
+                             "DiffusionQuantizer (prepare_pt2e or prepare_qat_pt2e) and calibrated, before "
+                             "convert_pt2e.")
+        for node, obs in observed:
+            fq_type = WeightFakeQuantize if isinstance(obs, WeightFakeQuantize.observer_type) else TimestepFakeQuantize
+            _set_submodule(prepared, node.target, fq_type.around(obs))
+        found = fake_quantizers(prepared)
+    for _, fq in found:
+        fq.disable_observer()
+        fq.enable_fake_quant()
+    return {node.target: fq for node, fq in found}, wrapped
+
+
+@torch.no_grad()
+def unwrap_observers(prepared: GraphModule) -> int:
+    """Undoes `wrap_observers` on a `prepare_pt2e` graph: every FakeQuantize gives way to its observer, pinned to
+    what was learned (a learned step size; AdaRound's hardened rounding written into the weight constant, out of
+    place, with the observer on the same grid), so `convert_pt2e` and the passes after it see observers whose
+    qparams and weights give exactly the learned integers.
+
+    Returns:
+        How many quantizers had learned something.
+    """
+    learned = 0
+    for node, fq in fake_quantizers(prepared):
+        fq.disable_range_learning()
+        obs = fq.activation_post_process
+        if fq.learned_parameters():
+            scale, zero_point = obs.calculate_qparams()  # the grid: the observer's, or a step learned on it
+            if isinstance(fq, WeightFakeQuantize):
+                if fq.step is not None:
+                    raise ValueError(f"unwrap_observers: {fq.label} learned its weight step; an observer pins "
+                                     "the grid of AdaRound only (convert the QAT graph instead).")
+                _harden_weight(prepared, node, fq)
+            else:
+                scale = fq.calculate_qparams()[0].reshape(scale.shape).to(scale.dtype)
+            obs.set_fixed_qparams(scale, zero_point)
+            learned += 1
+        _set_submodule(prepared, node.target, obs)
+    return learned
+
+
+def _harden_weight(prepared: GraphModule, node: Node, fq: "WeightFakeQuantize") -> None:
+    if not isinstance(node.args[0], Node) or node.args[0].op != "get_attr":
+        raise ValueError(f"the weight of {fq.label} is computed in the graph, not a constant, so its hardened "
+                         "rounding has nowhere to go; learn its steps instead (enable_learning(prepared, "
+                         "adaround=False)).")
+    weight = fq.hardened_weight()
+    replace_constant(prepared, node.args[0], lambda old: weight.to(old.dtype), requires_grad=False)
+
+
 def _require_fake_quantizers(prepared: GraphModule, what: str) -> list[tuple[Node, torch.nn.Module]]:
     require_exported(prepared, what)
     found = fake_quantizers(prepared)
@@ -105,12 +188,7 @@ def finish_training(prepared: GraphModule) -> int:
     for node, fq in found:
         fq.disable_range_learning()
         if isinstance(fq, WeightFakeQuantize) and fq.adaround is not None:
-            if not isinstance(node.args[0], Node) or node.args[0].op != "get_attr":
-                raise ValueError(f"finish_training: the weight of {fq.label} is computed in the graph, not a "
-                                 "constant, so its hardened rounding has nowhere to go; learn its steps instead "
-                                 "(enable_learning(prepared, adaround=False)).")
-            weight = fq.hardened_weight()
-            replace_constant(prepared, node.args[0], lambda old: weight.to(old.dtype), requires_grad=False)
+            _harden_weight(prepared, node, fq)
             hardened += 1
     return hardened
 

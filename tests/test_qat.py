@@ -14,9 +14,10 @@ from diffusion_ao import (DiffusionQuantizer, QuantConfig, calibrate, collect_ca
 from diffusion_ao.config import FinetuneConfig, GPTQConfig, TFMQConfig
 from diffusion_ao.gptq import apply_gptq
 from diffusion_ao.lowering import expected_int8_kernels
-from diffusion_ao.observers import diffusion_observers
+from diffusion_ao.observers import WeightFakeQuantize, diffusion_observers
 from diffusion_ao.size import size_mb
-from diffusion_ao.qat import enable_learning, fake_quantizers, finetune, finish_training
+from diffusion_ao.qat import (enable_learning, fake_quantizers, finetune, finish_training, unwrap_observers,
+                              wrap_observers)
 from tests.conftest import KERNEL_ERROR_FRACTION, kernel_error_fraction, probe_inputs
 
 TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
@@ -172,3 +173,30 @@ def test_misuse_gets_clear_errors(graph, data):
         QuantConfig.preset("w4a8").replace(finetune=QUICK, gptq=GPTQConfig())
     with pytest.raises(ValueError, match="iterations"):
         FinetuneConfig(iterations=0)
+
+
+def test_wrapping_a_ptq_graphs_observers_and_giving_them_back(graph, data):
+    """`wrap_observers` puts FakeQuantize modules around prepare_pt2e's observers (the learned methods' common
+    ground); `unwrap_observers` gives back the same observers, pinned only where something was learned."""
+    ptq, _ = _prepared(graph, data, qat=False)
+    x, t = probe_inputs(data)
+    observers = {node.target: obs for node, obs in diffusion_observers(ptq, "test")}
+    plain = convert_pt2e(copy.deepcopy(ptq))(x, t)
+    quantizers, wrapped = wrap_observers(ptq, "test")
+    assert wrapped and list(quantizers) == list(observers)
+    assert all(fq.activation_post_process is observers[target] for target, fq in quantizers.items())
+    torch.testing.assert_close(ptq(x, t), plain, rtol=0, atol=1e-6)  # fake quantization at the observers' qparams
+    assert unwrap_observers(ptq) == 0
+    assert {node.target: obs for node, obs in diffusion_observers(ptq, "test")} == observers
+    torch.testing.assert_close(convert_pt2e(ptq)(x, t), plain, rtol=0, atol=1e-6)
+
+    qat, _ = _prepared(graph, data, qat=True)
+    own = dict((node.target, fq) for node, fq in fake_quantizers(qat))
+    quantizers, wrapped = wrap_observers(qat, "test")
+    assert not wrapped and quantizers == own
+
+    ptq, _ = _prepared(graph, data, qat=False)
+    quantizers, _ = wrap_observers(ptq, "test")
+    next(fq for fq in quantizers.values() if isinstance(fq, WeightFakeQuantize)).enable_range_learning(adaround=False)
+    with pytest.raises(ValueError, match="learned its weight step"):
+        unwrap_observers(ptq)

@@ -25,7 +25,7 @@ clamp), so the forward after learning equals the converted graph's q/dq.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
@@ -42,10 +42,16 @@ MIN_STEP = 1e-8
 class _DiffusionFakeQuantize(FakeQuantizeBase):
     """What both FakeQuantize modules share: the wrapped observer, torchao's attributes, the learning flag."""
 
-    def __init__(self, observer: type, **observer_kwargs) -> None:
+    def __init__(self, observer: Union[type, torch.nn.Module], **observer_kwargs) -> None:
         super().__init__()
         observer_kwargs.pop("is_dynamic", None)  # static quantization only (the specs never ask otherwise)
-        self.activation_post_process = observer(**observer_kwargs)
+        if isinstance(observer, torch.nn.Module):  # `around`: a calibrated observer, kept as it is
+            if observer_kwargs:
+                raise TypeError(f"{type(self).__name__} around an observer instance takes no observer arguments, "
+                                f"got {sorted(observer_kwargs)}.")
+            self.activation_post_process = observer
+        else:
+            self.activation_post_process = observer(**observer_kwargs)
         obs = self.activation_post_process
         self.dtype, self.qscheme = obs.dtype, obs.qscheme
         self.quant_min, self.quant_max = obs.quant_min, obs.quant_max
@@ -56,6 +62,19 @@ class _DiffusionFakeQuantize(FakeQuantizeBase):
         self.zero_point_dtype = torch.int64  # of the learned qparams; set from the observer's when learning starts
         self.fake_quant_was_enabled = False
         self.disable_fake_quant()  # calibration sees floating-point activations, as with prepare_pt2e
+
+    @classmethod
+    def around(cls, observer: torch.nn.Module) -> "_DiffusionFakeQuantize":
+        """A FakeQuantize whose statistics are `observer` (calibrated: its ranges are kept), observing off and
+        fake quantization on at the observer's qparams, so the forward is the converted graph's q/dq. This is
+        how a `prepare_pt2e` graph's observers learn (`diffusion_ao.qat.wrap_observers`)."""
+        if not isinstance(observer, cls.observer_type):
+            raise TypeError(f"{cls.__name__}.around needs a {cls.observer_type.__name__}, got "
+                            f"{type(observer).__name__}.")
+        fq = cls(observer)
+        fq.disable_observer()
+        fq.enable_fake_quant()
+        return fq
 
     @torch.jit.export
     def enable_fake_quant(self, enabled: bool = True) -> None:
@@ -95,6 +114,11 @@ class _DiffusionFakeQuantize(FakeQuantizeBase):
                                "`diffusion_ao.qat.finish_training(prepared)` (it fixes the learned steps and hardens "
                                "the rounding) before `convert_pt2e`.")
 
+    def learned_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters range learning created (empty if it never started): LSQ's step, AdaRound's rounding
+        or the weight step."""
+        return list(self.parameters())
+
     def parameters_to_learn(self) -> list[torch.nn.Parameter]:
         """The parameters `enable_range_learning` made trainable."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -114,7 +138,10 @@ class TimestepFakeQuantize(_DiffusionFakeQuantize):
         >>> fq.enable_range_learning()    # fake quantization on, the step a parameter (`fq.lsq.scale`)
     """
 
-    def __init__(self, observer: type = TimestepActivationObserver, **observer_kwargs) -> None:
+    observer_type = TimestepActivationObserver
+
+    def __init__(self, observer: Union[type, torch.nn.Module] = TimestepActivationObserver,
+                 **observer_kwargs) -> None:
         super().__init__(observer, **observer_kwargs)
         self.lsq: Optional[LSQActivationQuantizer] = None
 
@@ -171,7 +198,9 @@ class WeightFakeQuantize(_DiffusionFakeQuantize):
         >>> fq.enable_range_learning(adaround=True)   # learns up/down per weight (`fq.adaround.alpha`)
     """
 
-    def __init__(self, observer: type = WeightObserver, **observer_kwargs) -> None:
+    observer_type = WeightObserver
+
+    def __init__(self, observer: Union[type, torch.nn.Module] = WeightObserver, **observer_kwargs) -> None:
         super().__init__(observer, **observer_kwargs)
         self.adaround: Optional[AdaRoundWeightQuantizer] = None
         self.step: Optional[torch.nn.Parameter] = None  # per-channel LSQ step, shaped like the broadcast scale
@@ -201,19 +230,25 @@ class WeightFakeQuantize(_DiffusionFakeQuantize):
             self._qparams_cache = self.activation_post_process.broadcast_qparams()
         return self._qparams_cache
 
-    def enable_range_learning(self, adaround: bool = True) -> None:
+    def enable_range_learning(self, adaround: bool = True, weight: Optional[torch.Tensor] = None) -> None:
         """Makes the rounding (AdaRound, on the observer's grid) or the per-channel step (LSQ) a parameter,
-        starting at round-to-nearest on the observer's range; stops observing. The observer must have seen the
-        weight (one forward)."""
+        starting at round-to-nearest on the observer's range; stops observing.
+
+        Args:
+            adaround: learn the rounding rather than the step.
+            weight: the weight whose rounding AdaRound learns, when a pass replaced the constant after the
+                observer saw it (GPTQ's rounded weights); default: the weight the observer saw (one forward).
+        """
         obs = self.activation_post_process
-        if obs.weight is None:
+        if obs.weight is None and weight is None:
             raise RuntimeError(f"The FakeQuantize of {self.label} never saw its weight: run the prepared graph once "
                                "(e.g. `calibrate(prepared, data)`) before enabling learning.")
         if self.adaround is None and self.step is None:
             scale, zero_point = obs.calculate_qparams()
             self.zero_point_dtype = zero_point.dtype  # convert stores what the observer would have returned
             if adaround:
-                self.adaround = AdaRoundWeightQuantizer(obs.weight, scale, zero_point, self.quant_min,
+                weight = obs.weight if weight is None else weight.detach()
+                self.adaround = AdaRoundWeightQuantizer(weight, scale, zero_point, self.quant_min,
                                                         self.quant_max, obs.ch_axis if obs.per_channel else 0)
             else:
                 b_scale, b_zero_point = obs.broadcast_qparams()

@@ -1,5 +1,6 @@
 """Q-Diffusion (METHODS.md §6, §7): block reconstruction with AdaRound weight rounding and LSQ activation step
-sizes, on a calibrated PT2E graph. Shortcut splitting is a graph pass: `diffusion_ao.passes.split_concat`.
+sizes, on a calibrated PT2E graph (`prepare_pt2e` or `prepare_qat_pt2e`: the learning happens in the
+FakeQuantize modules of the QAT path either way). Shortcut splitting is a graph pass: `diffusion_ao.passes.split_concat`.
 
 Example:
     >>> prepared = prepare_pt2e(graph, DiffusionQuantizer(QuantConfig.preset("qdiff-w4a8")))
@@ -10,9 +11,9 @@ Example:
 from ..observers.adaround import AdaRoundWeightQuantizer, annealed_beta, rectified_sigmoid, round_regularizer
 from .blocks import Block, block_from_nodes, find_blocks
 from ..observers.lsq import LSQActivationQuantizer
-from .reconstruction import BlockResult, ReconstructionReport, reconstruct_blocks, select_samples
-from .sim import QuantSim
+from .reconstruction import (BlockResult, ReconstructionGraph, ReconstructionReport, reconstruct_blocks,
+                             select_samples)
 
-__all__ = ["AdaRoundWeightQuantizer", "Block", "BlockResult", "LSQActivationQuantizer", "QuantSim",
+__all__ = ["AdaRoundWeightQuantizer", "Block", "BlockResult", "LSQActivationQuantizer", "ReconstructionGraph",
            "ReconstructionReport", "annealed_beta", "block_from_nodes", "find_blocks", "rectified_sigmoid",
            "reconstruct_blocks", "round_regularizer", "select_samples"]

@@ -14,13 +14,13 @@ from typing import Iterable, Optional
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from ..observers import TimestepActivationObserver, WeightObserver
+from ..observers import TimestepActivationObserver, TimestepFakeQuantize, WeightFakeQuantize, WeightObserver
 from ..passes.analysis import EXPORT_PREFIX, get_attr_tensor, is_shape_value, module_path
 
 # Module classes (by name) whose nodes are reconstructed together (Q-Diffusion / BRECQ's block granularity).
 BLOCK_TYPES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "BasicTransformerBlock", "JointTransformerBlock",
                "FluxTransformerBlock", "FluxSingleTransformerBlock")
-OBSERVER_TYPES = (TimestepActivationObserver, WeightObserver)
+OBSERVER_TYPES = (TimestepActivationObserver, WeightObserver, TimestepFakeQuantize, WeightFakeQuantize)
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Block:
         return [n for n in self.inputs if not is_shape_value(n)]
 
     def observers(self, gm: GraphModule) -> list[str]:
-        """Targets of the diffusion-ao observer modules inside the block."""
+        """Targets of the diffusion-ao observer (or FakeQuantize) modules inside the block."""
         return [n.target for n in self.nodes if is_observer(gm, n)]
 
 
@@ -205,7 +205,7 @@ def build_block_module(gm: GraphModule, block: Block, quantizers: dict[str, torc
             if a.op != "get_attr":
                 raise ValueError(f"block {block.name!r}: {a.name} is read before it is computed.")
             env[a] = graph.get_attr(a.target)
-            root[a.target] = get_attr_tensor(gm, a)
+            root[a.target] = get_attr_tensor(gm, a).detach()  # constants: only quantizers learn
         return env[a]
 
     for n in block.nodes:

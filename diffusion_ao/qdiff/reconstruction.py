@@ -4,11 +4,15 @@ For each block in graph order: cache, over a capped subset of the timestep-aware
 inputs as the quantized-so-far model computes them (earlier blocks already learned, as in BRECQ) and the block's
 floating-point outputs; then learn the AdaRound rounding of its weights and the LSQ step sizes of its activation
 quantizers to minimise the timestep-weighted relative output error. Only one block's cache is held at a time.
-Finally the result is baked into the prepared graph, so `convert_pt2e` gives ordinary q/dq ops, integer weights
-and the same int8 kernels.
+What learns is the graph's FakeQuantize modules (`observers.fake_quantize`, AdaRound on the weights, LSQ on the
+activations): those of a `prepare_qat_pt2e` graph, or, for a `prepare_pt2e` graph, FakeQuantize modules put
+around its calibrated observers for the duration (`qat.wrap_observers`). At the end a `prepare_pt2e` graph gets
+its observers back, pinned to the learned integers and steps (`qat.unwrap_observers`), and a QAT graph is finished
+(`qat.finish_training`); either way `convert_pt2e` gives ordinary q/dq ops, the learned integer weights and the
+same int8 kernels.
 
-The FP targets come from the same prepared graph run with its observers bypassed, which is the FP exported graph
-(same nodes, same weights); this avoids matching nodes across two graphs.
+The FP targets come from the same graph run with its FakeQuantize modules bypassed, which is the FP exported
+graph (same nodes, same weights); this avoids matching nodes across two graphs.
 """
 from __future__ import annotations
 
@@ -24,11 +28,12 @@ from tqdm.auto import tqdm
 from ..calibration import CalibrationData
 from ..method_configs import ReconstructionConfig
 from ..denoisers import SAMPLE, TIMESTEP
-from ..graph import require_exported
-from ..passes.analysis import input_dependencies
-from ..observers.adaround import annealed_beta, round_regularizer
+from ..graph import GraphRunner, require_exported
+from ..observers import WeightFakeQuantize
+from ..observers.adaround import annealed_beta
+from ..passes.analysis import get_attr_tensor, input_dependencies
+from ..qat import finish_training, unwrap_observers, wrap_observers
 from .blocks import Block, build_block_module, find_blocks
-from .sim import QuantSim
 
 logger = logging.getLogger(__name__)
 CAPTURE_BATCH = 128
@@ -48,12 +53,49 @@ class BlockResult:
 
 @dataclass
 class ReconstructionReport:
-    """Per-block results, the total time, and the `QuantSim` holding the learned quantizers (None when nothing
-    was learned)."""
+    """Per-block results and the total time."""
 
     blocks: list[BlockResult] = field(default_factory=list)
     seconds: float = 0.0
-    sim: Optional[QuantSim] = None
+
+
+class ReconstructionGraph:
+    """A calibrated graph during reconstruction: its FakeQuantize modules (`qat.wrap_observers`), the ones
+    already learned, and the graph run fake-quantized or in floating point (every FakeQuantize bypassed).
+
+    Args:
+        prepared: a calibrated graph from `prepare_pt2e` or `prepare_qat_pt2e` with `DiffusionQuantizer`.
+
+    Attributes:
+        quantizers: node target -> FakeQuantize, in graph order.
+        learned: targets of the FakeQuantize modules whose block was reconstructed.
+
+    Example:
+        >>> graph = ReconstructionGraph(prepared)
+        >>> reconstruct_block(graph, find_blocks(prepared)[3], data, ReconstructionConfig(iterations=100))
+        >>> graph.finish()                      # then convert_pt2e(prepared)
+    """
+
+    def __init__(self, prepared: GraphModule) -> None:
+        self.gm = prepared
+        self.quantizers, self.wrapped = wrap_observers(prepared, "reconstruct_blocks")
+        self.learned: set[str] = set()
+        self._runners = {True: GraphRunner(prepared),
+                         False: GraphRunner(prepared, modules={t: (lambda x: x) for t in self.quantizers})}
+
+    @torch.no_grad()
+    def run(self, inputs: dict[str, torch.Tensor], wanted: Sequence[Node], quantized: bool) -> dict[Node, torch.Tensor]:
+        """Runs the graph (fake-quantized or floating point) on named inputs, only as far as `wanted` needs."""
+        wanted = list(wanted)
+        return dict(zip(wanted, self._runners[quantized].values(inputs, wanted)))
+
+    def finish(self) -> int:
+        """Fixes what was learned for `convert_pt2e`: a `prepare_pt2e` graph gets its observers back, pinned to
+        it; a QAT graph is finished (`qat.finish_training`). Returns how many quantizers learned."""
+        if self.wrapped:
+            return unwrap_observers(self.gm)
+        finish_training(self.gm)
+        return len(self.learned)
 
 
 def select_samples(data: CalibrationData, max_samples: int, seed: int) -> CalibrationData:
@@ -115,7 +157,7 @@ def _per_sample(value: torch.Tensor, n: int, where: str) -> torch.Tensor:
     return value if k == 1 else value.reshape(n, k, *value.shape[1:])
 
 
-def capture_block_data(sim: QuantSim, block: Block, data: CalibrationData) -> tuple[list[torch.Tensor],
+def capture_block_data(graph: ReconstructionGraph, block: Block, data: CalibrationData) -> tuple[list[torch.Tensor],
                                                                                      list[torch.Tensor], torch.Tensor]:
     """(block inputs from the quantized-so-far model, FP block outputs, timestep of each sample), samples first.
 
@@ -127,14 +169,14 @@ def capture_block_data(sim: QuantSim, block: Block, data: CalibrationData) -> tu
     ins: list[list[torch.Tensor]] = [[] for _ in tensor_inputs]
     outs: list[list[torch.Tensor]] = [[] for _ in block.outputs]
     batched, shared = _flat_inputs(data)
-    has_batch = _batched_nodes(sim.gm)
+    has_batch = _batched_nodes(graph.gm)
     batch_free = {i for i, node in enumerate(tensor_inputs) if node not in has_batch}
     token_flat = set()
     for start in range(0, len(batched[SAMPLE]), CAPTURE_BATCH):
         args = {**{k: v[start:start + CAPTURE_BATCH] for k, v in batched.items()}, **shared}
         n = len(args[SAMPLE])
-        q = sim.run(args, tensor_inputs, quantized=True)
-        fp = sim.run(args, block.outputs, quantized=False)
+        q = graph.run(args, tensor_inputs, quantized=True)
+        fp = graph.run(args, block.outputs, quantized=False)
         # contiguous: conv outputs come channels-last, and this torch build's CPU conv backward crashes on
         # small channels-last inputs
         for i, (acc, node) in enumerate(zip(ins, tensor_inputs)):
@@ -199,13 +241,15 @@ def _evaluate(module: GraphModule, ins, outs, norms, w, block: Block, batch: int
     return total / float(w.sum())
 
 
-def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config: ReconstructionConfig,
+def reconstruct_block(graph: ReconstructionGraph, block: Block, data: CalibrationData, config: ReconstructionConfig,
                       timestep_weights: Optional[Mapping[float, float]] = None,
                       bar: Optional[tqdm] = None) -> BlockResult:
-    """Learns the rounding of the block's weights and the step sizes of its activation quantizers in `sim`.
+    """Learns the rounding of the block's weights (AdaRound) and the step sizes of its activation quantizers
+    (LSQ) in their FakeQuantize modules.
 
     Args:
-        sim: the `QuantSim` of the calibrated graph (it remembers which quantizers earlier blocks learned).
+        graph: the `ReconstructionGraph` of the calibrated graph (it remembers which quantizers earlier blocks
+            learned).
         block: from `find_blocks` or `block_from_nodes`.
         data: calibration data; at most `config.max_samples` samples are cached.
         config: the budget and learning settings.
@@ -216,29 +260,34 @@ def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config
         The block's `BlockResult` (loss with the initial and with the learned quantizers, iterations run, time).
 
     Example:
-        >>> sim = QuantSim(prepared)
-        >>> result = reconstruct_block(sim, find_blocks(prepared)[3], data, ReconstructionConfig(iterations=100))
-        >>> sim.bake()
+        >>> graph = ReconstructionGraph(prepared)
+        >>> result = reconstruct_block(graph, find_blocks(prepared)[3], data, ReconstructionConfig(iterations=100))
+        >>> graph.finish()
     """
     start_time = time.perf_counter()
     data = select_samples(data, config.max_samples, config.seed)
-    owned = [t for t in block.observers(sim.gm) if t not in sim.learned]
-    weights = [sim.weights[t] for t in owned if t in sim.weights]
-    acts = [sim.activations[t] for t in owned if t in sim.activations]
-    module = build_block_module(sim.gm, block, sim.quantizers)
-    ins, outs, timesteps = capture_block_data(sim, block, data)
+    owned = [n for n in block.nodes if n.op == "call_module" and n.target in graph.quantizers
+             and n.target not in graph.learned]
+    weights = [graph.quantizers[n.target] for n in owned if isinstance(graph.quantizers[n.target], WeightFakeQuantize)]
+    acts = [graph.quantizers[n.target] for n in owned if config.learn_act_scales
+            and not isinstance(graph.quantizers[n.target], WeightFakeQuantize)]
+    module = build_block_module(graph.gm, block, graph.quantizers)
+    ins, outs, timesteps = capture_block_data(graph, block, data)
     w = _sample_weights(timesteps, timestep_weights)
     norms = [o.pow(2).mean().clamp_min(1e-12) for o in outs]
-    before = _evaluate(module, ins, outs, norms, w, block)
-    generator = torch.Generator().manual_seed(config.seed + len(sim.learned))
-    params_w = [q.alpha for q in weights]
-    params_a = [q.scale for q in acts] if config.learn_act_scales else []
+    before = _evaluate(module, ins, outs, norms, w, block)  # round-to-nearest, the observers' ranges
+    generator = torch.Generator().manual_seed(config.seed + len(graph.learned))
+    for node in owned:
+        fq = graph.quantizers[node.target]
+        if fq in weights:  # the rounding of the weight constant as it is now (GPTQ may have replaced it)
+            fq.enable_range_learning(adaround=True, weight=get_attr_tensor(graph.gm, node.args[0]))
+        elif fq in acts:
+            fq.enable_range_learning()
+    learning = weights + acts
+    params_w = [p for fq in weights for p in fq.parameters_to_learn()]
+    params_a = [p for fq in acts for p in fq.parameters_to_learn()]
     optimizers = ([torch.optim.Adam(params_w, lr=config.weight_lr)] if params_w else []) + \
                  ([torch.optim.Adam(params_a, lr=config.act_lr)] if params_a else [])
-    for q in weights:
-        q.soft = True
-    for p in params_a:
-        p.requires_grad_(True)
     check_every = max(1, config.iterations // 10)
     best, stale, window, done = float("inf"), 0, [], 0
     try:
@@ -250,7 +299,7 @@ def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config
                 loss = rec
                 beta = annealed_beta(it, config.iterations, config.warmup, config.beta_start, config.beta_end)
                 if beta is not None and weights and config.round_weight > 0:
-                    loss = loss + config.round_weight * sum(round_regularizer(q.alpha, beta) for q in weights) / len(
+                    loss = loss + config.round_weight * sum(fq.rounding_regularizer(beta) for fq in weights) / len(
                         weights)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
@@ -271,14 +320,12 @@ def reconstruct_block(sim: QuantSim, block: Block, data: CalibrationData, config
                         if stale >= config.early_stop_patience:
                             break
     finally:
-        for q in weights:
-            q.soft = False
-        for p in params_a:
-            p.requires_grad_(False)
+        for fq in learning:
+            fq.disable_range_learning()
     if bar is not None and done < config.iterations:
         bar.update(config.iterations - done)
     after = _evaluate(module, ins, outs, norms, w, block)
-    sim.learned.update(owned)
+    graph.learned.update(n.target for n in owned)
     return BlockResult(block.name, done, before, after, time.perf_counter() - start_time)
 
 
@@ -289,7 +336,8 @@ def reconstruct_blocks(prepared: GraphModule, data: CalibrationData, config: Rec
     """Block reconstruction of a calibrated graph, baked into it for `convert_pt2e`.
 
     Args:
-        prepared: a graph from `prepare_pt2e(graph, DiffusionQuantizer(config))`, calibrated with `calibrate`.
+        prepared: a graph from `prepare_pt2e(graph, DiffusionQuantizer(config))` or `prepare_qat_pt2e(graph,
+            DiffusionQuantizer(config, qat=True))`, calibrated with `calibrate`.
         data: the (timestep-aware) calibration data; at most `config.max_samples` samples are used.
         config: the budget and learning settings (`ReconstructionConfig`). `iterations=0` leaves `prepared`
             untouched (the plain path).
@@ -319,18 +367,17 @@ def reconstruct_blocks(prepared: GraphModule, data: CalibrationData, config: Rec
     if config.iterations == 0:
         return report
     start = time.perf_counter()
-    sim = QuantSim(prepared)
+    graph = ReconstructionGraph(prepared)
     blocks = list(blocks) if blocks is not None else find_blocks(prepared)
     subset = select_samples(data, config.max_samples, config.seed)
     bar = tqdm(total=config.iterations * len(blocks), desc="reconstruction", disable=not progress, unit="it")
     for block in blocks:
         bar.set_postfix_str(block.name)
-        result = reconstruct_block(sim, block, subset, config, timestep_weights, bar)
+        result = reconstruct_block(graph, block, subset, config, timestep_weights, bar)
         logger.info("reconstruction %s: %d it, loss %.3g -> %.3g (%.1fs)", result.name, result.iterations,
                     result.loss_before, result.loss_after, result.seconds)
         report.blocks.append(result)
     bar.close()
-    sim.bake()
-    report.sim = sim
+    graph.finish()
     report.seconds = time.perf_counter() - start
     return report

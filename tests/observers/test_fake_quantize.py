@@ -195,3 +195,51 @@ def test_weight_statistics_match_the_plain_observer():
     fq.enable_fake_quant()
     for a, b in zip(fq.calculate_qparams(), obs.calculate_qparams()):
         assert torch.equal(a, b)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, bounds=act_ranges, method=st.sampled_from(["minmax", "mse"]))
+def test_around_a_calibrated_activation_observer_is_converts_qdq_at_its_qparams(seed, bounds, method):
+    xs = _activation_data(seed)
+    obs = TimestepActivationObserver(quant_min=bounds[0], quant_max=bounds[1], method=method)
+    _observe(obs, xs)
+    scale, zp = obs.calculate_qparams()
+    fq = TimestepFakeQuantize.around(obs)
+    assert fq.activation_post_process is obs and fq.quant_max == bounds[1]
+    x = xs[250.0]
+    q = qd.quantize_per_tensor(x, float(scale), int(zp), bounds[0], bounds[1], torch.uint8)
+    expected = qd.dequantize_per_tensor(q, float(scale), int(zp), bounds[0], bounds[1], torch.uint8)
+    torch.testing.assert_close(fq(x), expected, rtol=0, atol=float(scale) * 1e-4)
+    before = set(obs.stats)  # observing is off
+    with timestep_context(123.0):
+        fq(x * 100)
+    assert set(obs.stats) == before  # the new timestep was not recorded
+    for a, b in zip(fq.calculate_qparams(), (scale, zp)):
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, bounds=weight_ranges)
+def test_adaround_learns_the_rounding_of_the_weight_it_is_given(seed, bounds):
+    """A pass may replace the constant after the observer saw it (GPTQ): AdaRound starts from the given one."""
+    qmin, qmax = bounds
+    seen, replaced = _weight(seed), _weight(seed + 1)
+    obs = WeightObserver(dtype=torch.int8, qscheme=torch.per_channel_symmetric, quant_min=qmin, quant_max=qmax,
+                         ch_axis=0, method="minmax")
+    obs(seen)
+    fq = WeightFakeQuantize.around(obs)
+    fq.enable_range_learning(adaround=True, weight=replaced)
+    fq.disable_range_learning()
+    scale, zp = obs.broadcast_qparams()
+    nearest = torch.clamp(torch.round(replaced / scale) + zp, qmin, qmax)
+    assert (fq.adaround.integer_weight() - nearest).abs().max() <= 1  # ties may go either way
+    assert (fq.adaround.integer_weight() != nearest).float().mean() < 0.01
+
+
+def test_around_needs_the_matching_observer():
+    with pytest.raises(TypeError, match="needs a WeightObserver"):
+        WeightFakeQuantize.around(TimestepActivationObserver(quant_min=0, quant_max=255))
+    with pytest.raises(TypeError, match="needs a TimestepActivationObserver"):
+        TimestepFakeQuantize.around(WeightObserver(quant_min=-8, quant_max=7))
+    with pytest.raises(TypeError, match="takes no observer arguments"):
+        TimestepFakeQuantize(TimestepActivationObserver(quant_min=0, quant_max=255), quant_min=0)

@@ -1,13 +1,16 @@
-"""Block reconstruction on a tiny UNet: blocks, learning, baking into convert, determinism, the zero budget."""
+"""Block reconstruction on a tiny UNet: blocks, learning in the FakeQuantize modules (of a prepare_pt2e or a
+prepare_qat_pt2e graph), baking into convert, determinism, the zero budget."""
 import pytest
 import torch
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
-from diffusion_ao import QuantConfig, collect_calibration_data, export_unet
-from diffusion_ao.config import QDiffConfig, ReconstructionConfig
+from diffusion_ao import DiffusionQuantizer, QuantConfig, calibrate, collect_calibration_data, export_unet
+from diffusion_ao.config import GPTQConfig, QDiffConfig, ReconstructionConfig
+from diffusion_ao.gptq import apply_gptq
 from diffusion_ao.metrics import relative_mse
+from diffusion_ao.observers import TimestepFakeQuantize, WeightFakeQuantize, WeightObserver, diffusion_observers
 from diffusion_ao.passes.analysis import get_attr_tensor, time_embedding_nodes
-from diffusion_ao.qdiff import QuantSim, block_from_nodes, find_blocks, reconstruct_blocks
+from diffusion_ao.qdiff import ReconstructionGraph, block_from_nodes, find_blocks, reconstruct_blocks
 from diffusion_ao.qdiff.blocks import is_observer
 from diffusion_ao.qdiff.reconstruction import reconstruct_block, select_samples
 from diffusion_ao.recipe import quantize_unet
@@ -59,24 +62,32 @@ def test_select_samples_caps_and_spreads_over_timesteps(data):
     assert select_samples(data, 10_000, seed=0).num_samples == data.num_samples
 
 
+def _weight_constant(graph: ReconstructionGraph, target: str) -> torch.Tensor:
+    node = next(n for n in graph.gm.graph.nodes if n.target == target)
+    return get_attr_tensor(graph.gm, node.args[0]).detach()
+
+
 def test_adaround_reduces_block_error_and_stays_within_one_step(unet, data):
     prepared = _prepared(unet, data)
-    sim = QuantSim(prepared)
+    graph = ReconstructionGraph(prepared)
     block = next(b for b in find_blocks(prepared) if b.name.endswith("resnets.0"))
     config = ReconstructionConfig(iterations=100, batch_size=8, learn_act_scales=False)
-    result = reconstruct_block(sim, block, data, config)
+    result = reconstruct_block(graph, block, data, config)
     assert result.loss_after < result.loss_before, result  # versus round-to-nearest on the calibration data
-    flipped = 0
+    flipped, learned = 0, 0
     for target in block.observers(prepared):
-        if target not in sim.weights:
+        fq = graph.quantizers[target]
+        if not isinstance(fq, WeightFakeQuantize):
+            assert fq.learned_parameters() == []  # learn_act_scales=False
             continue
-        q = sim.weights[target]
-        w = get_attr_tensor(prepared, sim.weight_nodes[target]).detach()
+        q = fq.adaround
+        w = _weight_constant(graph, target)
         nearest = torch.clamp(torch.round(w / q.scale), q.quant_min, q.quant_max)
         codes = q.integer_weight()
         assert bool(((codes - nearest).abs() <= 1).all())
         flipped += int((codes != nearest).sum())
-    assert flipped > 0  # learning changed some rounding decisions
+        learned += 1
+    assert learned and flipped > 0  # learning changed some rounding decisions
 
 
 def _converted_int_weights(converted):
@@ -97,14 +108,20 @@ def plain_output(unet, data):
 def reconstructed(unet, data):
     """(learned integer weights by layer, learned activation steps, pinned observer steps, converted graph)."""
     prepared = _prepared(unet, data)
-    blocks = find_blocks(prepared)[:6]  # the time MLP, conv_in, a ResBlock, ...: quick, and every kind of layer
-    sim = reconstruct_blocks(prepared, data, SMALL, blocks=blocks, progress=False).sim
-    codes = {}
-    for target, q in sim.weights.items():  # learned or not, convert must give exactly these codes
-        user = next(iter(next(n for n in prepared.graph.nodes if n.target == target).users))
-        codes[user.name] = q.integer_weight().to(torch.int8)
-    assert any(t in sim.learned for t in sim.weights)
-    steps = {t: float(q.scale) for t, q in sim.activations.items() if t in sim.learned}
+    graph = ReconstructionGraph(prepared)
+    for block in find_blocks(prepared)[:6]:  # the time MLP, conv_in, a ResBlock, ...: quick, every kind of layer
+        reconstruct_block(graph, block, data, SMALL)
+    codes, steps = {}, {}
+    for target, fq in graph.quantizers.items():
+        if isinstance(fq, WeightFakeQuantize) and fq.adaround is not None:
+            user = next(iter(next(n for n in prepared.graph.nodes if n.target == target).users))
+            codes[user.name] = fq.adaround.integer_weight().to(torch.int8)
+        elif isinstance(fq, TimestepFakeQuantize) and fq.lsq is not None:
+            steps[target] = float(fq.lsq.scale)
+    assert codes and steps and set(steps) <= graph.learned
+    assert graph.finish() == len(codes) + len(steps)
+    # the observers are back, pinned to what was learned
+    assert not any(isinstance(m, (WeightFakeQuantize, TimestepFakeQuantize)) for m in prepared.modules())
     pinned = {t: float(prepared.get_submodule(t).calculate_qparams()[0]) for t in steps}
     return codes, steps, pinned, convert_pt2e(prepared)
 
@@ -113,7 +130,7 @@ def test_baked_result_is_what_convert_produces(reconstructed):
     codes, steps, pinned, converted = reconstructed
     assert pinned == pytest.approx(steps)
     ints = _converted_int_weights(converted)
-    assert set(ints) == set(codes)
+    assert set(codes) < set(ints)  # the first six blocks' layers learned, the rest convert as usual
     for name, learned in codes.items():
         assert torch.equal(ints[name], learned), name
 
@@ -128,14 +145,58 @@ def test_reconstruction_lowers_the_output_error(unet, data, plain_output):
     assert relative_mse(convert_pt2e(prepared)(x, t), reference) < relative_mse(plain_output, reference)
 
 
-def test_bake_without_learning_is_the_plain_path(unet, data, plain_output):
+def test_wrapping_without_learning_is_the_plain_path(unet, data, plain_output):
     x, t = _probe(data)
-    plain = plain_output
     prepared = _prepared(unet, data)
-    sim = QuantSim(prepared)
-    sim.learned.update(sim.quantizers)  # bake the initial state: nearest rounding, the observers' ranges
-    sim.bake()
-    torch.testing.assert_close(convert_pt2e(prepared)(x, t), plain, rtol=0, atol=1e-6)
+    graph = ReconstructionGraph(prepared)  # FakeQuantize modules at the observers' qparams
+    fake_quantized = prepared(x, t)
+    assert graph.finish() == 0
+    torch.testing.assert_close(fake_quantized, plain_output, rtol=0, atol=1e-6)
+    torch.testing.assert_close(convert_pt2e(prepared)(x, t), plain_output, rtol=0, atol=1e-6)
+
+
+def _qat_prepared(unet, data, config=CONFIG):
+    prepared = prepare_qat_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), DiffusionQuantizer(config, qat=True))
+    calibrate(prepared, data, progress=False)
+    return prepared
+
+
+def test_reconstruction_on_the_qat_graph_equals_the_ptq_graph(unet, data):
+    """The same FakeQuantize modules learn either way: prepare_qat_pt2e's own, or those put around
+    prepare_pt2e's observers."""
+    x, t = _probe(data)
+    blocks = slice(0, 5)
+    outs = []
+    for prepared in (_prepared(unet, data), _qat_prepared(unet, data)):
+        report = reconstruct_blocks(prepared, data, SMALL, blocks=find_blocks(prepared)[blocks], progress=False)
+        outs.append((convert_pt2e(prepared)(x, t), [(r.loss_before, r.loss_after) for r in report.blocks]))
+    (ptq, ptq_losses), (qat, qat_losses) = outs
+    assert ptq_losses == pytest.approx(qat_losses, rel=1e-5)
+    torch.testing.assert_close(qat, ptq, rtol=0, atol=1e-6)
+
+
+def test_reconstruction_starts_from_the_gptq_codes(unet, data):
+    """AdaRound learns the rounding of the weight constant as GPTQ left it, not of the weight the observer saw."""
+    prepared = _prepared(unet, data)
+    apply_gptq(prepared, data, GPTQConfig(), progress=False)
+    gptq_codes = {}
+    for node, obs in diffusion_observers(prepared, "test"):
+        if isinstance(obs, WeightObserver):
+            scale, zp = obs.broadcast_qparams()
+            w = get_attr_tensor(prepared, node.args[0]).detach()
+            gptq_codes[node.target] = torch.clamp(torch.round(w / scale) + zp, obs.quant_min, obs.quant_max)
+    graph = ReconstructionGraph(prepared)
+    block = next(b for b in find_blocks(prepared) if b.name.endswith("resnets.0"))
+    still = ReconstructionConfig(iterations=5, batch_size=8, max_samples=8, weight_lr=1e-12, act_lr=1e-12)
+    reconstruct_block(graph, block, data, still)
+    checked = 0
+    for target in block.observers(prepared):
+        fq = graph.quantizers[target]
+        if isinstance(fq, WeightFakeQuantize):
+            q = fq.adaround
+            assert torch.equal(q.integer_weight(), gptq_codes[target]), target
+            checked += 1
+    assert checked
 
 
 def test_zero_iterations_equals_the_plain_path(unet, data):
@@ -199,16 +260,16 @@ def test_bad_qdiff_settings(unet, data):
     with pytest.raises(TypeError, match="ReconstructionConfig"):
         reconstruct_blocks(_prepared(unet, data), data, QDiffConfig())
     with pytest.raises(ValueError, match="no diffusion-ao observers"):
-        QuantSim(export_unet(unet, sample_shape=(1, 1, 8, 8)))
+        ReconstructionGraph(export_unet(unet, sample_shape=(1, 1, 8, 8)))
 
 
 def test_early_stop_ends_a_block_that_no_longer_improves(unet, data):
     prepared = _prepared(unet, data)
-    sim = QuantSim(prepared)
+    graph = ReconstructionGraph(prepared)
     block = find_blocks(prepared)[0]
     frozen = ReconstructionConfig(iterations=50, batch_size=1, max_samples=1, weight_lr=1e-12, act_lr=1e-12,
                                   warmup=0.2, early_stop_patience=1)
-    result = reconstruct_block(sim, block, data, frozen)
+    result = reconstruct_block(graph, block, data, frozen)
     # one sample, so every minibatch is the same; checks every 5 iterations after the 10 warm-up ones: the first
     # sets the best loss, the next sees no gain
     assert result.iterations == 20
