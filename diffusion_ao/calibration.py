@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP
+from .distributed import all_gather_objects, reduce_observers, shard, world
 from .graph import call_graph, graph_input_names, require_exported
 from .observers import TimestepActivationObserver, WeightObserver, timestep_context
 from .observers.fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
@@ -131,6 +132,10 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
         null_class_label: the unconditional label, required with guidance.
         progress: show a progress bar.
 
+    With a `torch.distributed` process group of several ranks, every rank draws all the noise (the same seeds
+    whatever the world size), samples its contiguous share of the trajectories and gets the whole data back
+    (gathered), in the order one process records it.
+
     Example:
         >>> data = collect_calibration_data(unet, DDIMScheduler.from_config(cfg), num_samples=64,
         ...                                 num_inference_steps=20)
@@ -155,30 +160,41 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
     shape = sample_shape(unet)
     generator = torch.Generator().manual_seed(seed)
     unet.eval()
+    rank, world_size = world()
+    if num_samples < world_size:
+        raise ValueError(f"collect_calibration_data: {num_samples} trajectories cannot be shared by {world_size} "
+                         "ranks; ask for at least one per rank.")
+    mine = shard(num_samples, rank, world_size)  # every rank draws all the noise, samples its own trajectories
+    # step index -> [(batch start, denoiser input, its other inputs)]: this rank's rows of each batch
     recorded: dict[int, list] = {}
     timesteps: dict[int, float] = {}
-    bar = tqdm(total=num_samples * num_inference_steps, desc="calibration trajectories", disable=not progress,
+    bar = tqdm(total=len(mine) * num_inference_steps, desc="calibration trajectories", disable=not progress,
                unit="unet call")
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
-        cond = {k: v[start:start + n].to(param.device) for k, v in conditioning.items()}
+        noise = torch.randn((n,) + shape, generator=generator).to(param.device, param.dtype)
+        rows = [i - start for i in range(start, start + n) if i in mine]
+        if not rows:
+            continue
+        lo, hi = rows[0], rows[-1] + 1  # contiguous
+        cond = {k: v[start + lo:start + hi].to(param.device) for k, v in conditioning.items()}
         uncond = {CLASS_LABELS: torch.full_like(cond[CLASS_LABELS], null_class_label)} if guided else None
         seen = {k: torch.cat([uncond[k], v]) for k, v in cond.items()} if guided else cond  # what the denoiser gets
-        noise = torch.randn((n,) + shape, generator=generator).to(param.device, param.dtype)
 
-        def record(i: int, t: float, model_input: torch.Tensor) -> None:
+        def record(i: int, t: float, model_input: torch.Tensor, start=start, seen=seen, m=hi - lo) -> None:
             timesteps[i] = t
             if i % every_k_steps == 0:
-                recorded.setdefault(i, []).append((model_input.cpu(), {k: v.cpu() for k, v in seen.items()}))
-            bar.update(n)
+                recorded.setdefault(i, []).append((start, model_input.cpu(), {k: v.cpu() for k, v in seen.items()}))
+            bar.update(m)
 
-        run_sampler(unet, scheduler, noise, num_inference_steps, cond, on_step=record, guidance_scale=guidance_scale,
-                    unconditional=uncond)
+        run_sampler(unet, scheduler, noise[lo:hi], num_inference_steps, cond, on_step=record,
+                    guidance_scale=guidance_scale, unconditional=uncond)
     bar.close()
+    if world_size > 1:
+        recorded, timesteps = _gather_recorded(recorded, timesteps)
     steps = []
     for i, chunks in sorted(recorded.items()):
-        sample = torch.cat([c[0] for c in chunks])
-        cond = {k: torch.cat([c[1][k] for c in chunks]) for k in conditioning}
+        sample, cond = _assemble(chunks, list(conditioning), guided)
         if samples_per_step is not None:
             keep = torch.randperm(len(sample), generator=generator)[:samples_per_step]
             sample, cond = sample[keep], {k: v[keep] for k, v in cond.items()}
@@ -186,6 +202,38 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
     data = CalibrationData(steps)
     data.validate()
     return data
+
+
+def _gather_recorded(recorded: dict, timesteps: dict) -> tuple[dict, dict]:
+    """Every rank's recorded chunks, per step in rank order (so in sample order: the shares are contiguous)."""
+    gathered = all_gather_objects((recorded, timesteps), "the calibration trajectories")
+    merged: dict[int, list] = {}
+    for their_recorded, _ in gathered:
+        for i, chunks in their_recorded.items():
+            merged.setdefault(i, []).extend(chunks)
+    return merged, {i: t for _, their_timesteps in gathered for i, t in their_timesteps.items()}
+
+
+def _assemble(chunks: list, names: list[str], guided: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step's denoiser inputs from the recorded chunks, in the order one process records them: batch by
+    batch, and within a guided batch the unconditional half of all its samples before the conditional half."""
+    by_batch: dict[int, list] = {}
+    for start, x, cond in chunks:  # chunks of one batch come from several ranks, in rank order
+        by_batch.setdefault(start, []).append((x, cond))
+    samples, conds = [], {k: [] for k in names}
+    for start in sorted(by_batch):
+        parts = by_batch[start]
+        if guided:  # each part is (its unconditional rows, its conditional rows)
+            halves = [x.chunk(2) for x, _ in parts]
+            samples += [h[0] for h in halves] + [h[1] for h in halves]
+            for k in names:
+                halves = [c[k].chunk(2) for _, c in parts]
+                conds[k] += [h[0] for h in halves] + [h[1] for h in halves]
+        else:
+            samples += [x for x, _ in parts]
+            for k in names:
+                conds[k] += [c[k] for _, c in parts]
+    return torch.cat(samples), {k: torch.cat(v) for k, v in conds.items()}
 
 
 def label_observers(prepared: torch.fx.GraphModule) -> list[torch.nn.Module]:
@@ -214,6 +262,9 @@ def calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, batch_size:
               progress: bool = True) -> None:
     """Runs the prepared graph over the calibration data, telling observers which timestep they are at.
 
+    With a `torch.distributed` process group of several ranks, each rank runs its contiguous share of every
+    step's samples and the observers' statistics are then merged across ranks (`distributed.reduce_observers`).
+
     Args:
         prepared: the result of `prepare_pt2e(graph, DiffusionQuantizer(...))`.
         data: from `collect_calibration_data`.
@@ -227,11 +278,18 @@ def calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, batch_size:
     if not isinstance(data, CalibrationData):
         raise TypeError(f"calibrate needs CalibrationData from collect_calibration_data, got {type(data).__name__}.")
     data.validate()
-    total = data.num_samples
-    bar = tqdm(total=total, desc="calibrating", disable=not progress, unit="sample")
+    rank, world_size = world()
+    shares = [shard(len(step), rank, world_size) for step in data.steps]  # all of it in one process
+    if not any(shares):
+        raise ValueError(f"calibrate: rank {rank} of {world_size} gets no calibration samples; every rank needs "
+                         "at least one (use more samples per step, or fewer ranks).")
+    bar = tqdm(total=sum(len(r) for r in shares), desc="calibrating", disable=not progress, unit="sample")
     names = graph_input_names(prepared)
-    for step, inputs in data.batches(batch_size):
-        with timestep_context(step.timestep):
-            call_graph(prepared, inputs, names)
-        bar.update(len(inputs[SAMPLE]))
+    for step, share in zip(data.steps, shares):
+        for start in range(share.start, share.stop, batch_size):
+            inputs = step.graph_inputs(start, min(start + batch_size, share.stop))
+            with timestep_context(step.timestep):
+                call_graph(prepared, inputs, names)
+            bar.update(len(inputs[SAMPLE]))
     bar.close()
+    reduce_observers(prepared)  # all ranks end with the statistics of all the data (nothing with one process)

@@ -128,15 +128,16 @@ def test_with_vnni_w8a8_uses_the_full_range_and_4_bit_weights_never_reduce(unet,
         assert {d.act_range for d in quantizer.decisions if d.act_range} == expected, preset
 
 
-def test_ddim_pipeline_runs_with_the_quantized_unet(unet, scheduler, w8a8_compiled):
+def test_ddim_pipeline_runs_with_the_quantized_unet(unet, scheduler, data, w8a8_compiled):
     fast, _ = w8a8_compiled
     pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
+    batch = len(_probe_inputs(data)[0])  # the batch the fixture compiled for (another one recompiles: slow)
     generator = torch.Generator().manual_seed(0)
-    fp_images = pipe(batch_size=2, num_inference_steps=4, generator=generator, output_type="np").images
+    fp_images = pipe(batch_size=batch, num_inference_steps=4, generator=generator, output_type="np").images
     pipe.unet = as_diffusers_unet(fast, like=unet)
     generator = torch.Generator().manual_seed(0)
-    q_images = pipe(batch_size=2, num_inference_steps=4, generator=generator, output_type="np").images
-    assert q_images.shape == fp_images.shape == (2, 8, 8, 1)
+    q_images = pipe(batch_size=batch, num_inference_steps=4, generator=generator, output_type="np").images
+    assert q_images.shape == fp_images.shape == (batch, 8, 8, 1)
     assert abs(q_images - fp_images).mean() < 0.1
 
 

@@ -143,7 +143,9 @@ def test_timestep_weights_that_sum_to_zero_are_an_error(unet, data):
         apply_gptq(prepared, data, GPTQConfig(samples_per_step=2), timestep_weights={-1.0: 1.0}, progress=False)
 
 
-@pytest.mark.parametrize("has_vnni", [True, False])  # False: 7-bit activation ranges (AVX2 CPUs)
+# False: 7-bit activation ranges (AVX2 CPUs); slow: GPTQ changes weight values only, and the 7-bit lowering is
+# tested in test_end_to_end and test_cpu
+@pytest.mark.parametrize("has_vnni", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_the_recipe_runs_gptq_and_the_result_lowers_to_int8_kernels(unet, data, has_vnni):
     from diffusion_ao import compile_for_cpu, count_int8_kernels
     from diffusion_ao.lowering import expected_int8_kernels

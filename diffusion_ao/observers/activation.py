@@ -90,7 +90,15 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         self.stats: dict[Optional[float], TimestepStats] = {}
         self._weights: Optional[dict] = None
         self.fixed_qparams: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
+
+    def reset_statistics(self) -> None:
+        """Forgets everything observed (and restarts the subsample's random generator)."""
+        self.stats = {}
+        self.min_val.fill_(float("inf"))
+        self.max_val.fill_(float("-inf"))
+        self._generator = torch.Generator().manual_seed(self.seed)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,6 +141,38 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         low_tail = -torch.topk(-low, min(k, low.numel())).values
         high_tail = torch.topk(high, min(k, high.numel())).values
         return sample, low_tail, high_tail
+
+    @torch.no_grad()
+    def merge(self, stats: Mapping[Optional[float], TimestepStats]) -> None:
+        """Folds in the statistics another observer of the same activation collected on other data (another
+        rank's share of the calibration set, `diffusion_ao.distributed.reduce_observers`): min / max, counts, sums
+        of squares and the exact tails are those of all the data; the random subsample keeps each side in
+        proportion to the number of values it stands for."""
+        for key, theirs in stats.items():
+            ours = self.stats.get(key)
+            if ours is None:
+                self.stats[key] = theirs
+            else:
+                self.stats[key] = TimestepStats(min(ours.lo, theirs.lo), max(ours.hi, theirs.hi),
+                                                ours.count + theirs.count, ours.sumsq + theirs.sumsq,
+                                                *self._merge_samples(ours, theirs))
+            self.min_val.fill_(min(self.min_val.item(), theirs.lo))
+            self.max_val.fill_(max(self.max_val.item(), theirs.hi))
+
+    def _merge_samples(self, a: TimestepStats, b: TimestepStats):
+        if self.method != "mse":
+            return a.sample, a.low_tail, a.high_tail
+        k, cap = self.tail, self.samples_per_timestep
+        if a.count + b.count <= cap:  # both hold every value
+            sample = torch.cat([a.sample, b.sample])
+        else:
+            take_b = min(b.sample.numel(), max(1, round(cap * b.count / (a.count + b.count))))
+            take_a = min(a.sample.numel(), cap - take_b)
+            sample = torch.cat([a.sample[torch.randperm(a.sample.numel(), generator=self._generator)[:take_a]],
+                                b.sample[torch.randperm(b.sample.numel(), generator=self._generator)[:take_b]]])
+        low, high = torch.cat([a.low_tail, b.low_tail]), torch.cat([a.high_tail, b.high_tail])
+        return (sample, -torch.topk(-low, min(k, low.numel())).values,
+                torch.topk(high, min(k, high.numel())).values)
 
     # --- statistics -------------------------------------------------------------------------------
     def timesteps(self) -> list:

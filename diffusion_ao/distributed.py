@@ -1,0 +1,93 @@
+"""Calibration over several processes with `torch.distributed` (gloo on CPUs, NCCL on GPUs; launch with torchrun).
+
+When a default process group with more than one rank is initialised, the calibration steps split their work by
+samples and combine the results with collectives, so that every rank ends with the same result and a single
+process behaves exactly as before:
+
+* `collect_calibration_data` draws every trajectory's noise on every rank (the same seeds whatever the world
+  size), runs the sampler on its contiguous share of the trajectories, and gathers the recorded steps in sample
+  order (`gather_calibration_data`);
+* `calibrate` runs each rank's share of every step's samples through the prepared graph and merges the
+  observers' per-timestep statistics across ranks (`reduce_observers`): min / max, counts, sums of squares and
+  the exact tails are those of all the data, so min-max qparams equal one process's; MSE ranges are searched on a
+  random subsample, which differs with the split.
+
+Collectives time out with the process group's timeout (`init_process_group(timeout=...)`); a rank that fails or
+times out raises `DistributedCalibrationError` naming the step, instead of hanging.
+
+Example:
+    >>> # torchrun --nproc-per-node 2 calibrate.py
+    >>> torch.distributed.init_process_group("gloo")
+    >>> data = collect_calibration_data(unet, scheduler, num_samples=64)   # each rank samples 32
+    >>> calibrate(prepared, data)                                          # each rank observes half
+    >>> quantized = convert_pt2e(prepared)                                 # the same on every rank
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class DistributedCalibrationError(RuntimeError):
+    """A collective of the distributed calibration failed (a rank died, or the group's timeout passed)."""
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(n: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of `n` items (the first `n % world_size` ranks take one more)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def all_gather_objects(obj: Any, what: str) -> list[Any]:
+    """Every rank's `obj`, in rank order (one entry when not distributed).
+
+    Raises:
+        DistributedCalibrationError: naming `what`, if a rank failed or the process group's timeout passed.
+    """
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * size
+    try:
+        dist.all_gather_object(gathered, obj)
+    except Exception as error:  # gloo and NCCL raise RuntimeError subclasses with backend-specific messages
+        raise DistributedCalibrationError(
+            f"rank {rank}: gathering {what} across {size} ranks failed ({type(error).__name__}: {error}). Another "
+            "rank probably failed or is slower than the process group's timeout; see its log, or raise the timeout "
+            "with init_process_group(timeout=...).") from error
+    return gathered
+
+
+@torch.no_grad()
+def reduce_observers(prepared: torch.fx.GraphModule) -> int:
+    """Merges every timestep activation observer's statistics across ranks, in rank order, so that all ranks hold
+    the statistics of all the data (weights are the same on every rank and need nothing). No-op with one rank.
+
+    Returns:
+        How many observers were merged.
+    """
+    from .observers import TimestepActivationObserver
+
+    rank, size = world()
+    observers = [(name, m) for name, m in prepared.named_modules() if isinstance(m, TimestepActivationObserver)]
+    if size == 1 or not observers:
+        return 0
+    gathered = all_gather_objects({name: obs.stats for name, obs in observers}, "the observers' statistics")
+    if any(set(g) != {name for name, _ in observers} for g in gathered):
+        raise DistributedCalibrationError("the ranks' prepared graphs have different observers: prepare the same "
+                                          "graph with the same config on every rank.")
+    for name, obs in observers:
+        obs.reset_statistics()  # including its random generator: every rank merges the same way
+        for stats in gathered:  # in rank order
+            obs.merge(stats[name])
+    return len(observers)

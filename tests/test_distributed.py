@@ -1,0 +1,191 @@
+"""Calibration over 2 gloo ranks on the CPU equals one process: the captured data (up to the float rounding of the
+UNet at another batch size), the merged observer statistics, min-max qparams; MSE ranges agree up to their random
+subsample; a failing rank makes the others fail with a clear error instead of hanging."""
+import multiprocessing
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from hypothesis import given, settings, strategies as st
+from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+from diffusion_ao import DiffusionQuantizer, QuantConfig, calibrate, collect_calibration_data, export_unet
+from diffusion_ao.distributed import shard
+from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS
+from diffusion_ao.observers import TimestepActivationObserver, timestep_context
+from tests.conftest import tiny_unet
+
+WORLD = 2
+CONFIGS = {"minmax": QuantConfig.preset("w8a8").replace(act_observer="minmax"),
+           "mse": QuantConfig.preset("w8a8").replace(act_observer="mse")}
+
+
+def _class_unet() -> UNet2DModel:
+    torch.manual_seed(1)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=4).eval()
+
+
+def _capture():
+    """Plain (5 trajectories, batches of 4: one batch split between the ranks) and guided captures."""
+    scheduler = DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+    plain = collect_calibration_data(tiny_unet(), scheduler, num_samples=5, num_inference_steps=3, batch_size=4,
+                                     seed=3, progress=False)
+    guided = collect_calibration_data(_class_unet(), scheduler, num_samples=3, num_inference_steps=3, seed=4,
+                                      class_labels=torch.tensor([0, 1, 2]), guidance_scale=2.0, null_class_label=3,
+                                      samples_per_step=2, progress=False)
+    return plain, guided
+
+
+def _qparams(data):
+    """Every activation observer's qparams (and per-timestep qparams) after calibrating on `data`."""
+    out = {}
+    for name, config in CONFIGS.items():
+        prepared = prepare_pt2e(export_unet(tiny_unet(), sample_shape=(1, 1, 8, 8)), DiffusionQuantizer(config))
+        calibrate(prepared, data, batch_size=4, progress=False)
+        for target, obs in prepared.named_modules():
+            if isinstance(obs, TimestepActivationObserver):
+                out[name, target] = (obs.calculate_qparams(), {t: obs.timestep_qparams(t) for t in data.timesteps},
+                                     {t: (s.lo, s.hi, s.count) for t, s in obs.stats.items()})
+    return out
+
+
+def _worker(rank: int, init_file: str, out_dir: str, task: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                                         timeout=timedelta(seconds=20))
+    try:
+        if task == "calibrate":
+            result = {"capture": _capture(), "qparams": _qparams(torch.load(Path(out_dir) / "data.pt",
+                                                                             weights_only=False))}
+        else:  # "fail": rank 1 dies before the first collective
+            if rank == 1:
+                raise SystemExit(3)
+            result = {"capture": _capture()}
+    except Exception:
+        result = {"error": traceback.format_exc()}
+    torch.save(result, Path(out_dir) / f"{task}-{rank}.pt")
+
+
+def _run_ranks(tmp_path: Path, task: str) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(rank, str(tmp_path / f"init-{task}"), str(tmp_path), task))
+             for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode is not None, "a rank hung"
+    return [torch.load(tmp_path / f"{task}-{r}.pt", weights_only=False) if (tmp_path / f"{task}-{r}.pt").exists()
+            else None for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    torch.set_num_threads(1)
+    capture = _capture()
+    return capture, _qparams(capture[0])
+
+
+@pytest.fixture(scope="module")
+def two_ranks(single, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ranks")
+    torch.save(single[0][0], tmp_path / "data.pt")  # both sides calibrate on the same data
+    results = _run_ranks(tmp_path, "calibrate")
+    for r in results:
+        assert r is not None and "error" not in r, r and r.get("error")
+    return results
+
+
+def test_capture_over_two_ranks_is_the_single_process_data(single, two_ranks):
+    for which, one in enumerate(single[0]):  # plain, guided
+        two = two_ranks[0]["capture"][which]
+        for a, b in zip(two.steps, two_ranks[1]["capture"][which].steps):  # every rank holds the whole data
+            assert torch.equal(a.sample, b.sample)
+        assert two.timesteps == one.timesteps
+        for a, b in zip(one.steps, two.steps):
+            assert a.sample.shape == b.sample.shape
+            # the same trajectories in the same order; the UNet ran at other batch sizes, so up to float rounding
+            torch.testing.assert_close(b.sample, a.sample, rtol=1e-4, atol=1e-5)
+            assert a.conditioning.keys() == b.conditioning.keys()
+            for k in a.conditioning:
+                assert torch.equal(a.conditioning[k], b.conditioning[k])
+
+
+def test_observers_merged_over_two_ranks_give_the_single_process_qparams(single, two_ranks):
+    one, two = single[1], two_ranks[0]["qparams"]
+    assert set(one) == set(two)
+    assert _same(two, two_ranks[1]["qparams"])  # every rank merges the same way
+    for key, ((scale, zp), per_t, stats) in one.items():
+        (scale2, zp2), per_t2, stats2 = two[key]
+        # counts are exact; min / max up to the float rounding of the convs at another batch size
+        assert {t: c for t, (_, _, c) in stats.items()} == {t: c for t, (_, _, c) in stats2.items()}
+        for t, (lo, hi, _) in stats.items():
+            assert stats2[t][0] == pytest.approx(lo, rel=1e-5, abs=1e-6)
+            assert stats2[t][1] == pytest.approx(hi, rel=1e-5, abs=1e-6)
+        if key[0] == "minmax":
+            assert float(scale2) == pytest.approx(float(scale), rel=1e-5) and abs(int(zp2) - int(zp)) <= 1
+            for t, (s, _) in per_t.items():
+                assert float(per_t2[t][0]) == pytest.approx(float(s), rel=1e-5)
+    # MSE ranges are searched on a random subsample (2048 values per timestep) that the split changes: the
+    # chosen clipping may move to a neighbouring candidate (one of 20 ratios per end, 5 % of the range)
+    mse = [(float(two[k][0][0]), float(one[k][0][0])) for k in one if k[0] == "mse"]
+    assert all(abs(a - b) <= 0.1 * b for a, b in mse), mse
+    assert sum(abs(a - b) <= 1e-5 * b for a, b in mse) >= 0.5 * len(mse), mse
+
+
+def _same(a: dict, b: dict) -> bool:
+    """The two ranks' results are the same objects' values (every rank merges in the same order)."""
+    for k in a:
+        (s1, z1), per1, st1 = a[k]
+        (s2, z2), per2, st2 = b[k]
+        if not (torch.equal(s1, s2) and torch.equal(z1, z2) and st1 == st2):
+            return False
+    return True
+
+
+def test_a_failing_rank_fails_the_others_with_a_clear_error(tmp_path):
+    results = _run_ranks(tmp_path, "fail")
+    assert results[1] is None  # it died
+    assert "error" in results[0] and "DistributedCalibrationError" in results[0]["error"], results[0]
+    assert "the calibration trajectories" in results[0]["error"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(1, 3000), min_size=2, max_size=4),
+       method=st.sampled_from(["minmax", "mse"]))
+def test_merging_observers_keeps_the_exact_statistics_of_all_the_data(seed, sizes, method):
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(n, generator=g) * (1 + i) + i for i, n in enumerate(sizes)]
+    whole = TimestepActivationObserver(method=method, samples_per_timestep=1024, tail=16)
+    parts = [TimestepActivationObserver(method=method, samples_per_timestep=1024, tail=16) for _ in sizes]
+    for obs_part, x in zip(parts, batches):
+        with timestep_context(7.0):
+            whole(x)
+            obs_part(x)
+    merged = TimestepActivationObserver(method=method, samples_per_timestep=1024, tail=16)
+    for p in parts:
+        merged.merge(p.stats)
+    a, b = whole.stats[7.0], merged.stats[7.0]
+    assert (a.lo, a.hi, a.count) == (b.lo, b.hi, b.count)
+    assert b.sumsq == pytest.approx(a.sumsq, rel=1e-12)
+    assert float(merged.min_val) == a.lo and float(merged.max_val) == a.hi
+    if method == "mse":
+        assert torch.equal(a.low_tail, b.low_tail) and torch.equal(a.high_tail, b.high_tail)  # exact extremes
+        assert b.sample.numel() == min(sum(sizes), 1024)
+        values = torch.cat(batches)
+        assert torch.isin(b.sample, values).all()  # a subsample of the data
+    if method == "minmax":
+        for x, y in zip(whole.calculate_qparams(), merged.calculate_qparams()):
+            assert torch.equal(x, y)
+
+
+@given(n=st.integers(0, 100), world_size=st.integers(1, 8))
+def test_shards_are_contiguous_balanced_and_cover_everything(n, world_size):
+    shares = [shard(n, r, world_size) for r in range(world_size)]
+    assert [i for s in shares for i in s] == list(range(n))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
