@@ -10,7 +10,11 @@ process behaves exactly as before:
 * `calibrate` runs each rank's share of every step's samples through the prepared graph and merges the
   observers' per-timestep statistics across ranks (`reduce_observers`): min / max, counts, sums of squares and
   the exact tails are those of all the data, so min-max qparams equal one process's; MSE ranges are searched on a
-  random subsample, which differs with the split.
+  random subsample, which differs with the split;
+* `reconstruct_blocks` (Q-Diffusion's block reconstruction, TIAR) caches each rank's share of a block's samples;
+  every rank draws the same minibatch indices, computes the loss of the ones it holds, and the gradients are
+  summed across ranks (`all_reduce_sum`) before every rank takes the same optimiser step: one process's
+  gradient, up to float rounding.
 
 Collectives time out with the process group's timeout (`init_process_group(timeout=...)`); a rank that fails or
 times out raises `DistributedCalibrationError` naming the step, instead of hanging.
@@ -91,3 +95,22 @@ def reduce_observers(prepared: torch.fx.GraphModule) -> int:
         for stats in gathered:  # in rank order
             obs.merge(stats[name])
     return len(observers)
+
+
+def all_reduce_sum(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """`tensor` summed over the ranks, in place (unchanged when not distributed).
+
+    Raises:
+        DistributedCalibrationError: naming `what`, if a rank failed or the process group's timeout passed.
+    """
+    rank, size = world()
+    if size == 1:
+        return tensor
+    try:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    except Exception as error:
+        raise DistributedCalibrationError(
+            f"rank {rank}: summing {what} across {size} ranks failed ({type(error).__name__}: {error}). Another "
+            "rank probably failed or is slower than the process group's timeout; see its log, or raise the timeout "
+            "with init_process_group(timeout=...).") from error
+    return tensor

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..calibration import CalibrationData
 from ..method_configs import ReconstructionConfig
 from ..denoisers import SAMPLE, TIMESTEP
+from ..distributed import all_reduce_sum, shard, world
 from ..graph import GraphRunner, require_exported
 from ..observers import WeightFakeQuantize
 from ..observers.adaround import annealed_beta
@@ -157,9 +158,10 @@ def _per_sample(value: torch.Tensor, n: int, where: str) -> torch.Tensor:
     return value if k == 1 else value.reshape(n, k, *value.shape[1:])
 
 
-def capture_block_data(graph: ReconstructionGraph, block: Block, data: CalibrationData) -> tuple[list[torch.Tensor],
-                                                                                     list[torch.Tensor], torch.Tensor]:
-    """(block inputs from the quantized-so-far model, FP block outputs, timestep of each sample), samples first.
+def capture_block_data(graph: ReconstructionGraph, block: Block, data: CalibrationData,
+                       rows: Optional[range] = None) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """(block inputs from the quantized-so-far model, FP block outputs, timestep of each sample), samples first,
+    for the samples `rows` of `data` flattened step by step (default: all).
 
     An input without the batch dimension (a constant the graph computes, e.g. the sinusoidal frequencies) is
     returned once, as computed, and marked by `Block.batch_free`. A token-flattened value (n * tokens rows) is
@@ -172,8 +174,10 @@ def capture_block_data(graph: ReconstructionGraph, block: Block, data: Calibrati
     has_batch = _batched_nodes(graph.gm)
     batch_free = {i for i, node in enumerate(tensor_inputs) if node not in has_batch}
     token_flat = set()
-    for start in range(0, len(batched[SAMPLE]), CAPTURE_BATCH):
-        args = {**{k: v[start:start + CAPTURE_BATCH] for k, v in batched.items()}, **shared}
+    rows = range(len(batched[SAMPLE])) if rows is None else rows
+    for start in range(rows.start, rows.stop, CAPTURE_BATCH):
+        stop = min(start + CAPTURE_BATCH, rows.stop)
+        args = {**{k: v[start:stop] for k, v in batched.items()}, **shared}
         n = len(args[SAMPLE])
         q = graph.run(args, tensor_inputs, quantized=True)
         fp = graph.run(args, block.outputs, quantized=False)
@@ -195,7 +199,7 @@ def capture_block_data(graph: ReconstructionGraph, block: Block, data: Calibrati
     block.batch_free = frozenset(batch_free)
     block.token_flat = frozenset(token_flat)
     return ([a[0] if i in batch_free else torch.cat(a) for i, a in enumerate(ins)],
-            [torch.cat(a) for a in outs], batched[TIMESTEP])
+            [torch.cat(a) for a in outs], batched[TIMESTEP][rows.start:rows.stop])
 
 
 def _take(values: Sequence[torch.Tensor], idx, block: Block) -> list[torch.Tensor]:
@@ -222,13 +226,24 @@ def _sample_weights(timesteps: torch.Tensor, weights: Optional[Mapping[float, fl
 
 
 def _loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], norms: Sequence[torch.Tensor],
-          w: torch.Tensor) -> torch.Tensor:
-    """Sum over outputs of the weighted mean per-sample squared error, relative to the output's mean square."""
+          w: torch.Tensor, total_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum over outputs of the weighted mean per-sample squared error, relative to the output's mean square. With
+    `total_weight` (the weight of the whole minibatch, when this rank holds only part of it) the part's share of
+    that mean."""
     total = 0.0
     for out, ref, norm in zip(outputs, targets, norms):
         per_sample = (out.reshape(ref.shape) - ref).pow(2).reshape(len(ref), -1).mean(dim=1)
-        total = total + (w * per_sample).sum() / w.sum() / norm
+        total = total + (w * per_sample).sum() / (w.sum() if total_weight is None else total_weight) / norm
     return total
+
+
+def _output_norms(outs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each output's mean square over all samples (over every rank's share)."""
+    if world()[1] == 1:
+        return [o.pow(2).mean().clamp_min(1e-12) for o in outs]
+    sums = all_reduce_sum(torch.tensor([[float(o.double().pow(2).sum()), o.numel()] for o in outs],
+                                       dtype=torch.float64), "the block outputs' mean squares")
+    return [(total / count).float().clamp_min(1e-12) for total, count in sums]
 
 
 @torch.no_grad()
@@ -238,7 +253,23 @@ def _evaluate(module: GraphModule, ins, outs, norms, w, block: Block, batch: int
         sl = slice(start, start + batch)
         res = module(*_take(ins, sl, block))
         total += float(_loss(res, [o[sl] for o in outs], norms, w[sl])) * float(w[sl].sum())
+    if world()[1] > 1:  # the weighted mean over every rank's samples
+        total, weight = all_reduce_sum(torch.tensor([total, float(w.sum())], dtype=torch.float64),
+                                       "the block loss").tolist()
+        return total / weight
     return total / float(w.sum())
+
+
+def _summed_gradients(params: Sequence[torch.nn.Parameter], rec: torch.Tensor) -> torch.Tensor:
+    """Sums the parameters' gradients (and the reconstruction loss) over the ranks; returns the summed loss."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                     + [rec.detach().reshape(1).to(torch.float32)])
+    all_reduce_sum(flat, "the reconstruction gradients")
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    return flat[-1]
 
 
 def reconstruct_block(graph: ReconstructionGraph, block: Block, data: CalibrationData, config: ReconstructionConfig,
@@ -272,9 +303,16 @@ def reconstruct_block(graph: ReconstructionGraph, block: Block, data: Calibratio
     acts = [graph.quantizers[n.target] for n in owned if config.learn_act_scales
             and not isinstance(graph.quantizers[n.target], WeightFakeQuantize)]
     module = build_block_module(graph.gm, block, graph.quantizers)
-    ins, outs, timesteps = capture_block_data(graph, block, data)
-    w = _sample_weights(timesteps, timestep_weights)
-    norms = [o.pow(2).mean().clamp_min(1e-12) for o in outs]
+    rank, world_size = world()
+    total = data.num_samples
+    if total < world_size:
+        raise ValueError(f"reconstruct_block: {total} samples cannot be shared by {world_size} ranks; use more "
+                         "calibration samples (ReconstructionConfig.max_samples) or fewer ranks.")
+    rows = shard(total, rank, world_size)  # every sample in one process
+    ins, outs, _ = capture_block_data(graph, block, data, rows)
+    w_all = _sample_weights(torch.cat([torch.full((len(s),), s.timestep) for s in data.steps]), timestep_weights)
+    w = w_all[rows.start:rows.stop]
+    norms = _output_norms(outs)
     before = _evaluate(module, ins, outs, norms, w, block)  # round-to-nearest, the observers' ranges
     generator = torch.Generator().manual_seed(config.seed + len(graph.learned))
     for node in owned:
@@ -293,17 +331,27 @@ def reconstruct_block(graph: ReconstructionGraph, block: Block, data: Calibratio
     try:
         with torch.enable_grad():
             for it in range(config.iterations if optimizers else 0):
-                idx = torch.randint(0, len(w), (min(config.batch_size, len(w)),), generator=generator)
-                res = module(*_take(ins, idx, block))
-                rec = _loss(res, [o[idx] for o in outs], norms, w[idx])
+                idx = torch.randint(0, total, (min(config.batch_size, total),), generator=generator)
+                if world_size == 1:
+                    res = module(*_take(ins, idx, block))
+                    rec = _loss(res, [o[idx] for o in outs], norms, w[idx])
+                else:  # this rank's part of the minibatch, as a share of the whole minibatch's loss
+                    mine = idx[(idx >= rows.start) & (idx < rows.stop)] - rows.start
+                    rec = torch.zeros(())
+                    if len(mine):
+                        res = module(*_take(ins, mine, block))
+                        rec = _loss(res, [o[mine] for o in outs], norms, w[mine], total_weight=w_all[idx].sum())
                 loss = rec
                 beta = annealed_beta(it, config.iterations, config.warmup, config.beta_start, config.beta_end)
-                if beta is not None and weights and config.round_weight > 0:
+                if beta is not None and weights and config.round_weight > 0 and rank == 0:  # counted once
                     loss = loss + config.round_weight * sum(fq.rounding_regularizer(beta) for fq in weights) / len(
                         weights)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss.requires_grad:
+                    loss.backward()
+                if world_size > 1:
+                    rec = _summed_gradients(params_w + params_a, rec)
                 for opt in optimizers:
                     opt.step()
                 done = it + 1
