@@ -1,6 +1,7 @@
 """Calibration over 2 gloo ranks on the CPU equals one process: the captured data (up to the float rounding of the
 UNet at another batch size), the merged observer statistics, min-max qparams; MSE ranges agree up to their random
-subsample; a failing rank makes the others fail with a clear error instead of hanging."""
+subsample; block reconstruction follows one process's gradients; a failing rank makes the others fail with a clear
+error instead of hanging."""
 import multiprocessing
 import traceback
 from datetime import timedelta
