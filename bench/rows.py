@@ -300,7 +300,8 @@ def time_group_rows(bits: str) -> list[RowSpec]:
 def qat_rows(bits: str) -> list[RowSpec]:
     """The QAT fine-tune (`QuantConfig.finetune`: `prepare_qat_pt2e`, then the quantization parameters trained to
     reproduce the FP model on the calibration trajectories) on diffusion-ao's row of `bits` (the baseline, not
-    repeated here), with AdaRound rounding or learned weight steps, and on best-<bits>'s graph passes (TFMQ-DM's
+    repeated here), with AdaRound rounding or learned weight steps (alone, and with EfficientDM's rank-4 weight
+    correction), and on best-<bits>'s graph passes (TFMQ-DM's
     cache, 8-bit weights for the most sensitive layers, the min-max weight grid) in place of its GPTQ +
     reconstruction."""
     from diffusion_ao.config import FinetuneConfig, MixedPrecisionConfig, TFMQConfig
@@ -308,6 +309,7 @@ def qat_rows(bits: str) -> list[RowSpec]:
     base = QuantConfig.preset(bits)
     steps = [("adaround", base.replace(finetune=FinetuneConfig())),
              ("lsq-weights", base.replace(finetune=FinetuneConfig(adaround=False))),
+             ("lsq-weights+lora", base.replace(finetune=FinetuneConfig(adaround=False, lora_rank=4))),
              ("adaround+cache+mp", base.replace(weight_observer="minmax", finetune=FinetuneConfig(),
                                                 tfmq=TFMQConfig(cache="all", fsc="none"),
                                                 mixed_precision=MixedPrecisionConfig()))]

@@ -360,10 +360,15 @@ class FinetuneConfig:
         warmup: fraction of the iterations without the regulariser.
         weighting_r: r of DMQ's adaptive timestep weights (0: uniform).
         weighting_ema: EMA factor of the per-timestep losses.
-        seed: seeds the minibatch draws.
+        lora_rank: rank of a learned low-rank correction W + A B of every quantized weight (EfficientDM), merged
+            into the weight before it is quantized at the end; 0 (default) learns none. Needs `adaround=False`
+            (AdaRound learns the rounding of fixed weights).
+        lora_lr: Adam learning rate of A and B.
+        seed: seeds the minibatch draws (and the initial B of the low-rank correction).
 
     Example:
         >>> QuantConfig.preset("w4a8").replace(finetune=FinetuneConfig(iterations=200))
+        >>> FinetuneConfig(adaround=False, lora_rank=4)   # EfficientDM-style: weight steps + low-rank correction
     """
 
     iterations: int = 200
@@ -377,6 +382,8 @@ class FinetuneConfig:
     warmup: float = 0.2
     weighting_r: float = 20.0
     weighting_ema: float = 0.95
+    lora_rank: int = 0
+    lora_lr: float = 1e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -392,3 +399,10 @@ class FinetuneConfig:
             raise ValueError("FinetuneConfig: need 0 < beta_end <= beta_start, warmup in [0, 1) and weighting_ema in "
                              f"[0, 1); got beta {self.beta_start} -> {self.beta_end}, warmup {self.warmup}, ema "
                              f"{self.weighting_ema}.")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"FinetuneConfig.lora_rank={self.lora_rank!r}: use an int >= 0 (0: no correction).")
+        if self.lora_rank and self.adaround:
+            raise ValueError("FinetuneConfig: lora_rank > 0 changes the weights, but AdaRound learns the rounding of "
+                             "fixed weights; use adaround=False (learned weight steps) with the correction.")
+        if self.lora_lr <= 0:
+            raise ValueError(f"FinetuneConfig.lora_lr={self.lora_lr}: use a learning rate > 0.")

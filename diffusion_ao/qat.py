@@ -16,6 +16,7 @@ by DMQ's adaptive weights, AdaRound's regulariser annealed as in BRECQ / Q-Diffu
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from .graph import call_graph, graph_input_names, require_exported
 from .method_configs import FinetuneConfig
 from .observers import TimestepFakeQuantize, WeightFakeQuantize
 from .observers.adaround import annealed_beta
+from .passes.analysis import get_attr_tensor
 from .passes.channel_scaling import replace_constant
 
 logger = logging.getLogger(__name__)
@@ -174,16 +176,94 @@ def enable_learning(prepared: GraphModule, adaround: bool = True) -> tuple[list[
     return weights, activations
 
 
+class LowRankCorrection(torch.nn.Module):
+    """A learned low-rank correction of one weight (EfficientDM): forward(W) = W + A B, with A B reshaped like W
+    (A: out channels x rank, B: rank x the rest). A starts at zero, so the correction starts at nothing.
+
+    Args:
+        weight: the weight it corrects (its shape and dtype).
+        rank: the rank of A B.
+        generator: draws B's initial values (scaled by 1 / sqrt(fan-in)).
+    """
+
+    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        fan_in = weight[0].numel()
+        self.shape = tuple(weight.shape)
+        self.a = torch.nn.Parameter(torch.zeros(weight.shape[0], rank))
+        self.b = torch.nn.Parameter(torch.randn(rank, fan_in, generator=generator) / math.sqrt(fan_in))
+
+    def delta(self) -> torch.Tensor:
+        return (self.a @ self.b).reshape(self.shape)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta().to(weight.dtype)
+
+
+def add_low_rank_corrections(prepared: GraphModule, rank: int, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Puts a trainable `LowRankCorrection` between every constant weight and its FakeQuantize, so the weight the
+    FakeQuantize sees (and learns the step of) is W + A B; `finish_training` merges A B into the constant.
+
+    Call it after `enable_learning(prepared, adaround=False)` (AdaRound learns the rounding of fixed weights).
+
+    Returns:
+        The correction's parameters (A and B of every weight), for their own optimiser group.
+    """
+    found = _require_fake_quantizers(prepared, "add_low_rank_corrections")
+    if rank < 1:
+        raise ValueError(f"add_low_rank_corrections: rank={rank}; use a rank >= 1.")
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for node, fq in found:
+        if not isinstance(fq, WeightFakeQuantize):
+            continue
+        if fq.adaround is not None:
+            raise ValueError(f"add_low_rank_corrections: {fq.label} learns AdaRound's rounding of a fixed weight; "
+                             "call enable_learning(prepared, adaround=False) to learn weight steps instead.")
+        weight_node = node.args[0]
+        if not isinstance(weight_node, Node) or weight_node.op != "get_attr":
+            continue  # a computed weight (e.g. an LES fold kept in the graph) has no constant to merge into
+        correction = LowRankCorrection(get_attr_tensor(prepared, weight_node), rank, generator)
+        name = f"low_rank_correction_{len(params) // 2}"
+        prepared.add_submodule(name, correction)
+        with prepared.graph.inserting_before(node):
+            corrected = prepared.graph.call_module(name, (weight_node,))
+        node.args = (corrected, *node.args[1:])
+        params += [correction.a, correction.b]
+    prepared.recompile()
+    return params
+
+
+@torch.no_grad()
+def _merge_low_rank_corrections(prepared: GraphModule) -> int:
+    merged = 0
+    for node in list(prepared.graph.nodes):
+        if node.op != "call_module" or not isinstance(prepared.get_submodule(node.target), LowRankCorrection):
+            continue
+        correction, weight_node = prepared.get_submodule(node.target), node.args[0]
+        delta = correction.delta()
+        replace_constant(prepared, weight_node, lambda old: old + delta.to(old.dtype), requires_grad=False)
+        node.replace_all_uses_with(node.args[0])
+        prepared.graph.erase_node(node)
+        prepared.delete_submodule(node.target)
+        merged += 1
+    if merged:
+        prepared.recompile()
+    return merged
+
+
 @torch.no_grad()
 def finish_training(prepared: GraphModule) -> int:
-    """Fixes what the FakeQuantize modules learned so that `convert_pt2e` can read it: AdaRound's rounding is
-    hardened and written into the weight constants (out of place: the eager model is not touched), the steps
-    stop learning, and the graph moves to eval mode.
+    """Fixes what the FakeQuantize modules learned so that `convert_pt2e` can read it: a low-rank correction is
+    merged into its weight constant, AdaRound's rounding is hardened and written into the weight constants (out of
+    place: the eager model is not touched), the steps stop learning, and the graph moves to eval mode.
 
     Returns:
         How many weights were rewritten with their hardened rounding.
     """
     found = _require_fake_quantizers(prepared, "finish_training")
+    _merge_low_rank_corrections(prepared)  # W + A B becomes the weight constant the learned step quantizes
+    found = fake_quantizers(prepared)  # their weight arguments are the constants again
     hardened = 0
     for node, fq in found:
         fq.disable_range_learning()
@@ -235,8 +315,10 @@ def finetune(prepared: GraphModule, reference: torch.nn.Module, data: Calibratio
     start = time.perf_counter()
     weight_params, act_params = enable_learning(prepared, adaround=config.adaround)
     weight_fqs = [fq for _, fq in fake_quantizers(prepared) if isinstance(fq, WeightFakeQuantize)]
+    low_rank = add_low_rank_corrections(prepared, config.lora_rank, config.seed) if config.lora_rank else []
     groups = [g for g in ({"params": weight_params, "lr": config.weight_lr},
-                          {"params": act_params, "lr": config.act_lr}) if g["params"]]
+                          {"params": act_params, "lr": config.act_lr},
+                          {"params": low_rank, "lr": config.lora_lr}) if g["params"]]
     optimizer = torch.optim.Adam(groups)
     adaptive = AdaptiveTimestepWeights(config.weighting_r, config.weighting_ema)
     generator = torch.Generator().manual_seed(config.seed)

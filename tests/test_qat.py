@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torchao.quantization.pt2e import move_exported_model_to_eval
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
@@ -15,9 +16,10 @@ from diffusion_ao.config import FinetuneConfig, GPTQConfig, TFMQConfig
 from diffusion_ao.gptq import apply_gptq
 from diffusion_ao.lowering import expected_int8_kernels
 from diffusion_ao.observers import WeightFakeQuantize, diffusion_observers
+from diffusion_ao.passes.analysis import get_attr_tensor
 from diffusion_ao.size import size_mb
-from diffusion_ao.qat import (enable_learning, fake_quantizers, finetune, finish_training, unwrap_observers,
-                              wrap_observers)
+from diffusion_ao.qat import (LowRankCorrection, add_low_rank_corrections, enable_learning, fake_quantizers, finetune,
+                              finish_training, unwrap_observers, wrap_observers)
 from tests.conftest import KERNEL_ERROR_FRACTION, kernel_error_fraction, probe_inputs
 
 TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
@@ -200,3 +202,64 @@ def test_wrapping_a_ptq_graphs_observers_and_giving_them_back(graph, data):
     next(fq for fq in quantizers.values() if isinstance(fq, WeightFakeQuantize)).enable_range_learning(adaround=False)
     with pytest.raises(ValueError, match="learned its weight step"):
         unwrap_observers(ptq)
+
+
+def _ops(converted) -> list:
+    return [n.target for n in converted.graph.nodes if n.op == "call_function"]
+
+
+def test_low_rank_correction_is_learned_merged_and_converts_like_any_weight(graph, data):
+    """EfficientDM's correction: W + A B before each weight FakeQuantize, trained with the weight steps, merged into
+    the weight constants by finish_training; the converted graph has PTQ's ops and size."""
+    ptq, _ = _prepared(graph, data, qat=False)
+    qat, _ = _prepared(graph, data, qat=True)
+    original = {n.target: get_attr_tensor(qat, n.args[0]).detach().clone()
+                for n, fq in fake_quantizers(qat) if isinstance(fq, WeightFakeQuantize)}
+    config = FinetuneConfig(iterations=30, batch_per_step=2, adaround=False, lora_rank=2, lora_lr=1e-3)
+    finetune(qat, copy.deepcopy(graph), data, config, progress=False)
+    assert not any(isinstance(m, LowRankCorrection) for m in qat.modules())  # merged
+    changed = 0
+    for node, fq in fake_quantizers(qat):
+        if isinstance(fq, WeightFakeQuantize):
+            merged = get_attr_tensor(qat, node.args[0]).detach()
+            delta = (merged - original[node.target]).reshape(len(merged), -1)
+            changed += int(delta.abs().max() > 0)
+            # a rank-2 correction (up to the float32 rounding of W + A B), nothing else
+            assert torch.linalg.matrix_rank(delta.double(), rtol=1e-4) <= 2
+    assert changed > 0
+    x, t = probe_inputs(data)
+    with torch.no_grad():
+        fake = qat(x, t)
+        converted = convert_pt2e(qat)
+        assert _mse(fake, converted(x, t)) <= 0.01 * _mse(converted(x, t), graph(x, t))
+    reference = convert_pt2e(ptq)
+    assert _ops(converted) == _ops(reference) and size_mb(converted) == size_mb(reference)
+    x, t = probe_inputs(data, per_step=6)
+    with torch.no_grad():
+        assert _mse(converted(x, t), graph(x, t)) < _mse(reference(x, t), graph(x, t))
+
+
+def test_low_rank_correction_needs_learned_weight_steps(graph, data):
+    with pytest.raises(ValueError, match="adaround=False"):
+        FinetuneConfig(lora_rank=2)
+    with pytest.raises(ValueError, match="lora_rank"):
+        FinetuneConfig(adaround=False, lora_rank=-1)
+    qat, _ = _prepared(graph, data, qat=True)
+    enable_learning(qat, adaround=True)
+    with pytest.raises(ValueError, match="adaround=False"):
+        add_low_rank_corrections(qat, rank=2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), rank=st.integers(1, 3),
+       shape=st.sampled_from([(4, 3), (6, 2, 3, 3), (5, 8)]))
+def test_low_rank_correction_adds_a_rank_limited_delta_starting_at_zero(seed, rank, shape):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    correction = LowRankCorrection(w, rank, g)
+    assert torch.equal(correction(w), w)  # A starts at zero
+    with torch.no_grad():
+        correction.a.normal_(generator=g)
+    delta = correction(w) - w
+    torch.testing.assert_close(delta, (correction.a @ correction.b).reshape(shape))
+    assert torch.linalg.matrix_rank(delta.detach().reshape(shape[0], -1).double(), rtol=1e-4) <= rank  # float32 rounding
