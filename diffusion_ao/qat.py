@@ -261,7 +261,7 @@ def finish_training(prepared: GraphModule) -> int:
     Returns:
         How many weights were rewritten with their hardened rounding.
     """
-    found = _require_fake_quantizers(prepared, "finish_training")
+    _require_fake_quantizers(prepared, "finish_training")
     _merge_low_rank_corrections(prepared)  # W + A B becomes the weight constant the learned step quantizes
     found = fake_quantizers(prepared)  # their weight arguments are the constants again
     hardened = 0
