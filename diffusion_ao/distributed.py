@@ -52,23 +52,29 @@ def shard(n: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
+def _collective(call, verb: str, what: str) -> None:
+    """Runs one collective; a failure (a rank died, the group's timeout passed) becomes a clear error."""
+    rank, size = world()
+    try:
+        call()
+    except Exception as error:  # gloo and NCCL raise RuntimeError subclasses with backend-specific messages
+        raise DistributedCalibrationError(
+            f"rank {rank}: {verb} {what} across {size} ranks failed ({type(error).__name__}: {error}). Another "
+            "rank probably failed or is slower than the process group's timeout; see its log, or raise the timeout "
+            "with init_process_group(timeout=...).") from error
+
+
 def all_gather_objects(obj: Any, what: str) -> list[Any]:
     """Every rank's `obj`, in rank order (one entry when not distributed).
 
     Raises:
         DistributedCalibrationError: naming `what`, if a rank failed or the process group's timeout passed.
     """
-    rank, size = world()
+    size = world()[1]
     if size == 1:
         return [obj]
     gathered: list[Any] = [None] * size
-    try:
-        dist.all_gather_object(gathered, obj)
-    except Exception as error:  # gloo and NCCL raise RuntimeError subclasses with backend-specific messages
-        raise DistributedCalibrationError(
-            f"rank {rank}: gathering {what} across {size} ranks failed ({type(error).__name__}: {error}). Another "
-            "rank probably failed or is slower than the process group's timeout; see its log, or raise the timeout "
-            "with init_process_group(timeout=...).") from error
+    _collective(lambda: dist.all_gather_object(gathered, obj), "gathering", what)
     return gathered
 
 
@@ -82,7 +88,7 @@ def reduce_observers(prepared: torch.fx.GraphModule) -> int:
     """
     from .observers import TimestepActivationObserver
 
-    rank, size = world()
+    size = world()[1]
     observers = [(name, m) for name, m in prepared.named_modules() if isinstance(m, TimestepActivationObserver)]
     if size == 1 or not observers:
         return 0
@@ -103,14 +109,6 @@ def all_reduce_sum(tensor: torch.Tensor, what: str) -> torch.Tensor:
     Raises:
         DistributedCalibrationError: naming `what`, if a rank failed or the process group's timeout passed.
     """
-    rank, size = world()
-    if size == 1:
-        return tensor
-    try:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    except Exception as error:
-        raise DistributedCalibrationError(
-            f"rank {rank}: summing {what} across {size} ranks failed ({type(error).__name__}: {error}). Another "
-            "rank probably failed or is slower than the process group's timeout; see its log, or raise the timeout "
-            "with init_process_group(timeout=...).") from error
+    if world()[1] > 1:
+        _collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM), "summing", what)
     return tensor
