@@ -24,6 +24,13 @@ def _check_seed(owner: str, seed: int) -> None:
         raise ValueError(f"{owner}.seed={seed!r}: use an int >= 0.")
 
 
+def _check_rounding_schedule(owner: str, beta_start: float, beta_end: float, warmup: float) -> None:
+    """AdaRound's regulariser schedule (`observers.adaround.annealed_beta`), shared by the learners that use it."""
+    if not 0 < beta_end <= beta_start or not 0 <= warmup < 1:
+        raise ValueError(f"{owner}: need 0 < beta_end <= beta_start and warmup in [0, 1); got beta {beta_start} -> "
+                         f"{beta_end}, warmup {warmup}.")
+
+
 PTS_SELECTIONS = ("vote", "mse")
 LES_INITS = ("ones", "smoothquant")
 
@@ -208,9 +215,7 @@ class ReconstructionConfig:
         if self.weight_lr <= 0 or self.act_lr <= 0 or self.round_weight < 0:
             raise ValueError("ReconstructionConfig: weight_lr and act_lr must be > 0 and round_weight >= 0; got "
                              f"{self.weight_lr}, {self.act_lr}, {self.round_weight}.")
-        if not 0 < self.beta_end <= self.beta_start or not 0 <= self.warmup < 1:
-            raise ValueError("ReconstructionConfig: need 0 < beta_end <= beta_start and warmup in [0, 1); got "
-                             f"beta {self.beta_start} -> {self.beta_end}, warmup {self.warmup}.")
+        _check_rounding_schedule("ReconstructionConfig", self.beta_start, self.beta_end, self.warmup)
 
 
 @dataclass(frozen=True)
@@ -395,10 +400,9 @@ class FinetuneConfig:
         if self.weight_lr <= 0 or self.act_lr <= 0 or self.round_weight < 0 or self.weighting_r < 0:
             raise ValueError("FinetuneConfig: weight_lr and act_lr must be > 0, round_weight and weighting_r >= 0; "
                              f"got {self.weight_lr}, {self.act_lr}, {self.round_weight}, {self.weighting_r}.")
-        if not 0 < self.beta_end <= self.beta_start or not 0 <= self.warmup < 1 or not 0 <= self.weighting_ema < 1:
-            raise ValueError("FinetuneConfig: need 0 < beta_end <= beta_start, warmup in [0, 1) and weighting_ema in "
-                             f"[0, 1); got beta {self.beta_start} -> {self.beta_end}, warmup {self.warmup}, ema "
-                             f"{self.weighting_ema}.")
+        _check_rounding_schedule("FinetuneConfig", self.beta_start, self.beta_end, self.warmup)
+        if not 0 <= self.weighting_ema < 1:
+            raise ValueError(f"FinetuneConfig.weighting_ema={self.weighting_ema}: use a value in [0, 1).")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ValueError(f"FinetuneConfig.lora_rank={self.lora_rank!r}: use an int >= 0 (0: no correction).")
         if self.lora_rank and self.adaround:
