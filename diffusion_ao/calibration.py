@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP
-from .distributed import all_gather_objects, reduce_observers, shard, world
+from .distributed import gather_lists, reduce_observers, shard, world
 from .graph import call_graph, graph_input_names, require_exported
 from .observers import TimestepActivationObserver, WeightObserver, timestep_context
 from .observers.fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
@@ -22,6 +22,22 @@ from .sampling import run_sampler, sample_shape
 
 
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+
+
+def evenly_spaced_rows(batch: int, keep: Optional[int]) -> torch.Tensor:
+    """`keep` row indices spread evenly over a batch of `batch` rows, first and last included (all rows when
+    `keep` is None or at least `batch`). A guided batch (its unconditional half, then its conditional half) thus
+    keeps rows of both halves whenever `keep` >= 2.
+
+    Example:
+        >>> evenly_spaced_rows(8, 3)
+        tensor([0, 4, 7])
+    """
+    if keep is None or keep >= batch:
+        return torch.arange(batch)
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 or None, got {keep}.")
+    return torch.linspace(0, batch - 1, keep).round().long()
 
 
 @dataclass
@@ -85,8 +101,9 @@ class CalibrationData:
                                      "the floating-point model or scheduler diverged; fix it before calibrating.")
 
     def subset(self, samples_per_step: int) -> "CalibrationData":
-        """The first `samples_per_step` samples of every step (a cheaper calibration set)."""
-        return CalibrationData([s.select(torch.arange(min(samples_per_step, len(s)))) for s in self.steps])
+        """`samples_per_step` samples of every step, evenly spaced over it (`evenly_spaced_rows`, so a guided
+        step keeps both halves): a cheaper calibration set."""
+        return CalibrationData([s.select(evenly_spaced_rows(len(s), samples_per_step)) for s in self.steps])
 
     def mixed_batch(self, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The graph inputs of the samples `rows[i]` of every step i, in one batch (a timestep per sample)."""
@@ -190,8 +207,7 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
         run_sampler(unet, scheduler, noise[lo:hi], num_inference_steps, cond, on_step=record,
                     guidance_scale=guidance_scale, unconditional=uncond)
     bar.close()
-    if world_size > 1:
-        recorded, timesteps = _gather_recorded(recorded, timesteps)
+    recorded = gather_lists(recorded, "the calibration trajectories")  # every rank ran every step: same timesteps
     steps = []
     for i, chunks in sorted(recorded.items()):
         sample, cond = _assemble(chunks, list(conditioning), guided)
@@ -202,16 +218,6 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
     data = CalibrationData(steps)
     data.validate()
     return data
-
-
-def _gather_recorded(recorded: dict, timesteps: dict) -> tuple[dict, dict]:
-    """Every rank's recorded chunks, per step in rank order (so in sample order: the shares are contiguous)."""
-    gathered = all_gather_objects((recorded, timesteps), "the calibration trajectories")
-    merged: dict[int, list] = {}
-    for their_recorded, _ in gathered:
-        for i, chunks in their_recorded.items():
-            merged.setdefault(i, []).extend(chunks)
-    return merged, {i: t for _, their_timesteps in gathered for i, t in their_timesteps.items()}
 
 
 def _assemble(chunks: list, names: list[str], guided: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -6,7 +6,8 @@ process behaves exactly as before:
 
 * `collect_calibration_data` draws every trajectory's noise on every rank (the same seeds whatever the world
   size), runs the sampler on its contiguous share of the trajectories, and gathers the recorded steps in sample
-  order (`gather_calibration_data`);
+  order (`gather_lists`); `capture_calibration_data(pipe, calls=[...])` runs each rank's share of the pipeline
+  calls (each with its own generator) and gathers their recordings in call order;
 * `calibrate` runs each rank's share of every step's samples through the prepared graph and merges the
   observers' per-timestep statistics across ranks (`reduce_observers`): min / max, counts, sums of squares and
   the exact tails are those of all the data, so min-max qparams equal one process's; MSE ranges are searched on a
@@ -14,7 +15,9 @@ process behaves exactly as before:
 * `reconstruct_blocks` (Q-Diffusion's block reconstruction, TIAR) caches each rank's share of a block's samples;
   every rank draws the same minibatch indices, computes the loss of the ones it holds, and the gradients are
   summed across ranks (`all_reduce_sum`) before every rank takes the same optimiser step: one process's
-  gradient, up to float rounding.
+  gradient, up to float rounding;
+* `apply_learned_scaling` (DMQ's LES) shares out the layers, whose learning is independent, and gathers the
+  learned scales: one process's scales.
 
 Collectives time out with the process group's timeout (`init_process_group(timeout=...)`); a rank that fails or
 times out raises `DistributedCalibrationError` naming the step, instead of hanging.
@@ -76,6 +79,22 @@ def all_gather_objects(obj: Any, what: str) -> list[Any]:
     gathered: list[Any] = [None] * size
     _collective(lambda: dist.all_gather_object(gathered, obj), "gathering", what)
     return gathered
+
+
+def gather_lists(local: dict[Any, list], what: str) -> dict[Any, list]:
+    """Every rank's lists, concatenated per key in rank order; keys in order of first appearance (rank 0's first).
+    With contiguous shards (`shard`) this is the order one process records them in. `local` when not distributed.
+
+    Raises:
+        DistributedCalibrationError: naming `what`, if a rank failed or the process group's timeout passed.
+    """
+    if world()[1] == 1:
+        return local
+    merged: dict[Any, list] = {}
+    for part in all_gather_objects(local, what):
+        for key, items in part.items():
+            merged.setdefault(key, []).extend(items)
+    return merged
 
 
 @torch.no_grad()

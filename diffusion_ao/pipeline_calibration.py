@@ -1,40 +1,42 @@
 """Calibration data recorded from the user's own diffusers pipeline call (METHODS.md §11, "Pipelines").
 
-`capture_calibration_data(pipe, ...)` runs `pipe(**call_kwargs)` once with the denoiser's forward wrapped: every
-call's inputs are flattened into graph inputs (`diffusion_ao.denoisers`) and copied to the CPU, keyed by the real
-timestep value the pipeline passed. With classifier-free guidance the pipeline's doubled batch (unconditional and
+`capture_calibration_data(pipe, ...)` runs `pipe(**call_kwargs)` (or each of several calls, shared out among the
+ranks of a `torch.distributed` process group) with the denoiser's forward wrapped: every denoiser call's inputs
+are flattened into graph inputs (`diffusion_ao.denoisers`) and copied to the CPU, keyed by the real timestep
+value the pipeline passed. With classifier-free guidance the pipeline's doubled batch (unconditional and
 conditional halves) is recorded as it is, so both halves' activation statistics reach the observers.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
-from .calibration import CalibrationData, CalibrationStep
+from .calibration import CalibrationData, CalibrationStep, evenly_spaced_rows
+from .distributed import gather_lists, shard, world
 from .denoisers import SAMPLE, TIMESTEP, adapter_for, denoiser_role
 from .export import QuantizedDenoiser
 
 
-def _kept_rows(batch: int, samples_per_step: Optional[int]) -> torch.Tensor:
-    """Evenly spaced rows, so that a guidance batch (unconditional half, then conditional half) keeps both."""
-    if samples_per_step is None or samples_per_step >= batch:
-        return torch.arange(batch)
-    return torch.linspace(0, batch - 1, samples_per_step).round().long().unique()
-
-
 @torch.no_grad()
 def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_step: Optional[int] = None,
-                             **call_kwargs) -> CalibrationData:
-    """Runs the pipeline once and records every denoiser call's inputs, with its real timestep.
+                             calls: Optional[Sequence[dict[str, Any]]] = None, **call_kwargs) -> CalibrationData:
+    """Runs the pipeline and records every denoiser call's inputs, with its real timestep.
+
+    One pipeline call (`**call_kwargs`) or several (`calls`, e.g. one batch of prompts each), whose recordings are
+    concatenated per timestep in call order. With a `torch.distributed` process group of several ranks, each rank
+    runs its contiguous share of `calls` and every rank gets the recordings of all of them, in call order: the
+    data one process records, whatever the world size, provided each call draws its noise from its own
+    `generator` (or passes `latents`), which is then required.
 
     Args:
         pipe: a diffusers pipeline with a floating-point `unet` or `transformer` (StableDiffusion(XL),
             DiT, PixArt, SD3, Flux, DDPM/DDIM, ...).
         num_inference_steps: passed to the pipeline.
-        samples_per_step: keep at most this many rows of each call (evenly spaced over the batch, so both
-            guidance halves stay); default all. Recorded tensors live on the CPU either way.
+        samples_per_step: keep at most this many rows of each denoiser call (evenly spaced over the batch, so
+            both guidance halves stay); default all. Recorded tensors live on the CPU either way.
+        calls: several pipeline calls, each a dict of keyword arguments as below (not with `**call_kwargs`).
         **call_kwargs: the pipeline call, as you will make it after quantization: prompts (or `prompt_embeds`),
             class labels, `guidance_scale`, `height`/`width`, `num_images_per_prompt`, `generator`, ... The
             output type defaults to "latent" (the VAE's decode is not needed).
@@ -43,7 +45,9 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
         `CalibrationData` with one step per distinct timestep value, in call order.
 
     Raises:
-        ValueError: the pipeline has no `unet`/`transformer`, or it is already quantized.
+        ValueError: the pipeline has no `unet`/`transformer`, or it is already quantized; `calls` is empty or
+            comes with `**call_kwargs`; with several ranks, fewer calls than ranks, or calls without their own
+            generator.
         TypeError: a denoiser call carries an input the export cannot trace, a batch mixing timesteps, or inputs
             whose names or shapes change between calls.
 
@@ -52,11 +56,27 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
         ...                                 guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
         >>> data.timesteps[:2], data.steps[0].sample.shape     # guidance doubles the batch
         ([951.0, 901.0], torch.Size([4, 4, 64, 64]))
+        >>> calls = [dict(prompt=p, guidance_scale=7.5, generator=torch.Generator().manual_seed(i))
+        ...          for i, p in enumerate(prompt_batches)]    # under torchrun, each rank runs its share
+        >>> data = capture_calibration_data(pipe, num_inference_steps=20, calls=calls)
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
     if samples_per_step is not None and samples_per_step < 1:
         raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}.")
+    if calls is None:
+        calls = [call_kwargs]
+    elif call_kwargs:
+        raise ValueError(f"capture_calibration_data got calls=[...] and keyword arguments {sorted(call_kwargs)}: put "
+                         "every argument of a pipeline call into its dict in `calls`.")
+    elif not calls or not all(isinstance(c, dict) for c in calls):
+        raise ValueError("calls must be a non-empty list of dicts, each the keyword arguments of one pipeline call.")
+    elif any("num_inference_steps" in c for c in calls):
+        raise ValueError("a dict in calls holds num_inference_steps: pass it to capture_calibration_data instead "
+                         "(it applies to every call).")
+    rank, world_size = world()
+    if world_size > 1:
+        _check_calls_for_ranks(calls, world_size)
     role = denoiser_role(pipe)
     denoiser = getattr(pipe, role)
     if isinstance(denoiser, QuantizedDenoiser):
@@ -74,32 +94,55 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
         if values.numel() != 1:
             raise TypeError(f"A {adapter.name} call mixes timesteps {values.tolist()}: calibration keys every batch by "
                             "one timestep value.")
-        rows = _kept_rows(len(inputs[SAMPLE]), samples_per_step)
+        rows = evenly_spaced_rows(len(inputs[SAMPLE]), samples_per_step)
         kept = {k: (v if k in adapter.shared_args else v[rows.to(v.device)]).detach().to("cpu", copy=True)
                 for k, v in inputs.items() if k != TIMESTEP}
         recorded.setdefault(float(values.item()), []).append(kept)
         return original(*args, **kwargs)
 
-    call_kwargs.setdefault("output_type", "latent")
     denoiser.forward = recording_forward
     try:
-        pipe(num_inference_steps=num_inference_steps, **call_kwargs)
+        for i in shard(len(calls), rank, world_size):
+            pipe(num_inference_steps=num_inference_steps, **{"output_type": "latent", **calls[i]})
     finally:
         del denoiser.forward
+    recorded = gather_lists(recorded, "the captured pipeline calls")  # in call order: the shares are contiguous
     if not recorded:
         raise ValueError(f"{type(pipe).__name__} never called its {role} during capture.")
     steps = []
-    for t, calls in recorded.items():
-        shared = {k: calls[0][k] for k in adapter.shared_args if k in calls[0]}
+    for t, records in recorded.items():
+        shared = {k: records[0][k] for k in adapter.shared_args if k in records[0]}
         for name, value in shared.items():
-            if any(not torch.equal(c[name], value) for c in calls):
+            if any(not torch.equal(r[name], value) for r in records):
                 raise TypeError(f"The shared input '{name}' changes between calls at timestep {t}.")
-        batched = {k: torch.cat([c[k] for c in calls]) for k in calls[0] if k not in shared}
+        batched = {k: torch.cat([r[k] for r in records]) for k in records[0] if k not in shared}
         sample = batched.pop(SAMPLE)
         steps.append(CalibrationStep(t, sample, batched, shared))
     data = CalibrationData(steps)
     data.validate()
     return data
+
+
+def _check_calls_for_ranks(calls: Sequence[dict[str, Any]], world_size: int) -> None:
+    """Distributed capture needs a call per rank, and calls whose noise does not depend on which rank runs them:
+    each with its own generator(s) or its own latents (a generator shared by calls, or the global random state,
+    would give other noise when the calls are split)."""
+    if len(calls) < world_size:
+        raise ValueError(f"capture_calibration_data: {len(calls)} pipeline call(s) cannot be shared by {world_size} "
+                         "ranks; pass at least one call per rank in calls=[...] (e.g. one batch of prompts each).")
+    owner: dict[int, int] = {}
+    for i, call in enumerate(calls):
+        generators = call.get("generator")
+        generators = generators if isinstance(generators, (list, tuple)) else [generators]
+        if call.get("latents") is None and any(g is None for g in generators):
+            raise ValueError(f"capture_calibration_data: call {i} has no generator: with {world_size} ranks every "
+                             "call needs its own (generator=torch.Generator().manual_seed(i)) or its own latents, "
+                             "so that the data does not depend on the number of ranks.")
+        for g in generators:
+            if g is not None and owner.setdefault(id(g), i) != i:
+                raise ValueError(f"capture_calibration_data: calls {owner[id(g)]} and {i} share one generator: with "
+                                 f"{world_size} ranks every call needs its own, so that the data does not depend "
+                                 "on the number of ranks.")
 
 
 def _check_layout(layout: dict[str, tuple], inputs: dict[str, torch.Tensor], shared: tuple[str, ...]) -> None:

@@ -5,8 +5,9 @@
 
 It captures calibration trajectories with this project's sampler (`collect_calibration_data`), runs the recipe
 of the preset (`quantize_denoiser`) and writes `save_quantized`'s packed files from rank 0. Under torchrun (the
-WORLD_SIZE / RANK environment variables) it joins a gloo process group, and the capture and the observers'
-calibration are split between the ranks (`diffusion_ao.distributed`); the rest of the recipe runs on every rank.
+WORLD_SIZE / RANK environment variables) it joins a gloo process group, and the capture, the observers'
+calibration, block reconstruction and LES are split between the ranks (`diffusion_ao.distributed`); the rest of
+the recipe runs on every rank.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Calibration over 2 gloo ranks on the CPU equals one process: the captured data (up to the float rounding of the
 UNet at another batch size), the merged observer statistics, min-max qparams; MSE ranges agree up to their random
-subsample; block reconstruction follows one process's gradients; a failing rank makes the others fail with a clear
+subsample; block reconstruction follows one process's gradients; LES, split by layers, learns one process's
+scales; a failing rank makes the others fail with a clear
 error instead of hanging."""
 import multiprocessing
 import traceback
@@ -16,7 +17,8 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from diffusion_ao import DiffusionQuantizer, QuantConfig, calibrate, collect_calibration_data, export_unet
-from diffusion_ao.config import ReconstructionConfig
+from diffusion_ao.config import DMQConfig, ReconstructionConfig
+from diffusion_ao.dmq import apply_learned_scaling
 from diffusion_ao.distributed import shard
 from diffusion_ao.passes.analysis import get_attr_tensor
 from diffusion_ao.qdiff import find_blocks, reconstruct_blocks
@@ -37,14 +39,22 @@ def _class_unet() -> UNet2DModel:
 
 
 def _capture():
-    """Plain (5 trajectories, batches of 4: one batch split between the ranks) and guided captures."""
+    """Plain (5 trajectories, batches of 4: one batch split between the ranks) and guided captures with the
+    project's sampler, and a capture of 3 DiT pipeline calls (guided; 2 calls on rank 0, 1 on rank 1)."""
+    from diffusion_ao import capture_calibration_data
+    from tests.pipelines import tiny_pipeline
+
     scheduler = DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
     plain = collect_calibration_data(tiny_unet(), scheduler, num_samples=5, num_inference_steps=3, batch_size=4,
                                      seed=3, progress=False)
     guided = collect_calibration_data(_class_unet(), scheduler, num_samples=3, num_inference_steps=3, seed=4,
                                       class_labels=torch.tensor([0, 1, 2]), guidance_scale=2.0, null_class_label=3,
                                       samples_per_step=2, progress=False)
-    return plain, guided
+    pipe, kw = tiny_pipeline("dit")
+    steps = kw.pop("num_inference_steps")
+    calls = [dict(kw, class_labels=labels, generator=torch.Generator().manual_seed(i))
+             for i, labels in enumerate([[1], [2, 3], [4]])]
+    return plain, guided, capture_calibration_data(pipe, steps, calls=calls)
 
 
 def _qparams(data):
@@ -78,6 +88,16 @@ def _reconstructed(data):
             "losses": [(b.loss_before, b.loss_after) for b in report.blocks]}
 
 
+def _les(data):
+    """LES on the W4A8 tiny UNet: every layer's scales, fold and loss, and the scaled FP graph's output."""
+    config = QuantConfig.preset("w4a8").replace(dmq=DMQConfig(les_iterations=10, pts=False, les_samples_per_step=2,
+                                                               les_min_gain=0.0))
+    graph = export_unet(tiny_unet(), sample_shape=(1, 1, 8, 8))
+    results = apply_learned_scaling(graph, data, config, progress=False)
+    return {"layers": {name: (r.scales, r.fold, r.loss_learned) for name, r in results.items()},
+            "output": graph(*probe_inputs(data)).detach()}
+
+
 def _worker(rank: int, init_file: str, out_dir: str, task: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -85,7 +105,8 @@ def _worker(rank: int, init_file: str, out_dir: str, task: str) -> None:
     try:
         if task == "calibrate":
             data = torch.load(Path(out_dir) / "data.pt", weights_only=False)
-            result = {"capture": _capture(), "qparams": _qparams(data), "reconstruction": _reconstructed(data)}
+            result = {"capture": _capture(), "qparams": _qparams(data), "reconstruction": _reconstructed(data),
+                      "les": _les(data)}
         else:  # "fail": rank 1 dies before the first collective
             if rank == 1:
                 raise SystemExit(3)
@@ -112,7 +133,7 @@ def _run_ranks(tmp_path: Path, task: str) -> list[dict]:
 def single():
     torch.set_num_threads(1)
     capture = _capture()
-    return capture, _qparams(capture[0]), _reconstructed(capture[0])
+    return capture, _qparams(capture[0]), _reconstructed(capture[0]), _les(capture[0])
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +147,8 @@ def two_ranks(single, tmp_path_factory):
 
 
 def test_capture_over_two_ranks_is_the_single_process_data(single, two_ranks):
-    for which, one in enumerate(single[0]):  # plain, guided
+    assert len(single[0]) == 3 and len(single[0][2].steps[0]) == 8  # the pipeline's 4 labels, guided
+    for which, one in enumerate(single[0]):  # plain, guided, pipeline calls
         two = two_ranks[0]["capture"][which]
         for a, b in zip(two.steps, two_ranks[1]["capture"][which].steps):  # every rank holds the whole data
             assert torch.equal(a.sample, b.sample)
@@ -237,3 +259,19 @@ def test_reconstruction_over_two_ranks_follows_one_process(single, two_ranks):
     quantization = (one["output"] - fp).pow(2).mean()
     between = (one["output"] - two["output"]).pow(2).mean()
     assert between < 0.2 * quantization, (float(between), float(quantization))  # measured: 0.019 of it
+
+
+def test_les_over_two_ranks_learns_the_single_process_scales(single, two_ranks):
+    """Each rank learns every other layer on all of its inputs (the same computation as one process's) and the
+    ranks gather the results: the scales, folds and losses of one process, and every rank folds all of them."""
+    one, two, other = single[3], two_ranks[0]["les"], two_ranks[1]["les"]
+    assert list(one["layers"]) == list(two["layers"]) == list(other["layers"]) and len(one["layers"]) > 2
+    assert any(fold is not None for _, fold, _ in one["layers"].values())
+    for name, (scales, fold, loss) in one["layers"].items():
+        for rank_result in (two, other):
+            scales2, fold2, loss2 = rank_result["layers"][name]
+            assert fold2 == fold, name
+            torch.testing.assert_close(scales2, scales, rtol=1e-5, atol=1e-6)
+            assert loss2 == pytest.approx(loss, rel=1e-5)
+    torch.testing.assert_close(two["output"], one["output"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(two["output"], other["output"])

@@ -119,6 +119,45 @@ def test_quantized_wrapper_rejects_a_call_unlike_the_captured_one():
         pipe.transformer(step.sample, **args, cross_attention_kwargs={"scale": 0.5})
 
 
+def _dit_calls(labels, kw):
+    """One DiT pipeline call per label batch, each with its own generator."""
+    return [dict(kw, class_labels=batch, generator=torch.Generator().manual_seed(10 + i))
+            for i, batch in enumerate(labels)]
+
+
+def test_several_calls_are_recorded_in_call_order():
+    pipe, kw = tiny_pipeline("dit")
+    steps = kw.pop("num_inference_steps")
+    calls = _dit_calls([[1], [2, 3]], kw)
+    data = capture_calibration_data(pipe, steps, calls=calls)
+    parts = [capture_calibration_data(pipe, steps, **_dit_calls([[1], [2, 3]], kw)[i]) for i in range(2)]
+    assert data.timesteps == parts[0].timesteps == parts[1].timesteps
+    for step, first, second in zip(data.steps, parts[0].steps, parts[1].steps):
+        assert len(step) == len(first) + len(second) == 6  # guidance doubles each call's batch
+        torch.testing.assert_close(step.sample, torch.cat([first.sample, second.sample]), rtol=0, atol=0)
+        assert step.conditioning["class_labels"].tolist() == [1, 1000, 2, 3, 1000, 1000]  # DiT: labels, then nulls
+    with pytest.raises(ValueError, match=r"calls=\[...\] and keyword arguments \['guidance_scale'\]"):
+        capture_calibration_data(pipe, calls=calls, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="calls must be a non-empty list of dicts"):
+        capture_calibration_data(pipe, calls=[])
+    with pytest.raises(ValueError, match="holds num_inference_steps: pass it to capture_calibration_data"):
+        capture_calibration_data(pipe, calls=[dict(calls[0], num_inference_steps=steps)])
+
+
+def test_calls_shared_by_ranks_need_their_own_generators():
+    from diffusion_ao.pipeline_calibration import _check_calls_for_ranks
+
+    own = [dict(generator=torch.Generator()), dict(generator=[torch.Generator()]), dict(latents=torch.zeros(1))]
+    _check_calls_for_ranks(own, world_size=2)
+    with pytest.raises(ValueError, match="1 pipeline call.*cannot be shared by 2 ranks"):
+        _check_calls_for_ranks(own[:1], world_size=2)
+    with pytest.raises(ValueError, match="call 1 has no generator"):
+        _check_calls_for_ranks([own[0], dict(prompt="a cat")], world_size=2)
+    shared = torch.Generator()
+    with pytest.raises(ValueError, match="calls 0 and 2 share one generator"):
+        _check_calls_for_ranks([dict(generator=shared), own[2], dict(generator=[torch.Generator(), shared])], 2)
+
+
 def test_pipeline_errors_name_the_problem():
     class NoDenoiser:
         components = {"vae": None}

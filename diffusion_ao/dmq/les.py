@@ -26,6 +26,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationData
+from ..distributed import all_gather_objects, world
 from ..observers import timestep_context
 from ..primitives import fake_quantize
 from .timestep_weights import AdaptiveTimestepWeights
@@ -340,9 +341,14 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
     trajectories per timestep, in groups that fit `dmq.les_max_capture_mib`. A layer keeps s = 1 when the learned
     scales do not lower its loss by at least `dmq.les_min_gain` (relative).
 
+    With a `torch.distributed` process group of several ranks, the ranks share out the layers (rank r learns
+    layers r, r + world size, ...: every layer's learning is independent and needs all of its inputs at every
+    iteration, so splitting layers needs no collective per step) and gather the results, so every rank folds the
+    same scales, those one process learns.
+
     Args:
         graph: an exported graph (before `prepare_pt2e`); modified in place (constants out of place).
-        data: calibration data.
+        data: calibration data (the same on every rank).
         config: the `QuantConfig`; `config.dmq` holds the LES settings.
         progress: show progress bars.
         has_vnni: as for `DiffusionQuantizer` (decides the simulated activation range).
@@ -350,21 +356,38 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
     Returns:
         {layer module path: `LESResult`} for every layer LES looked at.
     """
-    from ..passes.analysis import get_attr_tensor, layer_name
-    from ..passes.capture import run_with_input_callbacks
+    from ..passes.analysis import layer_name
     from ..passes.channel_scaling import scale_input_channels, scaling_blocker
     from ..quantizer import DiffusionQuantizer
 
-    dmq = config.dmq
     planned = DiffusionQuantizer(config, has_vnni=has_vnni).planned_layers(graph)
     targets = [n for n, p in planned.items() if p.input_spec is not None and scaling_blocker(graph, n) is None]
-    subset = data.subset(dmq.les_samples_per_step)
-    per_sample = {n: math.prod(n.args[0].meta["val"].shape[1:]) * 4 for n in targets}
-    nbytes = {n: per_sample[n] * subset.num_samples for n in targets}
+    rank, world_size = world()
+    mine = _learn_layers(graph, data.subset(config.dmq.les_samples_per_step), config.dmq, planned,
+                         targets[rank::world_size], progress)
+    learned = {name: result for part in all_gather_objects(mine, "the LES scales") for name, result in part.items()}
+    dmq = config.dmq
     results: dict[str, LESResult] = {}
-    learned: dict[Node, torch.Tensor] = {}
-    bar = tqdm(total=len(targets), desc="LES", disable=not progress, unit="layer")
-    for group in _chunks(targets, nbytes, dmq.les_max_capture_mib * 2**20):
+    for node in targets:  # in graph order on every rank
+        result = learned[node.name]
+        if result.loss_learned < result.loss_unscaled * (1 - dmq.les_min_gain):
+            result.fold = scale_input_channels(graph, node, result.scales)
+        results[layer_name(node)] = result
+    return results
+
+
+def _learn_layers(graph: GraphModule, subset: CalibrationData, dmq, planned: dict, nodes: list[Node],
+                  progress: bool) -> dict[str, LESResult]:
+    """LES for `nodes` on their FP inputs over `subset`, captured in groups that fit `dmq.les_max_capture_mib`:
+    {node name: result}. The graph is not modified."""
+    from ..passes.analysis import get_attr_tensor
+    from ..passes.capture import run_with_input_callbacks
+
+    per_sample = {n: math.prod(n.args[0].meta["val"].shape[1:]) * 4 for n in nodes}
+    nbytes = {n: per_sample[n] * subset.num_samples for n in nodes}
+    results: dict[str, LESResult] = {}
+    bar = tqdm(total=len(nodes), desc="LES", disable=not progress, unit="layer")
+    for group in _chunks(nodes, nbytes, dmq.les_max_capture_mib * 2**20):
         captured: dict[str, dict[float, list]] = {n.name: {} for n in group}
 
         def recorder(name):
@@ -386,12 +409,8 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
             r = dmq.weighting_r if dmq.timestep_weighting else 0.0
             result = learn_scales(sim, inputs, init, dmq.les_iterations, lr=dmq.les_lr, weighting_r=r,
                                   weighting_ema=dmq.weighting_ema, seed=dmq.seed)
-            if result.loss_learned < result.loss_unscaled * (1 - dmq.les_min_gain):
-                learned[node] = result.scales
-            results[layer_name(node)] = result
+            results[node.name] = result
             bar.set_postfix_str(f"{node.name}: {result.deployed_unscaled:.2e} -> {result.deployed_learned:.2e}")
             bar.update(1)
     bar.close()
-    for node, s in learned.items():
-        results[layer_name(node)].fold = scale_input_channels(graph, node, s)
     return results
