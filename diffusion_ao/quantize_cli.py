@@ -2,9 +2,14 @@
 
     python -m diffusion_ao.quantize_cli --model default --preset w8a8 --out quantized/
     torchrun --nproc-per-node 2 -m diffusion_ao.quantize_cli --model path/to/pipeline --preset w8a8 --out q/
+    torchrun --nproc-per-node 2 -m diffusion_ao.quantize_cli --model path/to/pipeline --prompts prompts.txt \
+        --guidance-scale 7.5 --batch-size 4 --preset w8a8 --out q/
 
-It captures calibration trajectories with this project's sampler (`collect_calibration_data`), runs the recipe
-of the preset (`quantize_denoiser`) and writes `save_quantized`'s packed files from rank 0. Under torchrun (the
+It captures calibration data, runs the recipe of the preset (`quantize_denoiser`) and writes `save_quantized`'s
+packed files from rank 0. The capture runs this project's sampler on the denoiser (`collect_calibration_data`),
+or, with `--prompts` (one per line) or `--prompt-embeds` (a safetensors file of the pipeline's embedding
+arguments, one row per prompt), the saved pipeline's own call on batches of `--batch-size` prompts, each batch
+with its own seed (`capture_calibration_data(pipe, calls=...)`). Under torchrun (the
 WORLD_SIZE / RANK environment variables) it joins a gloo process group, and the capture, the observers'
 calibration, block reconstruction and LES are split between the ranks (`diffusion_ao.distributed`); the rest of
 the recipe runs on every rank.
@@ -25,6 +30,8 @@ import torch.distributed as dist
 
 from .calibration import collect_calibration_data
 from .config import PRESETS
+from .denoisers import denoiser_role
+from .pipeline_calibration import capture_calibration_data
 from .distributed import world
 from .recipe import quantize_denoiser
 from .serialization import save_quantized
@@ -35,16 +42,60 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default="default", help="'default', 'dit', a diffusers directory or a cached hub id")
     p.add_argument("--preset", default="w8a8", choices=sorted(PRESETS))
     p.add_argument("--out", type=Path, required=True, help="directory for save_quantized's files")
-    p.add_argument("--num-samples", type=int, default=64, help="calibration trajectories (split between ranks)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="calibration trajectories of the sampler (default 64; split between ranks)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="text file, one prompt per line: capture through the saved pipeline's own call")
+    p.add_argument("--prompt-embeds", type=Path, default=None,
+                   help="safetensors file of pipeline arguments, one row per prompt (prompt_embeds, "
+                        "negative_prompt_embeds, pooled_prompt_embeds, ...): capture through the pipeline's call")
+    p.add_argument("--guidance-scale", type=float, default=None, help="the pipeline call's guidance scale")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="prompts per pipeline call (the calls are shared out among the ranks)")
+    p.add_argument("--height", type=int, default=None, help="image height of the pipeline call")
+    p.add_argument("--width", type=int, default=None, help="image width of the pipeline call")
     p.add_argument("--steps", type=int, default=20, help="sampler steps per trajectory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--timeout", type=float, default=1800, help="seconds a collective waits for the other ranks")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.num_samples < 1 or args.steps < 1:
-        p.error("--num-samples and --steps must be >= 1")
+    through_pipeline = args.prompts is not None or args.prompt_embeds is not None
+    if args.prompts is not None and args.prompt_embeds is not None:
+        p.error("give --prompts or --prompt-embeds, not both")
+    if through_pipeline and args.num_samples is not None:
+        p.error("--num-samples counts sampler trajectories; with --prompts / --prompt-embeds every prompt is one")
+    if not through_pipeline and (args.guidance_scale, args.height, args.width) != (None, None, None):
+        p.error("--guidance-scale, --height and --width are pipeline call arguments: use them with --prompts or "
+                "--prompt-embeds")
+    if args.num_samples is None:
+        args.num_samples = 64
+    if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1:
+        p.error("--num-samples, --steps and --batch-size must be >= 1")
     return args
+
+
+def pipeline_calls(args: argparse.Namespace) -> list[dict]:
+    """The pipeline calls of `--prompts` / `--prompt-embeds`: `--batch-size` prompts each, call i seeded with
+    `--seed` + i, so that the captured data does not depend on the number of ranks."""
+    if args.prompts is not None:
+        prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        rows = {"prompt": prompts}
+    else:
+        from safetensors.torch import load_file
+
+        rows = load_file(args.prompt_embeds)
+    counts = {name: len(value) for name, value in rows.items()}
+    if not counts or len(set(counts.values())) != 1 or 0 in counts.values():
+        source = args.prompts or args.prompt_embeds
+        raise ValueError(f"{source} needs the same number (>= 1) of rows in every entry (one per prompt); got "
+                         f"{counts}.")
+    n = next(iter(counts.values()))
+    extra = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("height", args.height),
+                               ("width", args.width)) if v is not None}
+    return [{**{name: value[start:start + args.batch_size] for name, value in rows.items()}, **extra,
+             "generator": torch.Generator().manual_seed(args.seed + i)}
+            for i, start in enumerate(range(0, n, args.batch_size))]
 
 
 def main(argv: Optional[list[str]] = None) -> Optional[Path]:
@@ -56,12 +107,19 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
     rank, world_size = world()
     try:
-        from .models import load_model
+        from .models import load_model, load_pipeline
 
         start = time.perf_counter()
-        model, scheduler = load_model(args.model)
-        data = collect_calibration_data(model, scheduler, num_samples=args.num_samples, num_inference_steps=args.steps,
-                                        seed=args.seed, progress=not args.no_progress and rank == 0)
+        if args.prompts is not None or args.prompt_embeds is not None:
+            pipe = load_pipeline(args.model)
+            pipe.set_progress_bar_config(disable=args.no_progress or rank != 0)
+            data = capture_calibration_data(pipe, args.steps, calls=pipeline_calls(args))
+            model = getattr(pipe, denoiser_role(pipe))
+        else:
+            model, scheduler = load_model(args.model)
+            data = collect_calibration_data(model, scheduler, num_samples=args.num_samples,
+                                            num_inference_steps=args.steps, seed=args.seed,
+                                            progress=not args.no_progress and rank == 0)
         captured = time.perf_counter()
         converted, report = quantize_denoiser(model, data, args.preset, progress=not args.no_progress and rank == 0)
         done = time.perf_counter()

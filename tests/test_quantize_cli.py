@@ -1,5 +1,5 @@
-"""`python -m diffusion_ao.quantize_cli`: capture, recipe and packed save from one process, and from two ranks
-under torchrun (slow)."""
+"""`python -m diffusion_ao.quantize_cli`: capture (with the sampler, or through a saved pipeline's own call),
+recipe and packed save from one process, and from two ranks under torchrun (slow)."""
 import json
 import os
 import subprocess
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from diffusion_ao import load_quantized
-from diffusion_ao.quantize_cli import main, parse_args
+from diffusion_ao.quantize_cli import main, parse_args, pipeline_calls
+from tests.pipelines import tiny_pipeline
 
 
 def _check_saved(out):
@@ -29,11 +30,48 @@ def test_one_process_writes_a_loadable_quantized_model(tmp_path, capsys):
     _check_saved(out)
 
 
-def test_bad_arguments_are_refused():
+def _saved_sd_pipeline(tmp_path):
+    """The tiny SD pipeline saved without text encoders, and a file of 3 prompts' embeddings."""
+    from safetensors.torch import save_file
+
+    pipe, kw = tiny_pipeline("sd")
+    pipe.save_pretrained(tmp_path / "pipe")
+    embeds = {k: torch.cat([kw[k], kw[k][:1]]) for k in ("prompt_embeds", "negative_prompt_embeds")}  # 3 rows
+    save_file(embeds, tmp_path / "embeds.safetensors")
+    return tmp_path / "pipe", tmp_path / "embeds.safetensors", kw
+
+
+def test_one_process_quantizes_through_a_saved_pipelines_own_call(tmp_path, capsys):
+    model, embeds, kw = _saved_sd_pipeline(tmp_path)
+    out = tmp_path / "q"
+    args = ["--model", str(model), "--prompt-embeds", str(embeds), "--guidance-scale", "5", "--batch-size", "2",
+            "--height", "32", "--width", "32", "--preset", "w8a8", "--steps", "2", "--out", str(out), "--no-progress"]
+    calls = pipeline_calls(parse_args(args))
+    assert [len(c["prompt_embeds"]) for c in calls] == [2, 1] and calls[0]["guidance_scale"] == 5.0
+    assert torch.equal(calls[1]["negative_prompt_embeds"][0], kw["negative_prompt_embeds"][0])
+    assert main(args) == out
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["world_size"] == 1
+    graph = load_quantized(out)
+    x = torch.randn(6, 4, 16, 16)  # 3 prompts, guided
+    emb = torch.randn(6, 8, 32)
+    assert graph(x, torch.full((6,), 500.0), emb).shape == x.shape
+
+
+def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         parse_args(["--preset", "no-such-preset", "--out", "x"])
     with pytest.raises(SystemExit):
         parse_args(["--num-samples", "0", "--out", "x"])
+    with pytest.raises(SystemExit):  # pipeline call arguments without a pipeline call
+        parse_args(["--guidance-scale", "5", "--out", "x"])
+    with pytest.raises(SystemExit):  # sampler trajectories with prompts
+        parse_args(["--prompts", "p.txt", "--num-samples", "4", "--out", "x"])
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="needs the same number"):
+        pipeline_calls(parse_args(["--prompts", str(tmp_path / "empty.txt"), "--out", "x"]))
+    with pytest.raises(FileNotFoundError, match="not a saved diffusers pipeline"):
+        main(["--model", str(tmp_path), "--prompts", "p.txt", "--out", str(tmp_path / "q")])
 
 
 @pytest.mark.slow  # two processes import torch and quantize the default model
@@ -48,3 +86,21 @@ def test_torchrun_two_ranks_write_the_same_model_from_rank_0(tmp_path):
     summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert sorted(s["rank"] for s in summaries) == [0, 1] and all(s["world_size"] == 2 for s in summaries)
     _check_saved(out)
+
+
+@pytest.mark.slow  # two processes import torch and capture through the pipeline's call
+def test_torchrun_two_ranks_share_the_pipeline_calls(tmp_path):
+    model, embeds, _ = _saved_sd_pipeline(tmp_path)
+    out = tmp_path / "q2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                             "diffusion_ao.quantize_cli", "--model", str(model), "--prompt-embeds", str(embeds),
+                             "--guidance-scale", "5", "--batch-size", "1", "--height", "32", "--width", "32",
+                             "--preset", "w8a8", "--steps", "2", "--threads", "1", "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(s["rank"] for s in summaries) == [0, 1]
+    graph = load_quantized(out)
+    x = torch.randn(6, 4, 16, 16)
+    assert graph(x, torch.full((6,), 500.0), torch.randn(6, 8, 32)).shape == x.shape

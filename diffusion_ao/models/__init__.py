@@ -4,9 +4,11 @@ Example:
     >>> unet, scheduler = load_default_model()
     >>> dit, scheduler = load_model("dit")                              # the shipped class-conditional DiT
     >>> unet, scheduler = load_model("path/to/a/diffusers/pipeline")   # or a hub id, if it is cached
+    >>> pipe = load_pipeline("path/to/a/diffusers/pipeline")           # the whole pipeline, for its own call
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Union
 
@@ -65,3 +67,25 @@ def load_model(name_or_path: Union[str, Path]) -> tuple[torch.nn.Module, DDIMSch
     else:
         scheduler = DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
     return unet, scheduler
+
+
+def load_pipeline(path: Union[str, Path]):
+    """A diffusers pipeline saved with `save_pretrained`, in eval mode on the CPU; components saved as None (a
+    pipeline kept without its text encoders, safety checker, ...) load as None.
+
+    Raises:
+        FileNotFoundError: `path` has no model_index.json (it is not a saved pipeline).
+    """
+    from diffusers import DiffusionPipeline
+
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{path} is not a saved diffusers pipeline (no model_index.json): save one with "
+                                "pipe.save_pretrained(path).")
+    index = json.loads(index_file.read_text())
+    missing = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
+    pipe = DiffusionPipeline.from_pretrained(str(path), low_cpu_mem_usage=False, **missing)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
