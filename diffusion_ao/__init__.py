@@ -14,6 +14,7 @@ Example:
     >>> pipe.transformer = as_diffusers_denoiser(compile_for_cpu(convert_pt2e(prepared)), like=pipe.transformer)
 """
 from .calibration import CalibrationData, CalibrationStep, calibrate, collect_calibration_data
+from .calibration_store import load_calibration_data, save_calibration_data
 from .config import PRESETS, LayerQuant, QuantConfig
 from .export import (QuantizedDenoiser, QuantizedUNet, as_diffusers_denoiser, as_diffusers_unet, export_denoiser,
                      export_unet)
@@ -27,6 +28,6 @@ __all__ = [
     "CalibrationData", "CalibrationStep", "DiffusionQuantizer", "LayerQuant", "PRESETS", "QuantConfig",
     "QuantizationReport", "QuantizedDenoiser", "QuantizedUNet", "as_diffusers_denoiser", "as_diffusers_unet",
     "calibrate", "capture_calibration_data", "collect_calibration_data", "compile_for_cpu", "count_int8_kernels",
-    "export_denoiser", "export_unet", "load_quantized", "quantize_denoiser", "quantize_pipeline", "quantize_unet",
-    "save_quantized",
+    "export_denoiser", "export_unet", "load_calibration_data", "load_quantized", "quantize_denoiser",
+    "quantize_pipeline", "quantize_unet", "save_calibration_data", "save_quantized",
 ]

@@ -87,7 +87,7 @@ class CalibrationData:
 
     @property
     def num_samples(self) -> int:
-        return sum(len(s.sample) for s in self.steps)
+        return sum(len(s) for s in self.steps)
 
     def validate(self) -> None:
         """Raises ValueError if the data is empty or holds NaN/Inf."""

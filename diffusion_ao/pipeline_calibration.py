@@ -9,19 +9,22 @@ conditional halves) is recorded as it is, so both halves' activation statistics 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from .calibration import CalibrationData, CalibrationStep, evenly_spaced_rows
-from .distributed import gather_lists, shard, world
+from .calibration_store import prepare_store, stored_data, write_index, write_part
+from .distributed import all_gather_objects, gather_lists, shard, world
 from .denoisers import SAMPLE, TIMESTEP, adapter_for, denoiser_role
 from .export import QuantizedDenoiser
 
 
 @torch.no_grad()
 def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_step: Optional[int] = None,
-                             calls: Optional[Sequence[dict[str, Any]]] = None, **call_kwargs) -> CalibrationData:
+                             calls: Optional[Sequence[dict[str, Any]]] = None,
+                             store: Optional[Union[str, Path]] = None, **call_kwargs) -> CalibrationData:
     """Runs the pipeline and records every denoiser call's inputs, with its real timestep.
 
     One pipeline call (`**call_kwargs`) or several (`calls`, e.g. one batch of prompts each), whose recordings are
@@ -37,6 +40,9 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
         samples_per_step: keep at most this many rows of each denoiser call (evenly spaced over the batch, so
             both guidance halves stay); default all. Recorded tensors live on the CPU either way.
         calls: several pipeline calls, each a dict of keyword arguments as below (not with `**call_kwargs`).
+        store: a new or empty directory (shared by the ranks): each call's recording is written there as a
+            safetensors part file as soon as the call returns, and the data is returned read lazily from there
+            (`diffusion_ao.calibration_store`), for data larger than memory. Default: in memory.
         **call_kwargs: the pipeline call, as you will make it after quantization: prompts (or `prompt_embeds`),
             class labels, `guidance_scale`, `height`/`width`, `num_images_per_prompt`, `generator`, ... The
             output type defaults to "latent" (the VAE's decode is not needed).
@@ -50,6 +56,7 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
             generator.
         TypeError: a denoiser call carries an input the export cannot trace, a batch mixing timesteps, or inputs
             whose names or shapes change between calls.
+        FileExistsError: `store` already holds calibration data.
 
     Example:
         >>> data = capture_calibration_data(pipe, num_inference_steps=20, prompt=["a cat", "a dog"],
@@ -100,27 +107,57 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
         recorded.setdefault(float(values.item()), []).append(kept)
         return original(*args, **kwargs)
 
+    mine = shard(len(calls), rank, world_size)
+    root = None if store is None else prepare_store(store, [_part_file(i) for i in mine])
+    where: dict[float, list] = {}  # with a store: timestep -> [(part file, key prefix, rows)], in call order
+    names: Optional[tuple[list[str], list[str]]] = None  # (batched, shared) input names
     denoiser.forward = recording_forward
     try:
-        for i in shard(len(calls), rank, world_size):
+        for i in mine:
             pipe(num_inference_steps=num_inference_steps, **{"output_type": "latent", **calls[i]})
+            if root is not None and recorded:  # this call's recording goes to its own part file
+                steps = _steps_from_records(recorded, adapter.shared_args)
+                CalibrationData(steps).validate()
+                names = names or ([SAMPLE, *steps[0].conditioning], list(steps[0].shared))
+                for t, parts in write_part(root, _part_file(i), steps).items():
+                    where.setdefault(t, []).extend(parts)
+                recorded.clear()
     finally:
         del denoiser.forward
+    if root is not None:
+        where = gather_lists(where, "the stored pipeline calls")  # in call order: the shares are contiguous
+        names = next((n for n in all_gather_objects(names, "the stored inputs' names") if n is not None), None)
+        if names is None:
+            raise ValueError(f"{type(pipe).__name__} never called its {role} during capture.")
+        data = stored_data(root, where, *names)
+        if rank == 0:
+            write_index(root, data)
+        return data
     recorded = gather_lists(recorded, "the captured pipeline calls")  # in call order: the shares are contiguous
     if not recorded:
         raise ValueError(f"{type(pipe).__name__} never called its {role} during capture.")
+    data = CalibrationData(_steps_from_records(recorded, adapter.shared_args))
+    data.validate()
+    return data
+
+
+def _part_file(call: int) -> str:
+    return f"part-{call:05d}.safetensors"
+
+
+def _steps_from_records(recorded: dict[float, list[dict[str, torch.Tensor]]], shared_args: tuple[str, ...]
+              ) -> list[CalibrationStep]:
+    """One step per timestep from the recorded denoiser calls (batched inputs concatenated in call order)."""
     steps = []
     for t, records in recorded.items():
-        shared = {k: records[0][k] for k in adapter.shared_args if k in records[0]}
+        shared = {k: records[0][k] for k in shared_args if k in records[0]}
         for name, value in shared.items():
             if any(not torch.equal(r[name], value) for r in records):
                 raise TypeError(f"The shared input '{name}' changes between calls at timestep {t}.")
         batched = {k: torch.cat([r[k] for r in records]) for k in records[0] if k not in shared}
         sample = batched.pop(SAMPLE)
         steps.append(CalibrationStep(t, sample, batched, shared))
-    data = CalibrationData(steps)
-    data.validate()
-    return data
+    return steps
 
 
 def _check_calls_for_ranks(calls: Sequence[dict[str, Any]], world_size: int) -> None:

@@ -52,6 +52,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=None, help="the pipeline call's guidance scale")
     p.add_argument("--batch-size", type=int, default=4,
                    help="prompts per pipeline call (the calls are shared out among the ranks)")
+    p.add_argument("--calibration-store", type=Path, default=None,
+                   help="new directory (shared by the ranks) for the captured pipeline calls, one safetensors part "
+                        "file each, read back lazily: for calibration data larger than memory")
     p.add_argument("--height", type=int, default=None, help="image height of the pipeline call")
     p.add_argument("--width", type=int, default=None, help="image width of the pipeline call")
     p.add_argument("--steps", type=int, default=20, help="sampler steps per trajectory")
@@ -65,9 +68,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("give --prompts or --prompt-embeds, not both")
     if through_pipeline and args.num_samples is not None:
         p.error("--num-samples counts sampler trajectories; with --prompts / --prompt-embeds every prompt is one")
-    if not through_pipeline and (args.guidance_scale, args.height, args.width) != (None, None, None):
-        p.error("--guidance-scale, --height and --width are pipeline call arguments: use them with --prompts or "
-                "--prompt-embeds")
+    if not through_pipeline and (args.guidance_scale, args.height, args.width, args.calibration_store) != (None,) * 4:
+        p.error("--guidance-scale, --height, --width and --calibration-store are for pipeline calls: use them with "
+                "--prompts or --prompt-embeds")
     if args.num_samples is None:
         args.num_samples = 64
     if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1:
@@ -113,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         if args.prompts is not None or args.prompt_embeds is not None:
             pipe = load_pipeline(args.model)
             pipe.set_progress_bar_config(disable=args.no_progress or rank != 0)
-            data = capture_calibration_data(pipe, args.steps, calls=pipeline_calls(args))
+            data = capture_calibration_data(pipe, args.steps, calls=pipeline_calls(args), store=args.calibration_store)
             model = getattr(pipe, denoiser_role(pipe))
         else:
             model, scheduler = load_model(args.model)

@@ -41,8 +41,6 @@ def _class_unet() -> UNet2DModel:
 def _capture():
     """Plain (5 trajectories, batches of 4: one batch split between the ranks) and guided captures with the
     project's sampler, and a capture of 3 DiT pipeline calls (guided; 2 calls on rank 0, 1 on rank 1)."""
-    from diffusion_ao import capture_calibration_data
-    from tests.pipelines import tiny_pipeline
 
     scheduler = DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
     plain = collect_calibration_data(tiny_unet(), scheduler, num_samples=5, num_inference_steps=3, batch_size=4,
@@ -50,11 +48,19 @@ def _capture():
     guided = collect_calibration_data(_class_unet(), scheduler, num_samples=3, num_inference_steps=3, seed=4,
                                       class_labels=torch.tensor([0, 1, 2]), guidance_scale=2.0, null_class_label=3,
                                       samples_per_step=2, progress=False)
+    return plain, guided, _pipeline_capture()
+
+
+def _pipeline_capture(store=None):
+    """3 DiT pipeline calls (guided), in memory or into a store."""
+    from diffusion_ao import capture_calibration_data
+    from tests.pipelines import tiny_pipeline
+
     pipe, kw = tiny_pipeline("dit")
     steps = kw.pop("num_inference_steps")
     calls = [dict(kw, class_labels=labels, generator=torch.Generator().manual_seed(i))
              for i, labels in enumerate([[1], [2, 3], [4]])]
-    return plain, guided, capture_calibration_data(pipe, steps, calls=calls)
+    return capture_calibration_data(pipe, steps, calls=calls, store=store)
 
 
 def _qparams(data):
@@ -106,7 +112,7 @@ def _worker(rank: int, init_file: str, out_dir: str, task: str) -> None:
         if task == "calibrate":
             data = torch.load(Path(out_dir) / "data.pt", weights_only=False)
             result = {"capture": _capture(), "qparams": _qparams(data), "reconstruction": _reconstructed(data),
-                      "les": _les(data)}
+                      "les": _les(data), "stored": _pipeline_capture(store=Path(out_dir) / "store")}
         else:  # "fail": rank 1 dies before the first collective
             if rank == 1:
                 raise SystemExit(3)
@@ -275,3 +281,19 @@ def test_les_over_two_ranks_learns_the_single_process_scales(single, two_ranks):
             assert loss2 == pytest.approx(loss, rel=1e-5)
     torch.testing.assert_close(two["output"], one["output"], rtol=1e-4, atol=1e-5)
     assert torch.equal(two["output"], other["output"])
+
+
+def test_a_store_written_by_two_ranks_holds_the_single_process_capture(single, two_ranks):
+    """Each rank writes its calls' part files into the shared store; every rank reads all of them back lazily."""
+    from diffusion_ao.calibration_store import StoredCalibrationStep, load_calibration_data
+
+    one = single[0][2]
+    for rank_data in (two_ranks[0]["stored"], two_ranks[1]["stored"]):
+        assert all(isinstance(s, StoredCalibrationStep) for s in rank_data.steps)
+        assert rank_data.timesteps == one.timesteps
+        for a, b in zip(one.steps, rank_data.steps):
+            assert [file for file, _, _ in b.parts] == [f"part-0000{i}.safetensors" for i in range(3)]
+            torch.testing.assert_close(b.sample, a.sample)  # each call ran at the same batch size as in one process
+            assert torch.equal(b.conditioning["class_labels"], a.conditioning["class_labels"])
+    index_written_by_rank_0 = load_calibration_data(two_ranks[0]["stored"].steps[0].root)
+    assert index_written_by_rank_0.timesteps == one.timesteps

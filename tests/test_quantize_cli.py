@@ -45,13 +45,16 @@ def test_one_process_quantizes_through_a_saved_pipelines_own_call(tmp_path, caps
     model, embeds, kw = _saved_sd_pipeline(tmp_path)
     out = tmp_path / "q"
     args = ["--model", str(model), "--prompt-embeds", str(embeds), "--guidance-scale", "5", "--batch-size", "2",
-            "--height", "32", "--width", "32", "--preset", "w8a8", "--steps", "2", "--out", str(out), "--no-progress"]
+            "--height", "32", "--width", "32", "--preset", "w8a8", "--steps", "2", "--out", str(out), "--no-progress",
+            "--calibration-store", str(tmp_path / "store")]
     calls = pipeline_calls(parse_args(args))
     assert [len(c["prompt_embeds"]) for c in calls] == [2, 1] and calls[0]["guidance_scale"] == 5.0
     assert torch.equal(calls[1]["negative_prompt_embeds"][0], kw["negative_prompt_embeds"][0])
     assert main(args) == out
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["world_size"] == 1
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
+        "calibration.json", "part-00000.safetensors", "part-00001.safetensors"]  # one part per pipeline call
     graph = load_quantized(out)
     x = torch.randn(6, 4, 16, 16)  # 3 prompts, guided
     emb = torch.randn(6, 8, 32)

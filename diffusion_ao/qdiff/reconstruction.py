@@ -101,20 +101,20 @@ class ReconstructionGraph:
 
 def select_samples(data: CalibrationData, max_samples: int, seed: int) -> CalibrationData:
     """At most `max_samples` samples, spread evenly over the timesteps, chosen at random within each step."""
-    if data.num_samples <= max_samples and all(len(s.sample) for s in data.steps):
+    if data.num_samples <= max_samples and all(len(s) for s in data.steps):
         return data  # everything fits: keeping all samples in order is what the selection would return
     generator = torch.Generator().manual_seed(seed)
-    steps = [s for s in data.steps if len(s.sample)]
+    steps = [s for s in data.steps if len(s)]
     per_step = [0] * len(steps)
-    for i in range(min(max_samples, sum(len(s.sample) for s in steps))):  # round-robin over the timesteps
+    for i in range(min(max_samples, sum(len(s) for s in steps))):  # round-robin over the timesteps
         j = i % len(steps)
-        while per_step[j] >= len(steps[j].sample):
+        while per_step[j] >= len(steps[j]):
             j = (j + 1) % len(steps)
         per_step[j] += 1
     chosen = []
     for step, n in zip(steps, per_step):
         if n:
-            keep = torch.randperm(len(step.sample), generator=generator)[:n].sort().values
+            keep = torch.randperm(len(step), generator=generator)[:n].sort().values
             chosen.append(step.select(keep))
     return CalibrationData(chosen)
 

@@ -1,0 +1,112 @@
+"""Calibration data stored on disk (safetensors parts + index) reads back lazily as the same data: whole steps,
+any row range across parts, subsets, and the same calibration; a pipeline capture into a store writes one part
+per call; bad stores get clear errors."""
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+from diffusion_ao import (DiffusionQuantizer, QuantConfig, calibrate, capture_calibration_data, collect_calibration_data,
+                          export_unet, load_calibration_data, save_calibration_data)
+from diffusion_ao.calibration import CalibrationStep
+from diffusion_ao.calibration_store import INDEX_FILE, StoredCalibrationStep, write_part
+from diffusion_ao.observers import TimestepActivationObserver
+from tests.conftest import tiny_unet
+from tests.pipelines import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def data(scheduler):
+    return collect_calibration_data(tiny_unet(), scheduler, num_samples=5, num_inference_steps=3, progress=False)
+
+
+def _same_steps(a: CalibrationStep, b: CalibrationStep) -> None:
+    assert a.timestep == b.timestep and len(a) == len(b)
+    assert torch.equal(a.sample, b.sample)  # stored bytes read back
+    assert a.conditioning.keys() == b.conditioning.keys() and a.shared.keys() == b.shared.keys()
+    for k in a.conditioning:
+        assert torch.equal(a.conditioning[k], b.conditioning[k])
+    for k in a.shared:
+        assert torch.equal(a.shared[k], b.shared[k])
+
+
+def test_saved_data_reads_back_lazily_as_the_same_data(data, tmp_path):
+    stored = save_calibration_data(data, tmp_path / "calib")
+    loaded = load_calibration_data(tmp_path / "calib")
+    assert all(isinstance(s, StoredCalibrationStep) for s in loaded.steps)
+    assert loaded.timesteps == data.timesteps and loaded.num_samples == data.num_samples
+    for a, b, c in zip(data.steps, stored.steps, loaded.steps):
+        _same_steps(a, b)
+        _same_steps(a, c)
+        for start, stop in ((0, None), (1, 3), (4, 9)):
+            expected, got = a.graph_inputs(start, stop), c.graph_inputs(start, stop)
+            assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    for a, b in zip(data.subset(2).steps, loaded.subset(2).steps):
+        _same_steps(a, b)
+
+
+def test_calibration_on_stored_data_gives_the_same_qparams(data, tmp_path):
+    loaded = save_calibration_data(data, tmp_path / "calib")
+    scales = []
+    for d in (data, loaded):
+        prepared = prepare_pt2e(export_unet(tiny_unet(), sample_shape=(1, 1, 8, 8)),
+                                DiffusionQuantizer(QuantConfig.preset("w8a8").replace(act_observer="minmax")))
+        calibrate(prepared, d, batch_size=2, progress=False)
+        scales.append([obs.calculate_qparams()[0] for obs in prepared.modules()
+                       if isinstance(obs, TimestepActivationObserver)])
+    assert scales[0] and all(torch.equal(a, b) for a, b in zip(*scales))  # the same batches of the same values
+
+
+@settings(deadline=None, max_examples=30)
+@given(sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4), start=st.integers(0, 20), span=st.integers(0, 20))
+def test_any_row_range_across_parts_is_the_in_memory_slice(tmp_path_factory, sizes, start, span):
+    root = tmp_path_factory.mktemp("parts")
+    total = sum(sizes)
+    whole = CalibrationStep(7.0, torch.randn(total, 2, 3), {"class_labels": torch.arange(total)})
+    parts, offset = [], 0
+    for i, n in enumerate(sizes):
+        rows = torch.arange(offset, offset + n)
+        parts += write_part(root, f"part-{i:05d}.safetensors", [whole.select(rows)])[7.0]
+        offset += n
+    step = StoredCalibrationStep(root, 7.0, parts, ["sample", "class_labels"], [])
+    assert len(step) == total
+    start, stop = min(start, total), min(start + span, total)
+    expected, got = whole.graph_inputs(start, stop), step.graph_inputs(start, stop)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert got["sample"].shape == (stop - start, 2, 3)  # an empty range keeps the inputs' shapes
+
+
+def test_a_pipeline_capture_into_a_store_writes_a_part_per_call(tmp_path):
+    pipe, kw = tiny_pipeline("dit")
+    steps = kw.pop("num_inference_steps")
+
+    def calls():
+        return [dict(kw, class_labels=labels, generator=torch.Generator().manual_seed(i))
+                for i, labels in enumerate([[1], [2, 3], [4]])]
+
+    in_memory = capture_calibration_data(pipe, steps, calls=calls())
+    stored = capture_calibration_data(pipe, steps, calls=calls(), store=tmp_path / "store")
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
+        INDEX_FILE, "part-00000.safetensors", "part-00001.safetensors", "part-00002.safetensors"]
+    loaded = load_calibration_data(tmp_path / "store")
+    assert stored.timesteps == loaded.timesteps == in_memory.timesteps
+    for a, b, c in zip(in_memory.steps, stored.steps, loaded.steps):
+        assert [rows for _, _, rows in c.parts] == [2, 4, 2]  # each call's guided batch, in call order
+        _same_steps(a, b)
+        _same_steps(a, c)
+    with pytest.raises(FileExistsError, match="already holds calibration data"):
+        capture_calibration_data(pipe, steps, calls=calls(), store=tmp_path / "store")
+
+
+def test_bad_stores_are_refused(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no calibration data"):
+        load_calibration_data(tmp_path)
+    save_calibration_data(data, tmp_path / "calib")
+    with pytest.raises(FileExistsError, match="already holds calibration data"):
+        save_calibration_data(data, tmp_path / "calib")
+    index = json.loads((tmp_path / "calib" / INDEX_FILE).read_text())
+    (tmp_path / "calib" / INDEX_FILE).write_text(json.dumps({**index, "format": 99}))
+    with pytest.raises(ValueError, match="has format 99"):
+        load_calibration_data(tmp_path / "calib")
