@@ -5,7 +5,8 @@ step and how far the 2-rank results are from one process's.
     python bench/distributed.py --num-samples 16 --les-iterations 20 --recon-blocks 2   # a quick look
 
 Steps: capture (`collect_calibration_data`), calibration with min-max and with MSE ranges (`calibrate`), LES
-(`apply_learned_scaling`, the layers shared out among the ranks) and a short block reconstruction
+(`apply_learned_scaling`, the layers shared out among the ranks), GPTQ (`apply_gptq`: H summed across ranks,
+the solves shared out) and a short block reconstruction
 (`reconstruct_blocks` on the first blocks, gradients summed across ranks). Writes bench/results/distributed.md.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ def _steps(args: argparse.Namespace, given_data=None) -> dict:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from diffusion_ao import DiffusionQuantizer, QuantConfig, calibrate, collect_calibration_data, export_denoiser
-    from diffusion_ao.config import DMQConfig, ReconstructionConfig
+    from diffusion_ao.config import DMQConfig, GPTQConfig, ReconstructionConfig
+    from diffusion_ao.gptq import apply_gptq
     from diffusion_ao.dmq import apply_learned_scaling
     from diffusion_ao.models import load_default_model
     from diffusion_ao.observers import TimestepActivationObserver
@@ -63,6 +65,12 @@ def _steps(args: argparse.Namespace, given_data=None) -> dict:
     les = apply_learned_scaling(exported(), data, config, progress=False)
     times["LES"] = time.perf_counter() - start
     out["LES"] = {name: r.scales for name, r in les.items()}
+    prepared = prepare_pt2e(exported(), DiffusionQuantizer(base.replace(act_observer="minmax")))
+    calibrate(prepared, data, progress=False)
+    start = time.perf_counter()
+    apply_gptq(prepared, data, GPTQConfig(), progress=False)
+    times["GPTQ"] = time.perf_counter() - start
+    out["GPTQ"] = {n: p.detach().clone() for n, p in prepared.named_parameters()}
     prepared = prepare_pt2e(exported(), DiffusionQuantizer(base.replace(act_observer="minmax")))
     calibrate(prepared, data, progress=False)
     recon = ReconstructionConfig(iterations=args.recon_iterations, max_samples=args.recon_samples)
@@ -117,6 +125,9 @@ def _compare(one: dict, two: dict) -> dict[str, str]:
                                            f"difference {max(rel):.1e}")
     rel = [float(((two["LES"][k] - s).abs() / s).max()) for k, s in one["LES"].items()]
     rows["LES"] = f"{sum(r == 0 for r in rel)}/{len(rel)} layers' scales bit for bit, max relative {max(rel):.1e}"
+    same = sum(int((two["GPTQ"][k] == w).sum()) for k, w in one["GPTQ"].items())
+    count = sum(w.numel() for w in one["GPTQ"].values())
+    rows["GPTQ"] = f"{same:,}/{count:,} weight values (re-rounded weights and biases) equal"
     same = sum(int((two["reconstruction"][k] == c).sum()) for k, c in one["reconstruction"].items())
     count = sum(c.numel() for c in one["reconstruction"].values())
     rows["reconstruction"] = f"{same:,}/{count:,} integer weights equal"

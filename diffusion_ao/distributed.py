@@ -17,7 +17,9 @@ process behaves exactly as before:
   summed across ranks (`all_reduce_sum`) before every rank takes the same optimiser step: one process's
   gradient, up to float rounding;
 * `apply_learned_scaling` (DMQ's LES) shares out the layers, whose learning is independent, and gathers the
-  learned scales: one process's scales.
+  learned scales: one process's scales;
+* `apply_gptq` accumulates each layer's H over each rank's share of the samples, sums it across ranks, then shares
+  out the layers' solves (`share_by_work`) and gathers the codes.
 
 Collectives time out with the process group's timeout (`init_process_group(timeout=...)`); a rank that fails or
 times out raises `DistributedCalibrationError` naming the step, instead of hanging.
@@ -31,7 +33,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -53,6 +55,24 @@ def shard(n: int, rank: int, world_size: int) -> range:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (rank < extra))
+
+
+def share_by_work(items: list[Any], work: Callable[[Any], float], world_size: int) -> list[list[Any]]:
+    """`items` shared out among `world_size` ranks with about equal work: the largest first, each to the rank
+    with the least work so far (no rank exceeds the mean by more than the largest item). Within a share the items
+    keep their order. Deterministic: every rank computes the same split from the same items.
+
+    Example:
+        >>> share_by_work(["a", "b", "c"], {"a": 3, "b": 2, "c": 2}.get, 2)
+        [['a'], ['b', 'c']]
+    """
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0.0] * world_size
+    for i in sorted(range(len(items)), key=lambda i: work(items[i]), reverse=True):  # stable: ties keep order
+        least = load.index(min(load))
+        shares[least].append(i)
+        load[least] += work(items[i])
+    return [[items[i] for i in sorted(share)] for share in shares]
 
 
 def _collective(call, verb: str, what: str) -> None:

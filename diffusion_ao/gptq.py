@@ -28,6 +28,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationData
+from .distributed import all_gather_objects, all_reduce_sum, share_by_work, shard, world
 from .method_configs import GPTQConfig
 
 
@@ -124,7 +125,10 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
     """Re-rounds every observed conv/linear weight of a calibrated PT2E graph with GPTQ and pins its grid.
 
     Layer inputs are the floating-point ones (the observers bypassed, `passes.capture`), so every layer's H comes
-    from one pass.
+    from one pass. With a `torch.distributed` process group of several ranks, each rank accumulates H over its
+    share of every step's samples, the H are summed across ranks, each rank solves its share of the layers
+    (`distributed.share_by_work`) and all ranks bake every layer's codes: one process's H up to float64
+    summation order, so the same codes but for exact ties.
 
     Args:
         prepared: `prepare_pt2e(graph, DiffusionQuantizer(config))`, calibrated; changed in place (weights out of
@@ -170,6 +174,9 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
         samples_at[float(step.timestep)] = samples_at.get(float(step.timestep), 0) + len(step)
     # H = sum_t w_t E_t[x x^T], up to a constant factor per layer (its rows per sample), which GPTQ ignores
     hessians: dict[str, torch.Tensor] = {}  # by weight observer: a weight read by several layers sums their H
+    for target in users:
+        columns = get_attr_tensor(prepared, weight_nodes[target])[0].numel()
+        hessians[target] = torch.zeros(columns, columns, dtype=torch.float64)
 
     def accumulate(target: str, node: Node):
         kernel_size = tuple(get_attr_tensor(prepared, weight_nodes[target]).shape[2:])
@@ -177,20 +184,25 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
         def callback(x: torch.Tensor, timestep: float) -> None:
             rows = layer_inputs_2d(node, x.float(), kernel_size).double()
             t = float(timestep)
-            h = rows.T @ rows * (weights[t] / (total * samples_at[t]))
-            hessians[target] = hessians[target] + h if target in hessians else h
+            hessians[target] += rows.T @ rows * (weights[t] / (total * samples_at[t]))
         return callback
 
+    rank, world_size = world()
+    mine = []  # this rank's contiguous share of every step (all of it in one process)
+    for step in subset.steps:
+        rows = shard(len(step), rank, world_size)
+        if len(rows):
+            mine.append(step.select(torch.arange(rows.start, rows.stop)))
     callbacks = {node.name: accumulate(target, node) for target, nodes in users.items() for node in nodes}
-    run_with_input_callbacks(prepared, subset, callbacks, progress=progress, desc="GPTQ inputs",
-                             modules={t: (lambda x: x) for t in observers})
-    results: dict[str, GPTQResult] = {}
-    for target in tqdm(users, desc="GPTQ", disable=not progress, unit="layer"):
+    if mine:
+        run_with_input_callbacks(prepared, CalibrationData(mine), callbacks, progress=progress, desc="GPTQ inputs",
+                                 modules={t: (lambda x: x) for t in observers})
+    for target in users if world_size > 1 else ():
+        all_reduce_sum(hessians[target], f"GPTQ's H of {target}")
+
+    def solve(target: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GPTQResult]:
         obs = prepared.get_submodule(target)
         weight = get_attr_tensor(prepared, weight_nodes[target]).detach().float()
-        if obs.per_channel and obs.ch_axis != 0:
-            raise ValueError(f"apply_gptq: {target} quantizes along axis {obs.ch_axis}; only output channels "
-                             "(axis 0) are supported.")
         scale, zero_point = obs.calculate_qparams()
         flat = weight.reshape(len(weight), -1)
         codes = gptq_codes(flat, hessians[target], scale, zero_point, obs.quant_min, obs.quant_max,
@@ -199,10 +211,24 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
         zp = zero_point.reshape(-1, 1).float()
         nearest = grid * (_nearest(flat, grid, zp, obs.quant_min, obs.quant_max) - zp)
         rounded = grid * (codes - zp)
-        name = module_path(users[target][0]) or users[target][0].name
-        results[name] = GPTQResult(_relative_output_error(flat, nearest, hessians[target]),
-                                   _relative_output_error(flat, rounded, hessians[target]))
+        return rounded, scale, zero_point, GPTQResult(_relative_output_error(flat, nearest, hessians[target]),
+                                                      _relative_output_error(flat, rounded, hessians[target]))
+
+    for target in users:
+        obs = prepared.get_submodule(target)
+        if obs.per_channel and obs.ch_axis != 0:
+            raise ValueError(f"apply_gptq: {target} quantizes along axis {obs.ch_axis}; only output channels "
+                             "(axis 0) are supported.")
+    # every rank solves its share of the layers (one process: all of them), then all ranks bake every result
+    share = share_by_work(list(users), lambda t: hessians[t].shape[0] ** 2 * len(get_attr_tensor(
+        prepared, weight_nodes[t])), world_size)[rank]
+    solved = {t: solve(t) for t in tqdm(share, desc="GPTQ", disable=not progress, unit="layer")}
+    solved = {t: r for part in all_gather_objects(solved, "GPTQ's codes") for t, r in part.items()}
+    results: dict[str, GPTQResult] = {}
+    for target in users:
+        rounded, scale, zero_point, result = solved[target]
+        results[module_path(users[target][0]) or users[target][0].name] = result
         replace_constant(prepared, weight_nodes[target], lambda old, r=rounded: r.reshape(old.shape).to(old.dtype),
                          requires_grad=False)
-        obs.set_fixed_qparams(scale, zero_point)
+        prepared.get_submodule(target).set_fixed_qparams(scale, zero_point)
     return results

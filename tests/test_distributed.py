@@ -19,7 +19,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 from diffusion_ao import DiffusionQuantizer, QuantConfig, calibrate, collect_calibration_data, export_unet
 from diffusion_ao.config import DMQConfig, ReconstructionConfig
 from diffusion_ao.dmq import apply_learned_scaling
-from diffusion_ao.distributed import shard
+from diffusion_ao.distributed import share_by_work, shard
 from diffusion_ao.passes.analysis import get_attr_tensor
 from diffusion_ao.qdiff import find_blocks, reconstruct_blocks
 from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS
@@ -104,6 +104,19 @@ def _les(data):
             "output": graph(*probe_inputs(data)).detach()}
 
 
+def _gptq(data):
+    """GPTQ on the calibrated W4A8 tiny UNet: the re-rounded weights and every layer's errors."""
+    from diffusion_ao.config import GPTQConfig
+    from diffusion_ao.gptq import apply_gptq
+
+    prepared = prepare_pt2e(export_unet(tiny_unet(), sample_shape=(1, 1, 8, 8)),
+                            DiffusionQuantizer(QuantConfig.preset("w4a8").replace(act_observer="minmax")))
+    calibrate(prepared, data, batch_size=4, progress=False)
+    results = apply_gptq(prepared, data, GPTQConfig(samples_per_step=3), progress=False)
+    return {"weights": {n: p.detach().clone() for n, p in prepared.named_parameters()},
+            "errors": {name: (r.nearest_error, r.gptq_error) for name, r in results.items()}}
+
+
 def _worker(rank: int, init_file: str, out_dir: str, task: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -112,7 +125,7 @@ def _worker(rank: int, init_file: str, out_dir: str, task: str) -> None:
         if task == "calibrate":
             data = torch.load(Path(out_dir) / "data.pt", weights_only=False)
             result = {"capture": _capture(), "qparams": _qparams(data), "reconstruction": _reconstructed(data),
-                      "les": _les(data), "stored": _pipeline_capture(store=Path(out_dir) / "store")}
+                      "les": _les(data), "gptq": _gptq(data), "stored": _pipeline_capture(store=Path(out_dir) / "store")}
         else:  # "fail": rank 1 dies before the first collective
             if rank == 1:
                 raise SystemExit(3)
@@ -139,7 +152,7 @@ def _run_ranks(tmp_path: Path, task: str) -> list[dict]:
 def single():
     torch.set_num_threads(1)
     capture = _capture()
-    return capture, _qparams(capture[0]), _reconstructed(capture[0]), _les(capture[0])
+    return capture, _qparams(capture[0]), _reconstructed(capture[0]), _les(capture[0]), _gptq(capture[0])
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +310,30 @@ def test_a_store_written_by_two_ranks_holds_the_single_process_capture(single, t
             assert torch.equal(b.conditioning["class_labels"], a.conditioning["class_labels"])
     index_written_by_rank_0 = load_calibration_data(two_ranks[0]["stored"].steps[0].root)
     assert index_written_by_rank_0.timesteps == one.timesteps
+
+
+@given(work=st.lists(st.integers(0, 1000), max_size=30), world_size=st.integers(1, 6))
+def test_shares_by_work_cover_everything_once_in_order_and_balanced(work, world_size):
+    """Every item to exactly one rank, in order within a rank, and no rank above the mean work by more than the
+    largest item (the bound of the greedy largest-first split)."""
+    items = list(range(len(work)))
+    shares = share_by_work(items, work.__getitem__, world_size)
+    assert len(shares) == world_size and sorted(sum(shares, [])) == items
+    assert all(share == sorted(share) for share in shares)
+    loads = [sum(work[i] for i in share) for share in shares]
+    assert max(loads) <= sum(work) / world_size + max(work, default=0)
+
+
+def test_gptq_over_two_ranks_bakes_the_single_process_codes(single, two_ranks):
+    """H summed over the ranks' shares (float64), the layers' solves shared out and gathered: one process's codes
+    but for exact ties, and the same errors to float64 rounding; every rank bakes the same weights."""
+    one, two, other = single[4], two_ranks[0]["gptq"], two_ranks[1]["gptq"]
+    assert list(one["errors"]) == list(two["errors"]) and len(one["errors"]) > 2
+    assert all(torch.equal(two["weights"][k], other["weights"][k]) for k in two["weights"])
+    assert set(one["weights"]) == set(two["weights"]) and one["weights"]
+    same = sum(int((one["weights"][k] == two["weights"][k]).sum()) for k in one["weights"])
+    count = sum(v.numel() for v in one["weights"].values())
+    assert same >= 0.999 * count, (same, count)
+    for name, (nearest, gptq) in one["errors"].items():
+        assert two["errors"][name][0] == pytest.approx(nearest, rel=1e-6)
+        assert two["errors"][name][1] == pytest.approx(gptq, rel=1e-3)

@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationData
-from ..distributed import all_gather_objects, world
+from ..distributed import all_gather_objects, share_by_work, world
 from ..observers import timestep_context
 from ..primitives import fake_quantize
 from .timestep_weights import AdaptiveTimestepWeights
@@ -342,9 +342,9 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
     scales do not lower its loss by at least `dmq.les_min_gain` (relative).
 
     With a `torch.distributed` process group of several ranks, the ranks share out the layers by their work
-    (every layer's learning is independent and needs all of its inputs at every iteration, so splitting layers
-    needs no collective per step) and gather the results, so every rank folds the same scales, those one process
-    learns.
+    (`layer_work`): every layer's learning is independent and needs all of its inputs at every iteration, so
+    splitting layers needs no collective per step. The ranks gather the results, so every rank folds the same
+    scales, those one process learns.
 
     Args:
         graph: an exported graph (before `prepare_pt2e`); modified in place (constants out of place).
@@ -364,7 +364,7 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
     targets = [n for n, p in planned.items() if p.input_spec is not None and scaling_blocker(graph, n) is None]
     rank, world_size = world()
     mine = _learn_layers(graph, data.subset(config.dmq.les_samples_per_step), config.dmq, planned,
-                         _share_layers(graph, targets, world_size)[rank], progress)
+                         share_by_work(targets, lambda n: layer_work(graph, n), world_size)[rank], progress)
     learned = {name: result for part in all_gather_objects(mine, "the LES scales") for name, result in part.items()}
     dmq = config.dmq
     results: dict[str, LESResult] = {}
@@ -376,25 +376,13 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
     return results
 
 
-def _share_layers(graph: GraphModule, nodes: list[Node], world_size: int) -> list[list[Node]]:
-    """`nodes` shared out among `world_size` ranks with about equal work: the largest first, each to the rank with
-    the least work so far. A layer's work is its multiply-adds per sample (weight size times the input's
-    positions), which every learning step repeats. Depends only on shapes: every rank computes the same split."""
+def layer_work(graph: GraphModule, node: Node) -> int:
+    """A conv/linear node's multiply-adds per sample: its weight's size times the positions of its input."""
     from ..passes.analysis import CONV_OPS, get_attr_tensor
 
-    def work(node: Node) -> int:
-        x = node.args[0].meta["val"]
-        channels = x.shape[1] if node.target in CONV_OPS else x.shape[-1]
-        return get_attr_tensor(graph, node.args[1]).numel() * math.prod(x.shape[1:]) // channels
-
-    shares: list[list[Node]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for node in sorted(nodes, key=work, reverse=True):  # stable: ties keep graph order
-        least = load.index(min(load))
-        shares[least].append(node)
-        load[least] += work(node)
-    order = {node: i for i, node in enumerate(nodes)}
-    return [sorted(share, key=order.__getitem__) for share in shares]  # graph order within a share
+    x = node.args[0].meta["val"]
+    channels = x.shape[1] if node.target in CONV_OPS else x.shape[-1]
+    return get_attr_tensor(graph, node.args[1]).numel() * math.prod(x.shape[1:]) // channels
 
 
 def _learn_layers(graph: GraphModule, subset: CalibrationData, dmq, planned: dict, nodes: list[Node],

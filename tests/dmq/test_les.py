@@ -172,25 +172,3 @@ def test_les_on_a_unet_folds_scales_and_leaves_the_fp_graph_unchanged(unet, sche
     assert torch.allclose(after, before, rtol=1e-4, atol=1e-5 * before.abs().max().item())
     assert torch.allclose(unet(x, t).sample, before, atol=1e-6)  # the eager model's weights were not touched
 
-
-@settings(deadline=None, max_examples=20)
-@given(world_size=st.integers(1, 6))
-def test_layers_are_shared_out_whole_once_and_balanced(graph, world_size):
-    """Every layer to exactly one rank, in graph order within a rank, and no rank above the fair share by more
-    than the largest layer (the greedy largest-first bound)."""
-    from diffusion_ao.dmq.les import _share_layers
-    from diffusion_ao.passes.analysis import CONV_OPS, get_attr_tensor
-
-    nodes = [n for n in graph.graph.nodes if n.target in CONV_OPS or n.target in LINEAR_OPS]
-    shares = _share_layers(graph, nodes, world_size)
-    assert len(shares) == world_size and sorted(sum(shares, []), key=nodes.index) == nodes
-    assert len(set(sum(shares, []))) == len(nodes)
-    assert all(share == sorted(share, key=nodes.index) for share in shares)
-
-    def work(node):
-        x = node.args[0].meta["val"]
-        return get_attr_tensor(graph, node.args[1]).numel() * math.prod(x.shape[1:]) // (
-            x.shape[1] if node.target in CONV_OPS else x.shape[-1])
-
-    loads = [sum(map(work, share)) for share in shares]
-    assert max(loads) <= sum(loads) / world_size + max(map(work, nodes))
