@@ -24,6 +24,7 @@ from torch.fx import GraphModule
 
 from .calibration import CalibrationData
 from .config import LayerQuant, MixedPrecisionConfig, QuantConfig
+from .distributed import all_gather_objects, share_by_work, world
 from .graph import call_graph, graph_input_names
 from .passes.analysis import get_attr_tensor, module_path
 from .packing import packed_nbytes
@@ -87,6 +88,9 @@ def layer_sensitivities(graph: GraphModule, data: CalibrationData, config: Quant
         config: gives the layers, their widths and the weight observer.
         below_bits: the candidates' weight width is below this.
         has_vnni: as for `DiffusionQuantizer`.
+
+    With a `torch.distributed` process group of several ranks, the ranks share out the layers and gather the
+    errors: every rank gets one process's result.
     """
     from .quantizer import DiffusionQuantizer
 
@@ -97,8 +101,11 @@ def layer_sensitivities(graph: GraphModule, data: CalibrationData, config: Quant
             by_path.setdefault(module_path(node) or node.name, []).append((node, plan))
     names = graph_input_names(graph)
     steps = [(step.graph_inputs(), _prediction(call_graph(graph, step.graph_inputs(), names))) for step in data.steps]
+    rank, world_size = world()
+    mine = share_by_work(list(by_path), lambda path: 1, world_size)[rank]  # every layer costs a forward per step
     result = {}
-    for path, entries in by_path.items():
+    for path in mine:
+        entries = by_path[path]
         saved = []
         for node, plan in entries:
             weight = get_attr_tensor(graph, node.args[1])
@@ -113,7 +120,8 @@ def layer_sensitivities(graph: GraphModule, data: CalibrationData, config: Quant
         numel = sum(w.numel() for w, _ in saved)
         channels = sum(w.shape[0] for w, _ in saved)
         result[path] = (numel, channels, sum(errors) / len(errors), entries[0][1].layer.act_bits)
-    return result
+    gathered = {p: r for part in all_gather_objects(result, "the layers' sensitivities") for p, r in part.items()}
+    return {path: gathered[path] for path in by_path}  # in graph order, as one process
 
 
 def plan_mixed_precision(graph: GraphModule, data: CalibrationData, config: QuantConfig,

@@ -14,6 +14,7 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from ..calibration import CalibrationData
+from ..distributed import all_gather_objects, shard, world
 from ..graph import call_graph, graph_input_names
 from ..metrics import relative_mse
 from ..observers import TimestepActivationObserver
@@ -78,14 +79,19 @@ def activation_observers(prepared: torch.fx.GraphModule) -> list[TimestepActivat
 @torch.no_grad()
 def per_timestep_loss(reference: torch.fx.GraphModule, quantized: torch.fx.GraphModule, data: CalibrationData,
                       batch_size: int = 64) -> dict[float, float]:
-    """Relative MSE of `quantized` vs `reference` output at each timestep of `data`."""
-    losses = {}
+    """Relative MSE of `quantized` vs `reference` output at each timestep of `data` (the first `batch_size`
+    samples of each step). With a `torch.distributed` process group of several ranks, each rank measures a
+    contiguous share of the timesteps and the losses are gathered: every rank gets one process's losses."""
+    rank, world_size = world()
     names = graph_input_names(reference)
-    for step in data.steps:
+    mine = {}
+    for i in shard(len(data.steps), rank, world_size):
+        step = data.steps[i]
         inputs = step.graph_inputs(0, batch_size)
         ref = call_graph(reference, inputs, names)
-        losses[step.timestep] = relative_mse(call_graph(quantized, inputs, names), ref)
-    return losses
+        mine[step.timestep] = relative_mse(call_graph(quantized, inputs, names), ref)
+    losses = {t: v for part in all_gather_objects(mine, "the per-timestep losses") for t, v in part.items()}
+    return {step.timestep: losses[step.timestep] for step in data.steps}  # in step order, as one process
 
 
 def adapt_timestep_weights(prepared: torch.fx.GraphModule, reference: torch.fx.GraphModule, data: CalibrationData,
