@@ -19,7 +19,9 @@ process behaves exactly as before:
 * `apply_learned_scaling` (DMQ's LES) shares out the layers, whose learning is independent, and gathers the
   learned scales: one process's scales;
 * `apply_gptq` accumulates each layer's H over each rank's share of the samples, sums it across ranks, then shares
-  out the layers' solves (`share_by_work`) and gathers the codes.
+  out the layers' solves (`share_by_work`) and gathers the codes;
+* `mixed_precision.layer_sensitivities` shares out the layers, `dmq.timestep_weights.per_timestep_loss` the
+  timesteps, and both gather one process's result.
 
 Collectives time out with the process group's timeout (`init_process_group(timeout=...)`); a rank that fails or
 times out raises `DistributedCalibrationError` naming the step, instead of hanging.

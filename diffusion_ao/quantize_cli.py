@@ -10,9 +10,8 @@ packed files from rank 0. The capture runs this project's sampler on the denoise
 or, with `--prompts` (one per line) or `--prompt-embeds` (a safetensors file of the pipeline's embedding
 arguments, one row per prompt), the saved pipeline's own call on batches of `--batch-size` prompts, each batch
 with its own seed (`capture_calibration_data(pipe, calls=...)`). Under torchrun (the
-WORLD_SIZE / RANK environment variables) it joins a gloo process group, and the capture, the observers'
-calibration, block reconstruction and LES are split between the ranks (`diffusion_ao.distributed`); the rest of
-the recipe runs on every rank.
+WORLD_SIZE / RANK environment variables) it joins a gloo process group, and the capture and the recipe's steps
+are split between the ranks as `diffusion_ao.distributed` describes; rank 0 writes the files.
 """
 from __future__ import annotations
 
