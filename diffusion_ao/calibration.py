@@ -105,6 +105,23 @@ class CalibrationData:
         step keeps both halves): a cheaper calibration set."""
         return CalibrationData([s.select(evenly_spaced_rows(len(s), samples_per_step)) for s in self.steps])
 
+    def share(self, rank: int, world_size: int) -> "CalibrationData":
+        """A rank's contiguous share of every step's samples (`distributed.shard`); steps where it has none are
+        left out. `share(0, 1)` is all the data.
+
+        Raises:
+            ValueError: the rank would get no samples at all.
+        """
+        steps = []
+        for step in self.steps:
+            rows = shard(len(step), rank, world_size)
+            if len(rows):
+                steps.append(step.select(torch.arange(rows.start, rows.stop)))
+        if not steps:
+            raise ValueError(f"rank {rank} of {world_size} gets no calibration samples; every rank needs at least "
+                             "one (use more samples per step, or fewer ranks).")
+        return CalibrationData(steps)
+
     def mixed_batch(self, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The graph inputs of the samples `rows[i]` of every step i, in one batch (a timestep per sample)."""
         if len(rows) != len(self.steps):

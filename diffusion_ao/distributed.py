@@ -20,8 +20,10 @@ process behaves exactly as before:
   learned scales: one process's scales;
 * `apply_gptq` accumulates each layer's H over each rank's share of the samples, sums it across ranks, then shares
   out the layers' solves (`share_by_work`) and gathers the codes;
-* `mixed_precision.layer_sensitivities` shares out the layers, `dmq.timestep_weights.per_timestep_loss` the
-  timesteps, and both gather one process's result.
+* `mixed_precision.layer_sensitivities` shares out the layers, `dmq.timestep_weights.per_timestep_loss` and
+  `estimate_output_correction` the steps, and they gather one process's result;
+* `apply_power_of_two_scaling` (DMQ's PTS) observes each rank's share of the samples and merges the channel
+  extremes (max), the observers (`merge_observers`) and the votes (sums): one process's factors.
 
 Collectives time out with the process group's timeout (`init_process_group(timeout=...)`); a rank that fails or
 times out raises `DistributedCalibrationError` naming the step, instead of hanging.
@@ -129,15 +131,25 @@ def reduce_observers(prepared: torch.fx.GraphModule) -> int:
     """
     from .observers import TimestepActivationObserver
 
-    size = world()[1]
-    observers = [(name, m) for name, m in prepared.named_modules() if isinstance(m, TimestepActivationObserver)]
-    if size == 1 or not observers:
+    observers = {name: m for name, m in prepared.named_modules() if isinstance(m, TimestepActivationObserver)}
+    return merge_observers(observers, "the observers' statistics")
+
+
+@torch.no_grad()
+def merge_observers(observers: dict[str, Any], what: str) -> int:
+    """Merges the statistics of timestep activation observers (by name, the same names on every rank) across
+    ranks, in rank order: every rank ends with the statistics of all ranks' data. No-op with one rank.
+
+    Raises:
+        DistributedCalibrationError: the ranks have different observers, or a collective failed.
+    """
+    if world()[1] == 1 or not observers:
         return 0
-    gathered = all_gather_objects({name: obs.stats for name, obs in observers}, "the observers' statistics")
-    if any(set(g) != {name for name, _ in observers} for g in gathered):
-        raise DistributedCalibrationError("the ranks' prepared graphs have different observers: prepare the same "
-                                          "graph with the same config on every rank.")
-    for name, obs in observers:
+    gathered = all_gather_objects({name: obs.stats for name, obs in observers.items()}, what)
+    if any(set(g) != set(observers) for g in gathered):
+        raise DistributedCalibrationError(f"the ranks have different observers while merging {what}: prepare the "
+                                          "same graph with the same config on every rank.")
+    for name, obs in observers.items():
         obs.reset_statistics()  # including its random generator: every rank merges the same way
         for stats in gathered:  # in rank order
             obs.merge(stats[name])
@@ -152,4 +164,15 @@ def all_reduce_sum(tensor: torch.Tensor, what: str) -> torch.Tensor:
     """
     if world()[1] > 1:
         _collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM), "summing", what)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """The element-wise max of `tensor` over the ranks, in place (unchanged when not distributed).
+
+    Raises:
+        DistributedCalibrationError: naming `what`, if a rank failed or the process group's timeout passed.
+    """
+    if world()[1] > 1:
+        _collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX), "taking the max of", what)
     return tensor

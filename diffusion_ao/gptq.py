@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationData
-from .distributed import all_gather_objects, all_reduce_sum, share_by_work, shard, world
+from .distributed import all_gather_objects, all_reduce_sum, share_by_work, world
 from .method_configs import GPTQConfig
 
 
@@ -188,15 +188,9 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
         return callback
 
     rank, world_size = world()
-    mine = []  # this rank's contiguous share of every step (all of it in one process)
-    for step in subset.steps:
-        rows = shard(len(step), rank, world_size)
-        if len(rows):
-            mine.append(step.select(torch.arange(rows.start, rows.stop)))
     callbacks = {node.name: accumulate(target, node) for target, nodes in users.items() for node in nodes}
-    if mine:
-        run_with_input_callbacks(prepared, CalibrationData(mine), callbacks, progress=progress, desc="GPTQ inputs",
-                                 modules={t: (lambda x: x) for t in observers})
+    run_with_input_callbacks(prepared, subset.share(rank, world_size), callbacks, progress=progress,
+                             desc="GPTQ inputs", modules={t: (lambda x: x) for t in observers})
     for target in users if world_size > 1 else ():
         all_reduce_sum(hessians[target], f"GPTQ's H of {target}")
 

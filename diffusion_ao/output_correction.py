@@ -28,6 +28,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .calibration import CalibrationData
+from .distributed import all_gather_objects, shard, world
 from .method_configs import OutputCorrectionConfig
 from .graph import call_graph, graph_input_names, register_constant
 from .passes.temporal_cache import normalise_timesteps, timestep_index_node
@@ -90,6 +91,13 @@ class _Moments:
         self.xy += (x * y).sum(1)
         self.yy += (y * y).sum(1)
 
+    def merge(self, other: "_Moments") -> "_Moments":
+        """Adds `other`'s sums (the same timestep's moments of other samples) to these."""
+        self.n += other.n
+        for name in ("x", "y", "xx", "xy", "yy"):
+            getattr(self, name).add_(getattr(other, name))
+        return self
+
     def fit(self, config: OutputCorrectionConfig) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.n
         if config.gain and config.bias:
@@ -120,6 +128,9 @@ def estimate_output_correction(quantized: torch.nn.Module, reference: torch.nn.M
                                config: Optional[OutputCorrectionConfig] = None) -> OutputCorrection:
     """Fits the per-(timestep, channel) gain and offset of `quantized`'s prediction against `reference`'s.
 
+    With a `torch.distributed` process group of several ranks, each rank measures a contiguous share of the steps
+    and the per-timestep moments are gathered: one process's tables.
+
     Args:
         quantized: the converted graph (eager q/dq), or any graph with the same inputs.
         reference: the floating-point export of the same denoiser.
@@ -143,7 +154,9 @@ def estimate_output_correction(quantized: torch.nn.Module, reference: torch.nn.M
     timesteps = normalise_timesteps(data.timesteps)
     names_q, names_r = graph_input_names(quantized), graph_input_names(reference)
     moments: dict[float, _Moments] = {}
-    for step in data.steps:
+    rank, world_size = world()
+    for i in shard(len(data.steps), rank, world_size):  # this rank's share of the steps (all in one process)
+        step = data.steps[i]
         key = torch.tensor(step.timestep, dtype=torch.float32).item()
         for start in range(0, len(step), CORRECTION_BATCH):
             inputs = step.graph_inputs(start, start + CORRECTION_BATCH)
@@ -151,6 +164,12 @@ def estimate_output_correction(quantized: torch.nn.Module, reference: torch.nn.M
             q = _output_tensor(call_graph(quantized, inputs, names_q)).float()
             dim = _channel_dim(fp)
             moments.setdefault(key, _Moments(fp.shape[dim])).add(fp, q, dim)
+    if world_size > 1:  # every rank gets every timestep's moments, summed in step order
+        merged: dict[float, _Moments] = {}
+        for part in all_gather_objects(moments, "the output correction's moments"):
+            for key, m in part.items():
+                merged[key] = merged[key].merge(m) if key in merged else m
+        moments = merged
     gains, biases, before, after = [], [], {}, {}
     for t in timesteps:
         m = moments[t]

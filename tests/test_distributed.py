@@ -134,6 +134,26 @@ def _per_layer_and_timestep(data):
     return {"sensitivities": sensitivities, "losses": losses, "timestep_weights": weights}
 
 
+def _pts_and_output_correction(data):
+    """PTS's factors on the tiny UNet (min-max ranges, a low spread threshold so that layers get factors) and
+    the output correction of a fixed perturbed copy of the model (no calibration involved)."""
+    from diffusion_ao.dmq.pts import apply_power_of_two_scaling
+    from diffusion_ao.output_correction import estimate_output_correction
+
+    config = QuantConfig.preset("w4a8").replace(act_observer="minmax", dmq=DMQConfig(
+        les=False, pts_min_spread=1.0, pts_kappa=0.5))
+    pts = apply_power_of_two_scaling(export_unet(tiny_unet(), sample_shape=(1, 1, 8, 8)), data, config,
+                                     progress=False)
+    reference = export_unet(tiny_unet(), sample_shape=(1, 1, 8, 8))
+    perturbed = export_unet(tiny_unet(), sample_shape=(1, 1, 8, 8))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=generator))
+    correction = estimate_output_correction(perturbed, reference, data)
+    return {"pts": pts, "gain": correction.gain, "bias": correction.bias}
+
+
 def _worker(rank: int, init_file: str, out_dir: str, task: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -143,7 +163,8 @@ def _worker(rank: int, init_file: str, out_dir: str, task: str) -> None:
             data = torch.load(Path(out_dir) / "data.pt", weights_only=False)
             result = {"capture": _capture(), "qparams": _qparams(data), "reconstruction": _reconstructed(data),
                       "les": _les(data), "gptq": _gptq(data),
-                      "per_layer_and_timestep": _per_layer_and_timestep(data), "stored": _pipeline_capture(store=Path(out_dir) / "store")}
+                      "per_layer_and_timestep": _per_layer_and_timestep(data),
+                      "pts_and_output_correction": _pts_and_output_correction(data), "stored": _pipeline_capture(store=Path(out_dir) / "store")}
         else:  # "fail": rank 1 dies before the first collective
             if rank == 1:
                 raise SystemExit(3)
@@ -172,7 +193,7 @@ def single():
     capture = _capture()
     data = capture[0]
     return (capture, _qparams(data), _reconstructed(data), _les(data), _gptq(data),
-            _per_layer_and_timestep(data))
+            _per_layer_and_timestep(data), _pts_and_output_correction(data))
 
 
 @pytest.fixture(scope="module")
@@ -379,3 +400,17 @@ def test_sensitivities_and_timestep_weights_over_two_ranks_are_one_process_s(sin
         assert list(rank_result["timestep_weights"]) == list(one["timestep_weights"])
         for t, w in one["timestep_weights"].items():
             assert rank_result["timestep_weights"][t] == pytest.approx(w, abs=1e-2)
+
+
+def test_pts_and_output_correction_over_two_ranks_are_one_process_s(single, two_ranks):
+    """PTS merges the channel extremes, observers and votes of the ranks' shares; the output correction gathers
+    the steps' moments: one process's factors and tables."""
+    one = single[6]
+    assert one["pts"], "the test needs layers that get PTS factors"
+    for rank_result in (two_ranks[0]["pts_and_output_correction"], two_ranks[1]["pts_and_output_correction"]):
+        assert list(rank_result["pts"]) == list(one["pts"])
+        for layer, chosen in one["pts"].items():
+            assert rank_result["pts"][layer]["k"] == chosen["k"] and rank_result["pts"][layer]["fold"] == chosen["fold"]
+            assert rank_result["pts"][layer]["spread"] == pytest.approx(chosen["spread"], rel=1e-5)
+        torch.testing.assert_close(rank_result["gain"], one["gain"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rank_result["bias"], one["bias"], rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import all_reduce_max, all_reduce_sum, merge_observers, world
 from ..primitives import fake_quantize, int_range
 
 
@@ -196,6 +197,10 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
     Returns:
         {layer module path: {"spread", "k" (list per channel), "fold" ("producer" | "multiply")}} for every
         layer that got non-trivial factors.
+
+    With a `torch.distributed` process group of several ranks, each rank observes its share of the samples and
+    the channel extremes, the activation observers and the votes are merged across ranks: one process's factors
+    (the MSE observers' random subsample aside, as in `calibrate`).
     """
     from ..observers import timestep_context
     from ..passes.analysis import CONV_OPS, get_attr_tensor, layer_name
@@ -221,8 +226,14 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
                 observers[name](x)
         return callback
 
-    run_with_input_callbacks(graph, data, {n.name: record_extremes(n.name) for n in planned}, progress=progress,
+    rank, world_size = world()
+    mine = data.share(rank, world_size)  # all of it in one process
+    run_with_input_callbacks(graph, mine, {n.name: record_extremes(n.name) for n in planned}, progress=progress,
                              desc="PTS: channel spread")
+    for name in channel_max if world_size > 1 else ():  # every rank: the extremes and ranges of all the data
+        all_reduce_max(channel_max[name], "PTS's channel maxima")
+        channel_min[name] = -all_reduce_max(-channel_min[name], "PTS's channel minima")
+    merge_observers(observers, "PTS's activation observers")
     absmax = {name: torch.maximum(channel_min[name].abs(), channel_max[name].abs()) for name in channel_max}
     chosen = {n: channel_spread(absmax[n.name]) for n in planned if n.name in absmax}
     chosen = {n: spread for n, spread in chosen.items()
@@ -248,8 +259,11 @@ def apply_power_of_two_scaling(graph: torch.fx.GraphModule, data, config, progre
             votes[node.name].add(errors, k_cap[node.name])
         return callback
 
-    run_with_input_callbacks(graph, data, {n.name: record_votes(n) for n in chosen}, progress=progress,
+    run_with_input_callbacks(graph, mine, {n.name: record_votes(n) for n in chosen}, progress=progress,
                              desc="PTS: voting")
+    for tally in votes.values() if world_size > 1 else ():
+        all_reduce_sum(tally.votes, "PTS's votes")
+        all_reduce_sum(tally.total_mse, "PTS's summed errors")
     report = {}
     for node, spread in chosen.items():
         tally = votes[node.name]
