@@ -106,12 +106,14 @@ class CalibrationData:
         return CalibrationData([s.select(evenly_spaced_rows(len(s), samples_per_step)) for s in self.steps])
 
     def share(self, rank: int, world_size: int) -> "CalibrationData":
-        """A rank's contiguous share of every step's samples (`distributed.shard`); steps where it has none are
-        left out. `share(0, 1)` is all the data.
+        """A rank's contiguous share of every step's samples (`distributed.shard`), as a copy in memory; steps
+        where it has none are left out. With one rank it is this data itself (no copy).
 
         Raises:
             ValueError: the rank would get no samples at all.
         """
+        if world_size == 1:
+            return self
         steps = []
         for step in self.steps:
             rows = shard(len(step), rank, world_size)

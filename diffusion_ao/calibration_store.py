@@ -96,8 +96,18 @@ class StoredCalibrationStep(CalibrationStep):
                 **{name: self._read(name, start, stop) for name in self.batched if name != SAMPLE}, **self.shared}
 
     def select(self, rows: torch.Tensor) -> CalibrationStep:
-        return CalibrationStep(self.timestep, self.sample[rows], {k: v[rows] for k, v in self.conditioning.items()},
+        """An in-memory step of the samples at `rows`; reads only the span of rows they lie in."""
+        if len(rows) == 0:
+            return CalibrationStep(self.timestep, *self._span(0, 0), self.shared)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        sample, conditioning = self._span(lo, hi)
+        local = rows - lo
+        return CalibrationStep(self.timestep, sample[local], {k: v[local] for k, v in conditioning.items()},
                                self.shared)
+
+    def _span(self, start: int, stop: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return (self._read(SAMPLE, start, stop),
+                {name: self._read(name, start, stop) for name in self.batched if name != SAMPLE})
 
 
 def write_part(root: Path, file: str, steps: list[CalibrationStep]) -> dict[float, list[tuple[str, str, int]]]:

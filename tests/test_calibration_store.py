@@ -43,8 +43,11 @@ def test_saved_data_reads_back_lazily_as_the_same_data(data, tmp_path):
         for start, stop in ((0, None), (1, 3), (4, 9)):
             expected, got = a.graph_inputs(start, stop), c.graph_inputs(start, stop)
             assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    for a, b in zip(data.subset(2).steps, loaded.subset(2).steps):
+    for a, b in zip(data.subset(2).steps, loaded.subset(2).steps):  # select reads the rows' span only
         _same_steps(a, b)
+    for a, b in zip(data.share(1, 2).steps, loaded.share(1, 2).steps):  # a rank's share
+        _same_steps(a, b)
+    assert len(loaded.steps[0].select(torch.tensor([], dtype=torch.long))) == 0
 
 
 def test_calibration_on_stored_data_gives_the_same_qparams(data, tmp_path):
