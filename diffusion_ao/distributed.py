@@ -162,9 +162,7 @@ def all_reduce_sum(tensor: torch.Tensor, what: str) -> torch.Tensor:
     Raises:
         DistributedCalibrationError: naming `what`, if a rank failed or the process group's timeout passed.
     """
-    if world()[1] > 1:
-        _collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM), "summing", what)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.SUM, "summing", what)
 
 
 def all_reduce_max(tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -173,6 +171,10 @@ def all_reduce_max(tensor: torch.Tensor, what: str) -> torch.Tensor:
     Raises:
         DistributedCalibrationError: naming `what`, if a rank failed or the process group's timeout passed.
     """
+    return _all_reduce(tensor, dist.ReduceOp.MAX, "taking the max of", what)
+
+
+def _all_reduce(tensor: torch.Tensor, op, verb: str, what: str) -> torch.Tensor:
     if world()[1] > 1:
-        _collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX), "taking the max of", what)
+        _collective(lambda: dist.all_reduce(tensor, op=op), verb, what)
     return tensor
