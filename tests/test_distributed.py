@@ -409,8 +409,14 @@ def test_pts_and_output_correction_over_two_ranks_are_one_process_s(single, two_
     assert one["pts"], "the test needs layers that get PTS factors"
     for rank_result in (two_ranks[0]["pts_and_output_correction"], two_ranks[1]["pts_and_output_correction"]):
         assert list(rank_result["pts"]) == list(one["pts"])
+        same = total = 0
         for layer, chosen in one["pts"].items():
-            assert rank_result["pts"][layer]["k"] == chosen["k"] and rank_result["pts"][layer]["fold"] == chosen["fold"]
+            assert rank_result["pts"][layer]["fold"] == chosen["fold"]
             assert rank_result["pts"][layer]["spread"] == pytest.approx(chosen["spread"], rel=1e-5)
+            same += sum(a == b for a, b in zip(rank_result["pts"][layer]["k"], chosen["k"]))
+            total += len(chosen["k"])
+        # the votes are per-sample argmins of errors computed at other batch sizes: a near-tie may flip on another
+        # CPU's rounding (measured here: every channel's k equal)
+        assert same >= 0.95 * total, (same, total)
         torch.testing.assert_close(rank_result["gain"], one["gain"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rank_result["bias"], one["bias"], rtol=1e-5, atol=1e-6)
