@@ -8,7 +8,8 @@ methods keep (their subsets), not the whole data.
 
 `capture_calibration_data(pipe, ..., store=path)` writes every pipeline call's recording to its own part file as
 soon as the call returns (under torchrun each rank writes its own calls; the directory must be shared by the
-ranks), and `save_calibration_data(data, path)` stores data already in memory.
+ranks), or, with `memory_budget_mib`, only once a rank's recordings outgrow the budget; `save_calibration_data(data,
+path)` stores data already in memory.
 
 Example:
     >>> data = capture_calibration_data(pipe, 20, calls=calls, store="calib/")   # one part file per call

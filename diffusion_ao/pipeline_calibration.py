@@ -24,7 +24,8 @@ from .export import QuantizedDenoiser
 @torch.no_grad()
 def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_step: Optional[int] = None,
                              calls: Optional[Sequence[dict[str, Any]]] = None,
-                             store: Optional[Union[str, Path]] = None, **call_kwargs) -> CalibrationData:
+                             store: Optional[Union[str, Path]] = None, memory_budget_mib: Optional[float] = None,
+                             **call_kwargs) -> CalibrationData:
     """Runs the pipeline and records every denoiser call's inputs, with its real timestep.
 
     One pipeline call (`**call_kwargs`) or several (`calls`, e.g. one batch of prompts each), whose recordings are
@@ -43,6 +44,9 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
         store: a new or empty directory (shared by the ranks): each call's recording is written there as a
             safetensors part file as soon as the call returns, and the data is returned read lazily from there
             (`diffusion_ao.calibration_store`), for data larger than memory. Default: in memory.
+        memory_budget_mib: with `store`, keep the recordings in memory while a rank's stay within this budget
+            (MiB); only if one rank's grow past it does the data go to the store (every rank's, so that it
+            lives in one place). None: every call goes to the store.
         **call_kwargs: the pipeline call, as you will make it after quantization: prompts (or `prompt_embeds`),
             class labels, `guidance_scale`, `height`/`width`, `num_images_per_prompt`, `generator`, ... The
             output type defaults to "latent" (the VAE's decode is not needed).
@@ -71,6 +75,8 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
     if samples_per_step is not None and samples_per_step < 1:
         raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}.")
+    if memory_budget_mib is not None and (store is None or memory_budget_mib <= 0):
+        raise ValueError(f"memory_budget_mib={memory_budget_mib} needs store=<directory> to spill to and a value > 0.")
     if calls is None:
         calls = [call_kwargs]
     elif call_kwargs:
@@ -109,22 +115,34 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
 
     mine = shard(len(calls), rank, world_size)
     root = None if store is None else prepare_store(store, [_part_file(i) for i in mine])
+    budget = None if memory_budget_mib is None else memory_budget_mib * 2**20
     where: dict[float, list] = {}  # with a store: timestep -> [(part file, key prefix, rows)], in call order
     names: Optional[tuple[list[str], list[str]]] = None  # (batched, shared) input names
+    held_from: Optional[int] = None  # the first call whose recording is held in memory
+    spilled = False  # this rank writes to the store
+
+    def write_held() -> None:  # the calls held since `held_from` go to one part file, named after that call
+        nonlocal names
+        steps = _steps_from_records(recorded, adapter.shared_args)
+        CalibrationData(steps).validate()
+        names = names or ([SAMPLE, *steps[0].conditioning], list(steps[0].shared))
+        for t, parts in write_part(root, _part_file(held_from), steps).items():
+            where.setdefault(t, []).extend(parts)
+        recorded.clear()
+
     denoiser.forward = recording_forward
     try:
         for i in mine:
+            held_from = i if held_from is None else held_from
             pipe(num_inference_steps=num_inference_steps, **{"output_type": "latent", **calls[i]})
-            if root is not None and recorded:  # this call's recording goes to its own part file
-                steps = _steps_from_records(recorded, adapter.shared_args)
-                CalibrationData(steps).validate()
-                names = names or ([SAMPLE, *steps[0].conditioning], list(steps[0].shared))
-                for t, parts in write_part(root, _part_file(i), steps).items():
-                    where.setdefault(t, []).extend(parts)
-                recorded.clear()
+            if root is not None and recorded and (spilled or budget is None or _nbytes(recorded) > budget):
+                write_held()
+                held_from, spilled = None, True
     finally:
         del denoiser.forward
-    if root is not None:
+    if root is not None and any(all_gather_objects(spilled, "whether a rank spilled to the store")):
+        if recorded:  # a rank still under its budget stores what it holds too: the data lives in one place
+            write_held()
         where = gather_lists(where, "the stored pipeline calls")  # in call order: the shares are contiguous
         names = next((n for n in all_gather_objects(names, "the stored inputs' names") if n is not None), None)
         if names is None:
@@ -143,6 +161,10 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
 
 def _part_file(call: int) -> str:
     return f"part-{call:05d}.safetensors"
+
+
+def _nbytes(recorded: dict[float, list[dict[str, torch.Tensor]]]) -> int:
+    return sum(t.nbytes for records in recorded.values() for r in records for t in r.values())
 
 
 def _steps_from_records(recorded: dict[float, list[dict[str, torch.Tensor]]], shared_args: tuple[str, ...]

@@ -54,6 +54,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--calibration-store", type=Path, default=None,
                    help="new directory (shared by the ranks) for the captured pipeline calls, one safetensors part "
                         "file each, read back lazily: for calibration data larger than memory")
+    p.add_argument("--calibration-memory-mib", type=float, default=None,
+                   help="with --calibration-store: keep the capture in memory while each rank's stays within this "
+                        "many MiB; only past it does it go to the store")
     p.add_argument("--height", type=int, default=None, help="image height of the pipeline call")
     p.add_argument("--width", type=int, default=None, help="image width of the pipeline call")
     p.add_argument("--steps", type=int, default=20, help="sampler steps per trajectory")
@@ -67,6 +70,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("give --prompts or --prompt-embeds, not both")
     if through_pipeline and args.num_samples is not None:
         p.error("--num-samples counts sampler trajectories; with --prompts / --prompt-embeds every prompt is one")
+    if args.calibration_memory_mib is not None and args.calibration_store is None:
+        p.error("--calibration-memory-mib needs --calibration-store (the directory to spill to)")
     if not through_pipeline and (args.guidance_scale, args.height, args.width, args.calibration_store) != (None,) * 4:
         p.error("--guidance-scale, --height, --width and --calibration-store are for pipeline calls: use them with "
                 "--prompts or --prompt-embeds")
@@ -115,7 +120,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         if args.prompts is not None or args.prompt_embeds is not None:
             pipe = load_pipeline(args.model)
             pipe.set_progress_bar_config(disable=args.no_progress or rank != 0)
-            data = capture_calibration_data(pipe, args.steps, calls=pipeline_calls(args), store=args.calibration_store)
+            data = capture_calibration_data(pipe, args.steps, calls=pipeline_calls(args), store=args.calibration_store,
+                                            memory_budget_mib=args.calibration_memory_mib)
             model = getattr(pipe, denoiser_role(pipe))
         else:
             model, scheduler = load_model(args.model)

@@ -103,6 +103,31 @@ def test_a_pipeline_capture_into_a_store_writes_a_part_per_call(tmp_path):
         capture_calibration_data(pipe, steps, calls=calls(), store=tmp_path / "store")
 
 
+def test_a_memory_budget_keeps_small_captures_in_memory_and_spills_large_ones(tmp_path):
+    pipe, kw = tiny_pipeline("dit")
+    steps = kw.pop("num_inference_steps")
+
+    def calls():  # 2, 4 and 2 rows a step (guided)
+        return [dict(kw, class_labels=labels, generator=torch.Generator().manual_seed(i))
+                for i, labels in enumerate([[1], [2, 3], [4]])]
+
+    in_memory = capture_calibration_data(pipe, steps, calls=calls())
+    row_bytes = sum(s.sample[0].nbytes + s.conditioning["class_labels"][0].nbytes for s in in_memory.steps)
+    kept = capture_calibration_data(pipe, steps, calls=calls(), store=tmp_path / "big", memory_budget_mib=1.0)
+    assert not any(isinstance(s, StoredCalibrationStep) for s in kept.steps)
+    assert list((tmp_path / "big").iterdir()) == []  # within the budget nothing is written
+    # 2.5 rows' worth: the first call (2 rows) is held, the second (6 rows held) spills both, the third follows
+    spilled = capture_calibration_data(pipe, steps, calls=calls(), store=tmp_path / "small",
+                                       memory_budget_mib=2.5 * row_bytes / 2**20)
+    assert all(isinstance(s, StoredCalibrationStep) for s in spilled.steps)
+    assert [(file, rows) for file, _, rows in spilled.steps[0].parts] == [
+        ("part-00000.safetensors", 6), ("part-00002.safetensors", 2)]
+    for a, b in zip(in_memory.steps, spilled.steps):
+        _same_steps(a, b)
+    with pytest.raises(ValueError, match="needs store=<directory> to spill to"):
+        capture_calibration_data(pipe, steps, calls=calls(), memory_budget_mib=1.0)
+
+
 def test_bad_stores_are_refused(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no calibration data"):
         load_calibration_data(tmp_path)

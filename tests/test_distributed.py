@@ -51,8 +51,13 @@ def _capture():
     return plain, guided, _pipeline_capture()
 
 
-def _pipeline_capture(store=None):
-    """3 DiT pipeline calls (guided), in memory or into a store."""
+def _budget_mib(data, rows: float) -> float:
+    """`rows` samples' worth of recorded bytes over all steps of a pipeline capture, in MiB."""
+    return rows * sum(s.sample[0].nbytes + s.conditioning["class_labels"][0].nbytes for s in data.steps) / 2**20
+
+
+def _pipeline_capture(store=None, memory_budget_mib=None):
+    """3 DiT pipeline calls (guided; 2, 4 and 2 rows a step), in memory or into a store."""
     from diffusion_ao import capture_calibration_data
     from tests.pipelines import tiny_pipeline
 
@@ -60,7 +65,7 @@ def _pipeline_capture(store=None):
     steps = kw.pop("num_inference_steps")
     calls = [dict(kw, class_labels=labels, generator=torch.Generator().manual_seed(i))
              for i, labels in enumerate([[1], [2, 3], [4]])]
-    return capture_calibration_data(pipe, steps, calls=calls, store=store)
+    return capture_calibration_data(pipe, steps, calls=calls, store=store, memory_budget_mib=memory_budget_mib)
 
 
 def _qparams(data):
@@ -161,10 +166,15 @@ def _worker(rank: int, init_file: str, out_dir: str, task: str) -> None:
     try:
         if task == "calibrate":
             data = torch.load(Path(out_dir) / "data.pt", weights_only=False)
-            result = {"capture": _capture(), "qparams": _qparams(data), "reconstruction": _reconstructed(data),
+            capture = _capture()
+            result = {"capture": capture, "qparams": _qparams(data), "reconstruction": _reconstructed(data),
                       "les": _les(data), "gptq": _gptq(data),
                       "per_layer_and_timestep": _per_layer_and_timestep(data),
-                      "pts_and_output_correction": _pts_and_output_correction(data), "stored": _pipeline_capture(store=Path(out_dir) / "store")}
+                      "pts_and_output_correction": _pts_and_output_correction(data),
+                      "stored": _pipeline_capture(store=Path(out_dir) / "store"),
+                      # rank 0 (6 rows a step) passes 2.5 rows' budget and spills, rank 1 (2 rows) stays under it
+                      "spilled": _pipeline_capture(store=Path(out_dir) / "spill",
+                                                   memory_budget_mib=_budget_mib(capture[2], 2.5))}
         else:  # "fail": rank 1 dies before the first collective
             if rank == 1:
                 raise SystemExit(3)
@@ -420,3 +430,15 @@ def test_pts_and_output_correction_over_two_ranks_are_one_process_s(single, two_
         assert same >= 0.95 * total, (same, total)
         torch.testing.assert_close(rank_result["gain"], one["gain"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rank_result["bias"], one["bias"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_rank_past_its_memory_budget_sends_every_rank_to_the_store(single, two_ranks):
+    from diffusion_ao.calibration_store import StoredCalibrationStep
+
+    one = single[0][2]
+    for rank_data in (two_ranks[0]["spilled"], two_ranks[1]["spilled"]):
+        assert all(isinstance(s, StoredCalibrationStep) for s in rank_data.steps)
+        for a, b in zip(one.steps, rank_data.steps):
+            assert [(file, rows) for file, _, rows in b.parts] == [("part-00000.safetensors", 6),
+                                                                   ("part-00002.safetensors", 2)]
+            torch.testing.assert_close(b.sample, a.sample)

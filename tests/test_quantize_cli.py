@@ -68,6 +68,8 @@ def test_bad_arguments_are_refused(tmp_path):
         parse_args(["--num-samples", "0", "--out", "x"])
     with pytest.raises(SystemExit):  # pipeline call arguments without a pipeline call
         parse_args(["--guidance-scale", "5", "--out", "x"])
+    with pytest.raises(SystemExit):  # a memory budget without a store to spill to
+        parse_args(["--prompts", "p.txt", "--calibration-memory-mib", "100", "--out", "x"])
     with pytest.raises(SystemExit):  # sampler trajectories with prompts
         parse_args(["--prompts", "p.txt", "--num-samples", "4", "--out", "x"])
     (tmp_path / "empty.txt").write_text("\n")
