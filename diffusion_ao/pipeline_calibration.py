@@ -57,7 +57,7 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
     Raises:
         ValueError: the pipeline has no `unet`/`transformer`, or it is already quantized; `calls` is empty or
             comes with `**call_kwargs`; with several ranks, fewer calls than ranks, or calls without their own
-            generator.
+            generator; `memory_budget_mib` without `store`.
         TypeError: a denoiser call carries an input the export cannot trace, a batch mixing timesteps, or inputs
             whose names or shapes change between calls.
         FileExistsError: `store` already holds calibration data.
