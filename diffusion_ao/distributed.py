@@ -121,6 +121,16 @@ def gather_lists(local: dict[Any, list], what: str) -> dict[Any, list]:
     return merged
 
 
+def gather_dicts(local: dict[Any, Any], what: str) -> dict[Any, Any]:
+    """The union of every rank's dict (each rank computed other keys: its share of the layers or steps), in rank
+    order; a copy of `local` when not distributed.
+
+    Raises:
+        DistributedCalibrationError: naming `what`, if a rank failed or the process group's timeout passed.
+    """
+    return {key: value for part in all_gather_objects(local, what) for key, value in part.items()}
+
+
 @torch.no_grad()
 def reduce_observers(prepared: torch.fx.GraphModule) -> int:
     """Merges every timestep activation observer's statistics across ranks, in rank order, so that all ranks hold

@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationData
-from .distributed import all_gather_objects, all_reduce_sum, share_by_work, world
+from .distributed import all_reduce_sum, gather_dicts, share_by_work, world
 from .method_configs import GPTQConfig
 
 
@@ -217,7 +217,7 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
     share = share_by_work(list(users), lambda t: hessians[t].shape[0] ** 2 * len(get_attr_tensor(
         prepared, weight_nodes[t])), world_size)[rank]
     solved = {t: solve(t) for t in tqdm(share, desc="GPTQ", disable=not progress, unit="layer")}
-    solved = {t: r for part in all_gather_objects(solved, "GPTQ's codes") for t, r in part.items()}
+    solved = gather_dicts(solved, "GPTQ's codes")
     results: dict[str, GPTQResult] = {}
     for target in users:
         rounded, scale, zero_point, result = solved[target]

@@ -24,7 +24,7 @@ from torch.fx import GraphModule
 
 from .calibration import CalibrationData
 from .config import LayerQuant, MixedPrecisionConfig, QuantConfig
-from .distributed import all_gather_objects, share_by_work, world
+from .distributed import gather_dicts, share_by_work, world
 from .graph import call_graph, graph_input_names
 from .passes.analysis import get_attr_tensor, module_path
 from .packing import packed_nbytes
@@ -120,7 +120,7 @@ def layer_sensitivities(graph: GraphModule, data: CalibrationData, config: Quant
         numel = sum(w.numel() for w, _ in saved)
         channels = sum(w.shape[0] for w, _ in saved)
         result[path] = (numel, channels, sum(errors) / len(errors), entries[0][1].layer.act_bits)
-    gathered = {p: r for part in all_gather_objects(result, "the layers' sensitivities") for p, r in part.items()}
+    gathered = gather_dicts(result, "the layers' sensitivities")
     return {path: gathered[path] for path in by_path}  # in graph order, as one process
 
 

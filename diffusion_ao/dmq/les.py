@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationData
-from ..distributed import all_gather_objects, share_by_work, world
+from ..distributed import gather_dicts, share_by_work, world
 from ..observers import timestep_context
 from ..primitives import fake_quantize
 from .timestep_weights import AdaptiveTimestepWeights
@@ -365,7 +365,7 @@ def apply_learned_scaling(graph: GraphModule, data: CalibrationData, config, pro
     rank, world_size = world()
     mine = _learn_layers(graph, data.subset(config.dmq.les_samples_per_step), config.dmq, planned,
                          share_by_work(targets, lambda n: layer_work(graph, n), world_size)[rank], progress)
-    learned = {name: result for part in all_gather_objects(mine, "the LES scales") for name, result in part.items()}
+    learned = gather_dicts(mine, "the LES scales")
     dmq = config.dmq
     results: dict[str, LESResult] = {}
     for node in targets:  # in graph order on every rank

@@ -14,7 +14,7 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from ..calibration import CalibrationData
-from ..distributed import all_gather_objects, shard, world
+from ..distributed import gather_dicts, shard, world
 from ..graph import call_graph, graph_input_names
 from ..metrics import relative_mse
 from ..observers import TimestepActivationObserver
@@ -90,7 +90,7 @@ def per_timestep_loss(reference: torch.fx.GraphModule, quantized: torch.fx.Graph
         inputs = step.graph_inputs(0, batch_size)
         ref = call_graph(reference, inputs, names)
         mine[step.timestep] = relative_mse(call_graph(quantized, inputs, names), ref)
-    losses = {t: v for part in all_gather_objects(mine, "the per-timestep losses") for t, v in part.items()}
+    losses = gather_dicts(mine, "the per-timestep losses")
     return {step.timestep: losses[step.timestep] for step in data.steps}  # in step order, as one process
 
 
