@@ -358,7 +358,10 @@ class FinetuneConfig:
         batch_per_step: calibration samples drawn from every timestep in each step.
         adaround: learn each weight's rounding (AdaRound, on the weight observer's grid); False learns the
             per-channel weight steps (LSQ).
-        weight_lr: Adam learning rate of the rounding variables (or weight steps).
+        weight_lr: Adam learning rate of AdaRound's rounding variables.
+        weight_step_lr: Adam learning rate of the per-channel weight steps (with `adaround=False`). Adam moves a
+            parameter by about this much per step whatever its gradient's scale, and a 4-bit weight step is
+            ~1e-2, so it needs a smaller rate than the rounding variables (which live on [0, 1]).
         act_lr: Adam learning rate of the activation step sizes.
         round_weight: weight of AdaRound's regulariser against the relative noise-prediction error.
         beta_start, beta_end: the regulariser's exponent, annealed linearly after the warm-up.
@@ -380,6 +383,7 @@ class FinetuneConfig:
     batch_per_step: int = 2
     adaround: bool = True
     weight_lr: float = 1e-3
+    weight_step_lr: float = 1e-5
     act_lr: float = 4e-4
     round_weight: float = 0.01
     beta_start: float = 20.0
@@ -397,9 +401,10 @@ class FinetuneConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FinetuneConfig.{name}={value!r}: use an int >= 1.")
         _check_seed("FinetuneConfig", self.seed)
-        if self.weight_lr <= 0 or self.act_lr <= 0 or self.round_weight < 0 or self.weighting_r < 0:
-            raise ValueError("FinetuneConfig: weight_lr and act_lr must be > 0, round_weight and weighting_r >= 0; "
-                             f"got {self.weight_lr}, {self.act_lr}, {self.round_weight}, {self.weighting_r}.")
+        if min(self.weight_lr, self.weight_step_lr, self.act_lr) <= 0 or self.round_weight < 0 or self.weighting_r < 0:
+            raise ValueError("FinetuneConfig: weight_lr, weight_step_lr and act_lr must be > 0, round_weight and "
+                             f"weighting_r >= 0; got {self.weight_lr}, {self.weight_step_lr}, {self.act_lr}, "
+                             f"{self.round_weight}, {self.weighting_r}.")
         _check_rounding_schedule("FinetuneConfig", self.beta_start, self.beta_end, self.warmup)
         if not 0 <= self.weighting_ema < 1:
             raise ValueError(f"FinetuneConfig.weighting_ema={self.weighting_ema}: use a value in [0, 1).")

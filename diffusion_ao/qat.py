@@ -316,7 +316,8 @@ def finetune(prepared: GraphModule, reference: torch.nn.Module, data: Calibratio
     weight_params, act_params = enable_learning(prepared, adaround=config.adaround)
     weight_fqs = [fq for _, fq in fake_quantizers(prepared) if isinstance(fq, WeightFakeQuantize)]
     low_rank = add_low_rank_corrections(prepared, config.lora_rank, config.seed) if config.lora_rank else []
-    groups = [g for g in ({"params": weight_params, "lr": config.weight_lr},
+    weight_lr = config.weight_lr if config.adaround else config.weight_step_lr
+    groups = [g for g in ({"params": weight_params, "lr": weight_lr},
                           {"params": act_params, "lr": config.act_lr},
                           {"params": low_rank, "lr": config.lora_lr}) if g["params"]]
     optimizer = torch.optim.Adam(groups)

@@ -177,6 +177,27 @@ def test_misuse_gets_clear_errors(graph, data):
         FinetuneConfig(iterations=0)
 
 
+def _weight_steps(qat) -> list:
+    return [fq.step.detach().clone() for _, fq in fake_quantizers(qat) if isinstance(fq, WeightFakeQuantize)]
+
+
+@pytest.mark.parametrize("step_lr", [1e-4, 1e-5])
+def test_weight_steps_learn_at_their_own_rate(graph, data, step_lr):
+    """With `adaround=False` the per-channel weight steps take Adam steps of `weight_step_lr` (Adam moves each
+    parameter by at most about its rate per step), whatever AdaRound's `weight_lr` is."""
+    qat, _ = _prepared(graph, data, qat=True)
+    iterations = 5
+    config = FinetuneConfig(iterations=iterations, adaround=False, weight_lr=1.0, weight_step_lr=step_lr)
+    enable_learning(qat, adaround=False)
+    before = _weight_steps(qat)
+    finetune(qat, copy.deepcopy(graph), data, config, progress=False)
+    moved = torch.cat([(a - b).abs().flatten() for a, b in zip(_weight_steps(qat), before)])
+    assert moved.max() > 0.1 * step_lr  # they learned
+    assert moved.max() <= 1.01 * iterations * step_lr  # at their own rate, not at weight_lr = 1
+    with pytest.raises(ValueError, match="weight_step_lr"):
+        FinetuneConfig(weight_step_lr=0.0)
+
+
 def test_wrapping_a_ptq_graphs_observers_and_giving_them_back(graph, data):
     """`wrap_observers` puts FakeQuantize modules around prepare_pt2e's observers (the learned methods' common
     ground); `unwrap_observers` gives back the same observers, pinned only where something was learned."""
