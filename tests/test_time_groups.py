@@ -85,20 +85,22 @@ def data(unet, scheduler):
 
 
 # The AVX2 (no-VNNI) side compiles every group again with 7-bit ranges: slow; the range decision itself is the
-# quantizer's, tested both ways in test_end_to_end and test_cpu.
+# quantizer's, tested both ways in test_end_to_end and test_cpu. Two groups: every group costs a compile, and the
+# split itself is tested against brute force above.
+GROUPS = 2
 @pytest.fixture(scope="module", params=[True, pytest.param(False, marks=pytest.mark.slow)], ids=["vnni", "no-vnni"])
 def grouped(request, unet, data):
-    """(grouped graph, report, the observers' expected qparams per group, has_vnni) for a W4A8 tiny UNet in 3
-    groups, with the CPU detection forced both ways."""
+    """(grouped graph, report, the observers' expected qparams per group, has_vnni) for a W4A8 tiny UNet in
+    `GROUPS` groups, with the CPU detection forced both ways."""
     config = QuantConfig.preset("w4a8").replace(act_observer="minmax", timestep_aggregation="global")
     quantizer = DiffusionQuantizer(config, has_vnni=request.param)
     prepared = prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), quantizer)
     calibrate(prepared, data, progress=False)
     values = [float(t) for t in data.timesteps]
-    spans = split_timesteps(_observer_ranges(prepared, values), 3)
+    spans = split_timesteps(_observer_ranges(prepared, values), GROUPS)
     observers = [obs for _, obs in diffusion_observers(prepared, "test") if isinstance(obs, TimestepActivationObserver)]
     expected = [{round(obs.qparams_over(values[i:j])[0].item(), 9) for obs in observers} for i, j in spans]
-    model, report = convert_time_grouped(prepared, data.timesteps, TimeGroupConfig(groups=3))
+    model, report = convert_time_grouped(prepared, data.timesteps, TimeGroupConfig(groups=GROUPS))
     return model, report, expected, request.param, expected_int8_kernels(quantizer.decisions)
 
 
@@ -113,7 +115,7 @@ def test_each_group_carries_its_groups_qparams_and_shares_the_weights(grouped, d
     assert report.lost_bits < report.lost_bits_single
     for gm, scales in zip(model.groups, expected):
         assert _activation_scales(gm) == scales
-    assert len({frozenset(_activation_scales(gm)) for gm in model.groups}) == 3
+    assert len({frozenset(_activation_scales(gm)) for gm in model.groups}) == GROUPS
     first = graph_tensor_targets(model.groups[0])
     for gm in model.groups[1:]:
         mine = graph_tensor_targets(gm)
@@ -170,8 +172,8 @@ def test_saved_groups_load_with_their_tensors_once(grouped, data, tmp_path):
     model = grouped[0]
     save_quantized(model, tmp_path / "grouped")
     files = sorted(p.name for p in (tmp_path / "grouped").iterdir())
-    assert files == ["config.json", "graph.group1.pt2.xz", "graph.group2.pt2.xz", "graph.pt2.xz",
-                     "tensors.safetensors"]
+    assert files == sorted(["config.json", "graph.pt2.xz", "tensors.safetensors",
+                            *(f"graph.group{k}.pt2.xz" for k in range(1, GROUPS))])
     loaded = load_quantized(tmp_path / "grouped")
     assert isinstance(loaded, TimeGroupedGraph) and loaded.group_timesteps() == model.group_timesteps()
     assert size_mb(loaded) == pytest.approx(size_mb(model), rel=1e-6)
