@@ -193,7 +193,7 @@ def test_weight_steps_learn_at_their_own_rate(graph, data, step_lr):
     finetune(qat, copy.deepcopy(graph), data, config, progress=False)
     moved = torch.cat([(a - b).abs().flatten() for a, b in zip(_weight_steps(qat), before)])
     assert moved.max() > 0.1 * step_lr  # they learned
-    assert moved.max() <= 1.01 * iterations * step_lr  # at their own rate, not at weight_lr = 1
+    assert moved.max() <= 3 * iterations * step_lr  # at their own rate (Adam: about lr per step), not weight_lr = 1
     with pytest.raises(ValueError, match="weight_step_lr"):
         FinetuneConfig(weight_step_lr=0.0)
 
