@@ -169,7 +169,8 @@ def test_reconstruction_on_the_qat_graph_equals_the_ptq_graph(unet, data):
     outs = []
     for prepared in (_prepared(unet, data), _qat_prepared(unet, data)):
         report = reconstruct_blocks(prepared, data, SMALL, blocks=find_blocks(prepared)[blocks], progress=False)
-        outs.append((convert_pt2e(prepared)(x, t), [(r.loss_before, r.loss_after) for r in report.blocks]))
+        outs.append((convert_pt2e(prepared)(x, t), [loss for r in report.blocks for loss in (r.loss_before,
+                                                                                              r.loss_after)]))
     (ptq, ptq_losses), (qat, qat_losses) = outs
     assert ptq_losses == pytest.approx(qat_losses, rel=1e-5)
     torch.testing.assert_close(qat, ptq, rtol=0, atol=1e-6)
