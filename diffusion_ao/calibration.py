@@ -312,8 +312,9 @@ def calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, batch_size:
     names = graph_input_names(prepared)
     for step, share in zip(data.steps, shares):
         for start in range(share.start, share.stop, batch_size):
-            inputs = step.graph_inputs(start, min(start + batch_size, share.stop))
-            with timestep_context(step.timestep):
+            stop = min(start + batch_size, share.stop)
+            inputs = step.graph_inputs(start, stop)
+            with timestep_context(step.timestep, rows=(start, stop)):  # rows: the observers' subsample
                 call_graph(prepared, inputs, names)
             bar.update(len(inputs[SAMPLE]))
     bar.close()

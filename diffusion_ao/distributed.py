@@ -160,7 +160,7 @@ def merge_observers(observers: dict[str, Any], what: str) -> int:
         raise DistributedCalibrationError(f"the ranks have different observers while merging {what}: prepare the "
                                           "same graph with the same config on every rank.")
     for name, obs in observers.items():
-        obs.reset_statistics()  # including its random generator: every rank merges the same way
+        obs.reset_statistics()  # every rank merges the same statistics in the same order
         for stats in gathered:  # in rank order
             obs.merge(stats[name])
     return len(observers)

@@ -247,11 +247,11 @@ def test_observers_merged_over_two_ranks_give_the_single_process_qparams(single,
             assert float(scale2) == pytest.approx(float(scale), rel=1e-5) and abs(int(zp2) - int(zp)) <= 1
             for t, (s, _) in per_t.items():
                 assert float(per_t2[t][0]) == pytest.approx(float(s), rel=1e-5)
-    # MSE ranges are searched on a random subsample (2048 values per timestep) that the split changes: the
-    # chosen clipping may move to a neighbouring candidate (one of 20 ratios per end, 5 % of the range)
+    # MSE ranges are searched on a bottom-k subsample named by each value's place in the calibration set, so the
+    # split keeps the same values: the ranges agree up to the float rounding of the convs at another batch size
+    # (a flip to a neighbouring candidate, 5 % of the range, would need a near-tie of two candidates' losses)
     mse = [(float(two[k][0][0]), float(one[k][0][0])) for k in one if k[0] == "mse"]
-    assert all(abs(a - b) <= 0.1 * b for a, b in mse), mse
-    assert sum(abs(a - b) <= 1e-5 * b for a, b in mse) >= 0.5 * len(mse), mse
+    assert mse and all(a == pytest.approx(b, rel=1e-4) for a, b in mse), mse
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -279,10 +279,12 @@ def test_merging_observers_keeps_the_exact_statistics_of_all_the_data(seed, size
     batches = [torch.randn(n, generator=g) * (1 + i) + i for i, n in enumerate(sizes)]
     whole = TimestepActivationObserver(method=method, samples_per_timestep=1024, tail=16)
     parts = [TimestepActivationObserver(method=method, samples_per_timestep=1024, tail=16) for _ in sizes]
-    for obs_part, x in zip(parts, batches):
-        with timestep_context(7.0):
+    start = 0
+    for obs_part, x in zip(parts, batches):  # each batch is rows start..start+n-1 of one-value rows
+        with timestep_context(7.0, rows=(start, start + len(x))):
             whole(x)
             obs_part(x)
+        start += len(x)
     merged = TimestepActivationObserver(method=method, samples_per_timestep=1024, tail=16)
     for p in parts:
         merged.merge(p.stats)
@@ -293,11 +295,9 @@ def test_merging_observers_keeps_the_exact_statistics_of_all_the_data(seed, size
     if method == "mse":
         assert torch.equal(a.low_tail, b.low_tail) and torch.equal(a.high_tail, b.high_tail)  # exact extremes
         assert b.sample.numel() == min(sum(sizes), 1024)
-        values = torch.cat(batches)
-        assert torch.isin(b.sample, values).all()  # a subsample of the data
-    if method == "minmax":
-        for x, y in zip(whole.calculate_qparams(), merged.calculate_qparams()):
-            assert torch.equal(x, y)
+        assert torch.equal(a.sample, b.sample) and torch.equal(a.sample_keys, b.sample_keys)  # the same subsample
+    for x, y in zip(whole.calculate_qparams(), merged.calculate_qparams()):
+        assert torch.equal(x, y)
 
 
 @given(n=st.integers(0, 100), world_size=st.integers(1, 8))

@@ -9,21 +9,27 @@ values. `calculate_qparams` then turns them into one range:
 * method "mse", aggregation "global": the clipping range minimising the quantization MSE of all values pooled.
   The MSE is estimated from a random subsample plus the exact k smallest and largest values, each counted with
   the number of values it stands for, so that rare outliers are not clipped just because no sample saw them.
+  The subsample is a bottom-k sample: every value is named by its place in the calibration set (the sample
+  row `timestep_context` gives and its index in that row), the name is hashed, and the `samples_per_timestep`
+  values with the smallest hashes are kept. It is uniform, and it is the same whatever the batch size, the
+  order of the batches or the ranks the data was shared among, so merged observers equal one observer.
 * method "mse", aggregation "weighted": the range minimising sum_t w_t * MSE_t / E[x_t^2], so a quiet
   timestep's relative error counts as much as a loud one's. Weights are uniform unless set with
   `set_timestep_weights` (DMQ's adaptive weights plug in there).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+import numpy as np
 import torch
 from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 
 from ..primitives import fake_quantize
-from .context import current_timestep
+from .context import current_rows, current_timestep
 
 METHODS = ("minmax", "mse")
 AGGREGATIONS = ("global", "weighted")
@@ -42,10 +48,52 @@ def _normalised_weights(keys: list, weights: Optional[Mapping[float, float]]) ->
     return w / w.sum()
 
 
+_MASK64 = (1 << 64) - 1
+_KEY_MIN = -(1 << 63)
+
+
+def position_keys(first: int, count: int, seed: int) -> torch.Tensor:
+    """Pseudo-random int64 keys of the positions first..first+count-1 (the position plus a `seed`-dependent
+    offset, through a multiply-xorshift finaliser): the ordering whose smallest `k` a bottom-k sample keeps. The
+    same position and seed always give the same key; numpy's uint64 arithmetic wraps, as the hash needs."""
+    z = np.arange(count, dtype=np.uint64)
+    z += np.uint64((first + seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(31)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(29)
+    return torch.from_numpy(z.view(np.int64))
+
+
+def bottom_k(values: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` values with the smallest keys (all of them if fewer), ordered by key, and their keys."""
+    if keys.numel() > k:
+        keys, index = torch.topk(keys, k, largest=False, sorted=True)
+    else:
+        keys, index = torch.sort(keys)
+    return values[index], keys
+
+
+@functools.lru_cache(maxsize=256)
+def smallest_keys(first: int, count: int, seed: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, keys) of the `k` positions of first..first+count-1 with the smallest `position_keys`, ordered by
+    key. Cached: every observer whose input has the same size in a batch keeps the same positions, so the hash
+    is computed once per batch and size rather than once per observer. Do not modify the tensors returned."""
+    keys = position_keys(first, count, seed)
+    if 4 * k < count:  # sort only the keys under a bound that ~4k of `count` uniform keys fall under
+        under = torch.nonzero(keys < _KEY_MIN + int(4 * k / count * 2.0**64)).view(-1)
+        if under.numel() >= k:
+            top, at = torch.topk(keys[under], k, largest=False, sorted=True)
+            return under[at], top
+    keys, index = (torch.topk(keys, k, largest=False, sorted=True) if count > k else torch.sort(keys))
+    return index, keys
+
+
 @dataclass
 class TimestepStats:
     """What one timestep's activations looked like. `sample` holds every value while `count <= capacity`,
-    after that a random subsample; `low_tail` / `high_tail` always hold the exact extreme values."""
+    after that the bottom-k sample (see the module docstring; `sample_keys` are its keys, ascending);
+    `low_tail` / `high_tail` always hold the exact extreme values."""
 
     lo: float
     hi: float
@@ -54,6 +102,7 @@ class TimestepStats:
     sample: torch.Tensor
     low_tail: torch.Tensor
     high_tail: torch.Tensor
+    sample_keys: torch.Tensor
 
     @property
     def mean_square(self) -> float:
@@ -70,6 +119,10 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         samples_per_timestep: size of the random subsample kept per timestep for the MSE search.
         tail: how many of the smallest and of the largest values are kept exactly per timestep.
         grid: number of candidate clipping ratios per end of the range (grid x grid candidates).
+        seed: salts the subsample's hash (another seed, another uniform subsample).
+
+    Values seen outside a `timestep_context` that names the batch's rows are numbered in the order the observer
+    sees them (per timestep), so their subsample depends on how the data was batched.
     """
 
     def __init__(self, dtype: torch.dtype = torch.uint8, qscheme: torch.qscheme = torch.per_tensor_affine,
@@ -91,14 +144,14 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         self._weights: Optional[dict] = None
         self.fixed_qparams: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self._unplaced: dict[Optional[float], int] = {}  # values seen per timestep without their rows
 
     def reset_statistics(self) -> None:
-        """Forgets everything observed (and restarts the subsample's random generator)."""
+        """Forgets everything observed."""
         self.stats = {}
+        self._unplaced = {}
         self.min_val.fill_(float("inf"))
         self.max_val.fill_(float("-inf"))
-        self._generator = torch.Generator().manual_seed(self.seed)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,41 +166,51 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         sumsq = flat.double().pow(2).sum().item()
         old = self.stats.get(key)
         if old is None:
-            self.stats[key] = TimestepStats(lo, hi, flat.numel(), sumsq, *self._summarise(None, flat))
+            self.stats[key] = TimestepStats(lo, hi, flat.numel(), sumsq, *self._summarise(None, flat, key))
         else:
             self.stats[key] = TimestepStats(min(old.lo, lo), max(old.hi, hi), old.count + flat.numel(),
-                                            old.sumsq + sumsq, *self._summarise(old, flat))
+                                            old.sumsq + sumsq, *self._summarise(old, flat, key))
         self.min_val.fill_(min(self.min_val.item(), lo))
         self.max_val.fill_(max(self.max_val.item(), hi))
         return x
 
-    def _summarise(self, old: Optional[TimestepStats], new: torch.Tensor):
-        """(sample, low_tail, high_tail) of the old statistics merged with a new batch of values."""
+    def _first_position(self, key: Optional[float], n: int) -> int:
+        """The place in the calibration set of the first of `n` values just observed at timestep `key`.
+
+        Values of rows start..stop-1 (`timestep_context(rows=...)`) take the positions start * per_row onwards,
+        with per_row = n / (stop - start), and so do not depend on the batching. Without rows (or when `n` does
+        not split evenly into them), values are numbered per timestep in the order seen, from -1 downwards, so
+        the two numberings never meet."""
+        rows = current_rows()
+        if rows is not None and n % (rows[1] - rows[0]) == 0:
+            return rows[0] * (n // (rows[1] - rows[0]))
+        seen = self._unplaced.get(key, 0) + n
+        self._unplaced[key] = seen
+        return -seen
+
+    def _summarise(self, old: Optional[TimestepStats], new: torch.Tensor, key: Optional[float]):
+        """(sample, low_tail, high_tail, sample_keys) of the old statistics merged with a new batch of values."""
         empty = new.new_empty(0)  # not new[:0]: a view would keep the whole activation batch alive
         if self.method != "mse":
-            return empty, empty, empty
+            return empty, empty, empty, torch.empty(0, dtype=torch.int64)
         k, cap = self.tail, self.samples_per_timestep
-        old_sample = old.sample if old is not None else empty
-        old_n = old.count if old is not None else 0
-        if old_n + new.numel() <= cap:  # small: keep every value
-            sample = torch.cat([old_sample, new])
-        else:  # each side in proportion to the number of values it stands for
-            take_new = min(new.numel(), max(1, round(cap * new.numel() / (old_n + new.numel()))))
-            picked = new[torch.randint(0, new.numel(), (take_new,), generator=self._generator)]
-            keep = torch.randperm(old_sample.numel(), generator=self._generator)[:cap - take_new]
-            sample = torch.cat([old_sample[keep], picked])
+        index, sample_keys = smallest_keys(self._first_position(key, new.numel()), new.numel(), self.seed, cap)
+        sample = new[index]
+        if old is not None:
+            sample, sample_keys = bottom_k(torch.cat([old.sample, sample]), torch.cat([old.sample_keys, sample_keys]),
+                                           cap)
         low = torch.cat([old.low_tail, new]) if old is not None else new
         high = torch.cat([old.high_tail, new]) if old is not None else new
-        low_tail = -torch.topk(-low, min(k, low.numel())).values
+        low_tail = torch.topk(low, min(k, low.numel()), largest=False).values
         high_tail = torch.topk(high, min(k, high.numel())).values
-        return sample, low_tail, high_tail
+        return sample, low_tail, high_tail, sample_keys
 
     @torch.no_grad()
     def merge(self, stats: Mapping[Optional[float], TimestepStats]) -> None:
         """Folds in the statistics another observer of the same activation collected on other data (another
         rank's share of the calibration set, `diffusion_ao.distributed.reduce_observers`): min / max, counts, sums
-        of squares and the exact tails are those of all the data; the random subsample keeps each side in
-        proportion to the number of values it stands for."""
+        of squares, the exact tails and the bottom-k subsample are those of all the data (the subsample exactly
+        so where both observers saw their values with their rows)."""
         for key, theirs in stats.items():
             ours = self.stats.get(key)
             if ours is None:
@@ -161,18 +224,13 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
 
     def _merge_samples(self, a: TimestepStats, b: TimestepStats):
         if self.method != "mse":
-            return a.sample, a.low_tail, a.high_tail
-        k, cap = self.tail, self.samples_per_timestep
-        if a.count + b.count <= cap:  # both hold every value
-            sample = torch.cat([a.sample, b.sample])
-        else:
-            take_b = min(b.sample.numel(), max(1, round(cap * b.count / (a.count + b.count))))
-            take_a = min(a.sample.numel(), cap - take_b)
-            sample = torch.cat([a.sample[torch.randperm(a.sample.numel(), generator=self._generator)[:take_a]],
-                                b.sample[torch.randperm(b.sample.numel(), generator=self._generator)[:take_b]]])
+            return a.sample, a.low_tail, a.high_tail, a.sample_keys
+        k = self.tail
+        sample, sample_keys = bottom_k(torch.cat([a.sample, b.sample]), torch.cat([a.sample_keys, b.sample_keys]),
+                                       self.samples_per_timestep)
         low, high = torch.cat([a.low_tail, b.low_tail]), torch.cat([a.high_tail, b.high_tail])
-        return (sample, -torch.topk(-low, min(k, low.numel())).values,
-                torch.topk(high, min(k, high.numel())).values)
+        return (sample, torch.topk(low, min(k, low.numel()), largest=False).values,
+                torch.topk(high, min(k, high.numel())).values, sample_keys)
 
     # --- statistics -------------------------------------------------------------------------------
     def timesteps(self) -> list:

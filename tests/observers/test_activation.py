@@ -1,3 +1,5 @@
+import random
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -86,6 +88,55 @@ def test_statistics_never_hold_on_to_the_observed_batch(method, seed, batches, s
     for kept in (stats.sample, stats.low_tail, stats.high_tail):
         assert kept._base is None and kept.untyped_storage().nbytes() <= 256 * 4
         assert all(kept.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for x in xs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 40), per_row=st.integers(1, 200),
+       batch=st.integers(1, 40), order_seed=st.integers(0, 1000))
+def test_the_subsample_does_not_depend_on_batching_or_order(seed, rows, per_row, batch, order_seed):
+    """Values named by their rows: any batch size, in any order, keeps the same bottom-k subsample and range."""
+    x = torch.randn(rows, per_row, generator=torch.Generator().manual_seed(seed)) ** 3
+    whole = TimestepActivationObserver(samples_per_timestep=256, tail=8)
+    with timestep_context(3.0, rows=(0, rows)):
+        whole(x)
+    batched = TimestepActivationObserver(samples_per_timestep=256, tail=8)
+    starts = list(range(0, rows, batch))
+    random.Random(order_seed).shuffle(starts)
+    for start in starts:
+        stop = min(start + batch, rows)
+        with timestep_context(3.0, rows=(start, stop)):
+            batched(x[start:stop])
+    a, b = whole.stats[3.0], batched.stats[3.0]
+    assert a.sample.numel() == min(rows * per_row, 256)
+    assert torch.equal(a.sample, b.sample) and torch.equal(a.sample_keys, b.sample_keys)
+    assert torch.isin(a.sample, x).all()  # values of the data
+    assert (a.sample_keys[1:] > a.sample_keys[:-1]).all()  # ordered by key, no value taken twice
+    assert whole.calculate_qparams()[0].item() == batched.calculate_qparams()[0].item()
+
+
+def test_the_subsample_is_uniform_over_positions():
+    """Which positions the bottom-k hash keeps: about equally many from every part of the data (no bias to the
+    first or last rows, nor to the start of a row)."""
+    obs = TimestepActivationObserver(samples_per_timestep=4000, tail=1)
+    x = torch.arange(100 * 400, dtype=torch.float32).view(100, 400)  # value = position
+    with timestep_context(1.0, rows=(0, 100)):
+        obs(x)
+    kept = obs.stats[1.0].sample.long()
+    by_row_decile = torch.bincount(kept // 4000, minlength=10)
+    by_column_decile = torch.bincount((kept % 400) // 40, minlength=10)
+    # 400 expected per bin; a binomial spread is sqrt(400 * 0.9) = 19, so 6 sigma is ~115
+    assert (by_row_decile - 400).abs().max() < 115 and (by_column_decile - 400).abs().max() < 115
+
+
+def test_a_seed_draws_another_subsample():
+    x = torch.randn(50, 100, generator=torch.Generator().manual_seed(0))
+    samples = []
+    for seed in (0, 1):
+        obs = TimestepActivationObserver(samples_per_timestep=500, tail=4, seed=seed)
+        with timestep_context(1.0, rows=(0, 50)):
+            obs(x)
+        samples.append(set(obs.stats[1.0].sample.tolist()))
+    assert len(samples[0] & samples[1]) < 0.3 * 500  # ~10 % overlap expected for two independent draws
 
 
 def test_statistics_are_kept_per_timestep():
