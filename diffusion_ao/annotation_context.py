@@ -17,7 +17,7 @@ from .config import LayerQuant, QuantConfig
 from .cpu import int16_pair_overflows
 from .observers import TimestepActivationObserver, WeightObserver
 from .observers.fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
-from .passes.analysis import module_path, module_type_name, resolve_type
+from .passes.analysis import CONV_OPS, module_path, module_type_name, resolve_type
 from .primitives import int_range
 
 
@@ -30,6 +30,7 @@ class LayerDecision:
     layer: Optional[LayerQuant]
     reason: str
     act_range: Optional[tuple[int, int]] = None
+    range_reason: str = ""  # why the activation range is one bit reduced ("" where it is not)
 
 
 @dataclass
@@ -40,7 +41,8 @@ class AnnotationContext:
     first_last: set[Node]
     time_path: set[Node]
     shortcuts: set[Node]
-    has_vnni: bool
+    saturating_kernels: frozenset[str]  # the int8 kernels ("qconv", "qlinear") whose int16 pair sums overflow
+    kernels_probed: bool  # whether that set was measured (`cpu.int8_kernel_saturates`) or forced
     qat: bool = False  # FakeQuantize modules (for `prepare_qat_pt2e`) instead of observers
     decisions: list[LayerDecision] = field(default_factory=list)
 
@@ -85,14 +87,22 @@ class AnnotationContext:
         return QuantizationSpec(dtype=torch.uint8, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
                                 observer_or_fake_quant_ctr=ctor)
 
-    def weighted_input_spec(self, layer: LayerQuant) -> QuantizationSpec:
-        """The input spec of a conv/linear: one bit less on CPUs whose int8 kernels would overflow int16."""
-        reduce = self.config.reduce_range
+    def weighted_input_spec(self, layer: LayerQuant, node: Node) -> QuantizationSpec:
+        """The input spec of a conv/linear: one bit less where its CPU int8 kernel would overflow int16."""
+        reduce, why = self.config.reduce_range, ""
+        kernel = "qconv" if node.target in CONV_OPS else "qlinear"
         if reduce == "auto":
-            reduce = not self.has_vnni and int16_pair_overflows(layer.weight_bits, layer.act_bits)
+            reduce = kernel in self.saturating_kernels and int16_pair_overflows(layer.weight_bits, layer.act_bits)
+            if reduce:
+                how = "probed" if self.kernels_probed else "forced with has_vnni=False"
+                why = (f"oneDNN's int8 {kernel} adds products in int16 here ({how}) and {layer.act_bits}-bit "
+                       f"activations x {layer.weight_bits}-bit weights can overflow it")
+        elif reduce:
+            why = "QuantConfig(reduce_range=True)"
         spec = self.activation_spec(layer.act_bits, reduce)
         if self.decisions:
             self.decisions[-1].act_range = (spec.quant_min, spec.quant_max)
+            self.decisions[-1].range_reason = why
         return spec
 
     def weight_spec(self, bits: int) -> QuantizationSpec:

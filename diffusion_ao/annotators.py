@@ -41,7 +41,7 @@ def _annotate_weighted(node: Node, ctx: AnnotationContext) -> bool:
         return False
     qspec_map = {node.args[1]: ctx.weight_spec(layer.weight_bits)}
     if layer.act_bits is not None:
-        qspec_map[node.args[0]] = ctx.weighted_input_spec(layer)
+        qspec_map[node.args[0]] = ctx.weighted_input_spec(layer, node)
     node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=qspec_map, _annotated=True)
     return True
 

@@ -5,6 +5,11 @@ has (/proc/cpuinfo) and the highest instruction set oneDNN is allowed to use. A 
 older machine) can cap the latter with the environment variable `ONEDNN_MAX_CPU_ISA` (older name:
 `DNNL_MAX_CPU_ISA`), e.g. `ONEDNN_MAX_CPU_ISA=AVX2` on an AVX-512 VNNI machine runs the AVX2 kernels, which add
 pairs of products in int16 and overflow on full-range 8-bit activations. `cpu_has_vnni` reads both.
+
+The flags do not decide alone: whether int16 pair sums saturate is a property of the kernel (on an AVX2 CPU
+oneDNN's `qconv` / `qlinear` saturate at full range while `torch._int_mm` is exact). `int8_kernel_saturates`
+therefore asks the kernel itself: it runs it once per process on codes whose pair sums exceed int16 and compares
+with the exact result. The quantizer takes its one-bit-reduced activation ranges from that answer.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import logging
 import os
 import platform
 from typing import Iterable, Mapping, Optional
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +129,68 @@ def cpu_has_vnni() -> bool:
     if cap is not None and not has and vnni_available(flags):
         logger.info("diffusion_ao: the CPU has VNNI but ONEDNN_MAX_CPU_ISA=%s keeps oneDNN off it", cap)
     return has
+
+
+INT8_KERNELS = ("qconv", "qlinear", "int_mm")
+
+
+def _probe_qlinear() -> tuple[float, float]:
+    k, n = 64, 32
+    x = torch.full((16, k), 255, dtype=torch.uint8)
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    packed = torch.ops.onednn.qlinear_prepack(w, [16, k])
+    out = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(n), torch.zeros(n, dtype=torch.long),
+                                             None, 1.0, 0, torch.float32, "none", [None], "")
+    return float(out.max()), 255.0 * 127 * k
+
+
+def _probe_qconv() -> tuple[float, float]:
+    c = 32
+    x = torch.full((1, c, 6, 6), 255, dtype=torch.uint8)
+    w = torch.full((c, c, 3, 3), 127, dtype=torch.int8)
+    packed = torch.ops.onednn.qconv_prepack(w, torch.ones(c), 1.0, 0, [1, 1], [0, 0], [1, 1], 1, (1, c, 6, 6))
+    out = torch.ops.onednn.qconv_pointwise(x, 1.0, 0, packed, torch.ones(c), torch.zeros(c, dtype=torch.long), None,
+                                           [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
+    return float(out.max()), 255.0 * 127 * c * 9
+
+
+def _probe_int_mm() -> tuple[float, float]:
+    # s8 x s8: a kernel that shifts the left side to uint8 (code + 128) sees 255 x 127 pairs for 127 x 127
+    a = torch.full((32, 64), 127, dtype=torch.int8)
+    b = torch.full((64, 32), 127, dtype=torch.int8)
+    return float(torch._int_mm(a, b).max()), 127.0 * 127 * 64
+
+
+_PROBES = {"qconv": _probe_qconv, "qlinear": _probe_qlinear, "int_mm": _probe_int_mm}
+
+
+@functools.lru_cache(maxsize=None)
+def int8_kernel_saturates(kernel: str) -> bool:
+    """Whether the int8 `kernel` on this CPU (under oneDNN's ISA cap) saturates int16 pair sums on full-range
+    8-bit codes, i.e. needs one-bit-reduced activations wherever `int16_pair_overflows` says a pair can overflow.
+
+    Measured, not inferred: the kernel runs once per process on codes whose every pair of products exceeds int16
+    (255 x 127 for oneDNN's uint8 x int8 `qconv` / `qlinear`, 127 x 127 for `torch._int_mm`) and its result is
+    compared with the exact one (~1 ms). Where the kernel cannot run (no oneDNN int8 kernels on this platform),
+    the answer is the CPU flags' (`not cpu_has_vnni()`).
+
+    Args:
+        kernel: "qconv", "qlinear" (oneDNN's, what `compile_for_cpu` lowers to) or "int_mm" (`torch._int_mm`,
+            the CPU stand-in of `lower_to_int_mm`).
+    """
+    if kernel not in _PROBES:
+        raise ValueError(f"kernel={kernel!r} is not one diffusion-ao probes: choose one of {INT8_KERNELS}.")
+    try:
+        with torch.no_grad():
+            got, exact = _PROBES[kernel]()
+    except (RuntimeError, AttributeError, NotImplementedError) as err:  # no such kernel here
+        logger.info("diffusion_ao: cannot run the int8 %s kernel here (%s); taking the CPU flags' answer",
+                    kernel, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return not cpu_has_vnni()
+    saturates = got != exact
+    logger.info("diffusion_ao: the int8 %s kernel here %s int16 pair sums (probe: %g, exact %g)", kernel,
+                "saturates" if saturates else "does not saturate", got, exact)
+    return saturates
 
 
 def int16_pair_overflows(weight_bits: int, act_bits: int) -> bool:

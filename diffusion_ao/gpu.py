@@ -7,9 +7,9 @@ how the arithmetic is tested here):
 
 * linear: `acc = (x_q - 128) @ w_q^T + (128 - z_x) * sum_k w_q`, `y = acc * s_x * s_w + b`. Shifting the uint8
   activation by 128 makes it int8 without losing a bit; the zero-point term is folded into a per-channel
-  constant. The integer part is exact on CUDA and on CPUs with VNNI; on a CPU without VNNI, oneDNN's
-  `_int_mm` adds pairs of products in int16 and is exact only for codes the quantizer's reduced activation
-  range produces (`cpu.cpu_has_vnni`), so a full-range graph lowered there is wrong.
+  constant. The integer part is exact on CUDA; on CPU, where `cpu.int8_kernel_saturates("int_mm")` says
+  `_int_mm` adds pairs of products in int16 (oneDNN's under an AVX2 cap on a VNNI CPU), it is exact only for the
+  codes of a one-bit-reduced activation range, so a full-range graph lowered there is wrong.
 * conv2d (groups = 1): im2col (`F.unfold`, padded with the code of 0.0 so padding stays exact) then the same
   matmul.
 

@@ -19,7 +19,7 @@ from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 from . import annotators
 from .annotation_context import AnnotationContext, LayerDecision
 from .config import LayerQuant, QuantConfig
-from .cpu import cpu_has_vnni
+from .cpu import int8_kernel_saturates
 from .graph import require_exported
 from .passes.flatten_linear import flatten_linear_inputs
 from .passes.shared_weights import unshare_weights
@@ -44,11 +44,16 @@ class DiffusionQuantizer(Quantizer):
 
     Args:
         config: what to quantize and how; defaults to `QuantConfig.preset("w8a8")`.
-        has_vnni: override the CPU detection that chooses the activation range (None: detect).
+        has_vnni: force the answer to "do the int8 kernels here add products in int16?" for every kernel: True
+            never reduces the activation range, False reduces it wherever a pair of products can overflow int16
+            (`cpu.int16_pair_overflows`). None: ask each kernel (`cpu.int8_kernel_saturates` of oneDNN's
+            `qconv` and `qlinear`, the kernels `compile_for_cpu` lowers to).
         qat: annotate with FakeQuantize modules (`TimestepFakeQuantize`, `WeightFakeQuantize`) for
             `prepare_qat_pt2e` instead of observers for `prepare_pt2e`; the bit widths and ranges are the same.
 
-    After `prepare_pt2e`, `quantizer.decisions` lists every layer with its bit widths (or FP) and the reason.
+    After `prepare_pt2e`, `quantizer.decisions` lists every layer with its bit widths (or FP) and the reason, and
+    its activation range with the reason for a reduced one; `quantizer.saturating_kernels` names the kernels
+    whose int16 pair sums overflow here.
     """
 
     def __init__(self, config: Optional[QuantConfig] = None, has_vnni: Optional[bool] = None,
@@ -57,10 +62,21 @@ class DiffusionQuantizer(Quantizer):
         if config is not None and not isinstance(config, QuantConfig):
             raise TypeError(f"DiffusionQuantizer takes a QuantConfig, got {type(config).__name__}.")
         self.config = config or QuantConfig.preset("w8a8")
-        self.has_vnni = cpu_has_vnni() if has_vnni is None else has_vnni
+        if has_vnni is None:
+            self.saturating_kernels = frozenset(k for k in ("qconv", "qlinear") if int8_kernel_saturates(k))
+            self.kernels_probed = True
+        else:
+            self.saturating_kernels = frozenset() if has_vnni else frozenset(("qconv", "qlinear"))
+            self.kernels_probed = False
         self.qat = qat
         self.decisions: list[LayerDecision] = []
         self.split_convs: list[str] = []  # convs split by QDiffConfig.split_shortcut, by original node name
+
+    @property
+    def has_vnni(self) -> bool:
+        """Whether no int8 kernel here adds products in int16 (so no activation range needs reducing), as on a CPU
+        with VNNI."""
+        return not self.saturating_kernels
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
         require_exported(model, "DiffusionQuantizer")
@@ -87,7 +103,7 @@ class DiffusionQuantizer(Quantizer):
     def _context(self, model: GraphModule) -> AnnotationContext:
         first, last = first_and_last_layers(model)
         return AnnotationContext(self.config, first | last, time_embedding_nodes(model), shortcut_convs(model),
-                                 self.has_vnni, self.qat)
+                                 self.saturating_kernels, self.kernels_probed, self.qat)
 
     def planned_layers(self, model: GraphModule) -> dict[Node, PlannedLayer]:
         """The conv/linear nodes of an exported graph that this config will quantize, with their bit widths and
@@ -100,7 +116,7 @@ class DiffusionQuantizer(Quantizer):
             if node.op == "call_function" and node.target in WEIGHTED_OPS:
                 layer = ctx.layer_for(node)
                 if layer is not None:
-                    input_spec = ctx.weighted_input_spec(layer) if layer.act_bits is not None else None
+                    input_spec = ctx.weighted_input_spec(layer, node) if layer.act_bits is not None else None
                     planned[node] = PlannedLayer(layer, ctx.weight_spec(layer.weight_bits), input_spec)
         return planned
 
@@ -125,12 +141,17 @@ class DiffusionQuantizer(Quantizer):
         self._log_summary()
         return model
 
+    def reduced_ranges(self) -> list[LayerDecision]:
+        """The decisions whose activations got a one-bit-reduced range (each says why in `range_reason`)."""
+        return [d for d in self.decisions if d.range_reason]
+
     def _log_summary(self) -> None:
         quantized = [d for d in self.decisions if d.layer is not None]
-        reduced = [d for d in quantized if d.act_range and d.act_range[1] < 2 ** d.layer.act_bits - 1]
-        logger.info("DiffusionQuantizer(%s): %d ops quantized, %d kept in FP; CPU VNNI=%s, %d layers use a "
-                    "one-bit-reduced activation range", self.config.name, len(quantized),
-                    len(self.decisions) - len(quantized), self.has_vnni, len(reduced))
+        reduced = self.reduced_ranges()
+        logger.info("DiffusionQuantizer(%s): %d ops quantized, %d kept in FP; int8 kernels whose int16 pair sums "
+                    "saturate here: %s; %d layers use a one-bit-reduced activation range", self.config.name,
+                    len(quantized), len(self.decisions) - len(quantized), sorted(self.saturating_kernels) or "none",
+                    len(reduced))
 
     def validate(self, model: GraphModule) -> None:
         pass

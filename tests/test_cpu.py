@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffusion_ao import cpu
-from diffusion_ao.cpu import (ONEDNN_ISA_BITS, cpu_has_vnni, int16_pair_overflows, onednn_isa_cap, read_cpu_flags,
-                              vnni_available)
+from diffusion_ao.cpu import (ONEDNN_ISA_BITS, cpu_has_vnni, int8_kernel_saturates, int16_pair_overflows,
+                              onednn_isa_cap, read_cpu_flags, vnni_available)
 from diffusion_ao.primitives import int_range
 from tests.conftest import KERNEL_ERROR_FRACTION
 
@@ -121,29 +121,73 @@ def test_read_cpu_flags(tmp_path):
     assert read_cpu_flags(str(tmp_path / "missing")) is None
 
 
-def test_the_quantizer_takes_its_activation_range_from_the_detection(fresh_detection, unet):
-    """DiffusionQuantizer(has_vnni=None) asks cpu_has_vnni: force both answers, whatever this CPU is."""
+def test_the_quantizer_takes_its_activation_range_from_each_kernels_probe(monkeypatch, unet):
+    """DiffusionQuantizer(has_vnni=None) asks each kernel (int8_kernel_saturates): force every answer, whatever
+    this CPU is; convs follow qconv's answer and linears qlinear's."""
     from diffusion_ao import DiffusionQuantizer, QuantConfig, export_unet
     from diffusion_ao import quantizer as quantizer_module
 
-    monkeypatch = fresh_detection
     graph = export_unet(unet, sample_shape=(1, 1, 8, 8))
     ranges = {}
-    for vnni in (True, False):
-        monkeypatch.setattr(quantizer_module, "cpu_has_vnni", lambda vnni=vnni: vnni)
+    for saturating in (frozenset(), frozenset({"qconv"}), frozenset({"qlinear"}), frozenset({"qconv", "qlinear"})):
+        monkeypatch.setattr(quantizer_module, "int8_kernel_saturates", lambda k, s=saturating: k in s)
         for preset in ("w8a8", "w4a8"):
             q = DiffusionQuantizer(QuantConfig.preset(preset))
-            assert q.has_vnni is vnni
-            ranges[vnni, preset] = {(p.input_spec.quant_min, p.input_spec.quant_max)
-                                    for p in q.planned_layers(graph).values()}
-    assert ranges[True, "w8a8"] == {(0, 255)} and ranges[False, "w8a8"] == {(0, 127)}
-    assert ranges[True, "w4a8"] == ranges[False, "w4a8"] == {(0, 255)}  # 4-bit weights never overflow
-    # The real detection path: the environment's cap reaches the quantizer.
-    monkeypatch.undo()
-    monkeypatch.setattr(cpu, "read_cpu_flags", lambda path="/proc/cpuinfo": set(AVX512_VNNI))
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    cpu_has_vnni.cache_clear()
-    assert DiffusionQuantizer().has_vnni is False
+            assert q.saturating_kernels == saturating and q.has_vnni is (not saturating)
+            ranges[saturating, preset] = {("conv" if "conv" in str(n.target) else "linear",
+                                           (p.input_spec.quant_min, p.input_spec.quant_max))
+                                          for n, p in q.planned_layers(graph).items()}
+    assert ranges[frozenset(), "w8a8"] == {("conv", (0, 255)), ("linear", (0, 255))}
+    assert ranges[frozenset({"qconv"}), "w8a8"] == {("conv", (0, 127)), ("linear", (0, 255))}
+    assert ranges[frozenset({"qlinear"}), "w8a8"] == {("conv", (0, 255)), ("linear", (0, 127))}
+    assert ranges[frozenset({"qconv", "qlinear"}), "w8a8"] == {("conv", (0, 127)), ("linear", (0, 127))}
+    for saturating in ranges:  # 4-bit weights never overflow
+        assert ranges[saturating[0], "w4a8"] == {("conv", (0, 255)), ("linear", (0, 255))}
+
+
+def test_a_forced_detection_overrides_the_probe_and_the_decisions_say_why(unet):
+    from diffusion_ao import DiffusionQuantizer, QuantConfig, export_unet
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    graph = export_unet(unet, sample_shape=(1, 1, 8, 8))
+    for has_vnni in (True, False):
+        q = DiffusionQuantizer(QuantConfig.preset("w8a8"), has_vnni=has_vnni)
+        prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), q)
+        reduced = q.reduced_ranges()
+        quantized = [d for d in q.decisions if d.act_range]
+        assert quantized and len(reduced) == (0 if has_vnni else len(quantized))
+        assert all(d.act_range == (0, 127) and "int16" in d.range_reason and "has_vnni=False" in d.range_reason
+                   for d in reduced)
+    forced = DiffusionQuantizer(QuantConfig.preset("w8a8").replace(reduce_range=True), has_vnni=True)
+    prepare_pt2e(graph, forced)
+    assert {d.range_reason for d in forced.reduced_ranges()} == {"QuantConfig(reduce_range=True)"}
+
+
+_PROBE_ALL = """
+import json
+from diffusion_ao.cpu import cpu_has_vnni, int8_kernel_saturates
+print(json.dumps({"has_vnni": cpu_has_vnni(), **{k: int8_kernel_saturates(k) for k in ("qconv", "qlinear", "int_mm")}}))
+"""
+
+
+def test_an_unknown_kernel_is_a_clear_error():
+    with pytest.raises(ValueError, match="qconv"):
+        int8_kernel_saturates("qmatmul")
+
+
+def test_a_kernel_that_cannot_run_falls_back_to_the_cpu_flags(monkeypatch):
+    def broken():
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setitem(cpu._PROBES, "qconv", broken)
+    int8_kernel_saturates.cache_clear()
+    try:
+        for vnni in (True, False):
+            monkeypatch.setattr(cpu, "cpu_has_vnni", lambda vnni=vnni: vnni)
+            int8_kernel_saturates.cache_clear()
+            assert int8_kernel_saturates("qconv") is (not vnni)
+    finally:
+        int8_kernel_saturates.cache_clear()
 
 
 @settings(max_examples=60, deadline=None)
@@ -220,7 +264,7 @@ import json, torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from diffusion_ao import DiffusionQuantizer, QuantConfig, calibrate, compile_for_cpu, count_int8_kernels
 from diffusion_ao.calibration import CalibrationData, CalibrationStep
-from diffusion_ao.cpu import cpu_has_vnni
+from diffusion_ao.cpu import cpu_has_vnni, int8_kernel_saturates
 from tests.test_cpu import SigmoidNet
 
 TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
@@ -229,7 +273,7 @@ model = SigmoidNet().eval()
 x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 500.0)
 data = CalibrationData([CalibrationStep(500.0, torch.randn(16, 1, 8, 8))])
 fp = model(x, t)
-out = {"has_vnni": cpu_has_vnni()}
+out = {"has_vnni": cpu_has_vnni(), "saturates": {k: int8_kernel_saturates(k) for k in ("qconv", "qlinear")}}
 for reduce_range in (False, "auto"):
     quantizer = DiffusionQuantizer(QuantConfig.preset("w8a8").replace(reduce_range=reduce_range))
     prepared = prepare_pt2e(torch.export.export(model, (x, t)).module(), quantizer)
@@ -266,22 +310,47 @@ class SigmoidNet(torch.nn.Module):
         return self.conv_out(torch.relu(self.conv2(h)))
 
 
-def test_avx2_int8_kernels_overflow_on_full_range_activations_and_auto_reduces_the_range():
-    """oneDNN capped to AVX2 (the kernels of a CPU without VNNI): 8-bit activations x 8-bit weights overflow the
-    int16 pair sums, and the compiled output is further from the q/dq graph than quantization put it from FP; the
-    7-bit range that reduce_range="auto" picks there makes the kernels compute the q/dq graph."""
-    if "avx2" not in _x86_flags():
+@pytest.mark.parametrize("cap", [None, "AVX2"])
+def test_the_range_follows_what_the_kernels_do_on_this_cpu(cap):
+    """On this CPU as it is, and with oneDNN capped to AVX2 (the kernels of a CPU without VNNI, emulated): the
+    kernels' probe decides the range, and the compiled graph shows the probe right. Where a kernel saturates,
+    full-range activations make the kernels' error exceed the whole quantization error; the 7-bit range that
+    reduce_range="auto" then picks makes the kernels compute the q/dq graph. Where no kernel saturates, "auto"
+    keeps the full range and the kernels compute it."""
+    if cap == "AVX2" and "avx2" not in _x86_flags():
         pytest.skip("the CPU lacks AVX2")
-    result, isa, kernels = _run_capped(_W8A8_UNDER_THE_CAP, "AVX2", {"ATEN_CPU_CAPABILITY": "avx2"})
-    if not onednn_ran_without_vnni(isa, kernels):
+    _x86_flags()
+    extra = {"ATEN_CPU_CAPABILITY": "avx2"} if cap else {}
+    result, isa, kernels = _run_capped(_W8A8_UNDER_THE_CAP, cap, extra)
+    if cap == "AVX2" and not onednn_ran_without_vnni(isa, kernels):
         pytest.skip(f"this oneDNN build does not honour ONEDNN_MAX_CPU_ISA=AVX2 (isa: {isa!r}, kernels: {kernels})")
-    assert result["has_vnni"] is False  # the cap reaches the detection
+    saturates = result["saturates"]
+    print(f"oneDNN under {cap or 'no cap'} ({isa}): kernels saturate {saturates}")
+    if cap == "AVX2" or not result["has_vnni"]:  # no int8 dot product: what oneDNN's AVX2 kernels do
+        assert saturates == {"qconv": True, "qlinear": True}
     full, auto = result["False"], result["auto"]
-    assert full["ranges"] == [[0, 255]] and auto["ranges"] == [[0, 127]]
+    assert full["ranges"] == [[0, 255]]
     assert full["kernels"] == auto["kernels"] == {"qconv": 2, "qlinear": 1}  # both on the int8 kernels
-    print(f"AVX2 kernels, full range: quantization MSE {full['quant_mse']:.2e}, kernel MSE {full['kernel_mse']:.2e}; "
-          f"auto (7 bit): {auto['quant_mse']:.2e}, {auto['kernel_mse']:.2e} (signal {full['signal']:.2e})")
-    # Full range: the kernels' overflow error exceeds the whole quantization error; reduced range: the kernels
-    # add less than it (at most requantization codes flipped by FP rounding; see conftest.KERNEL_ERROR_FRACTION).
-    assert full["kernel_mse"] > full["quant_mse"]
+    print(f"full range: quantization MSE {full['quant_mse']:.2e}, kernel MSE {full['kernel_mse']:.2e}; "
+          f"auto: {auto['ranges']} {auto['quant_mse']:.2e}, {auto['kernel_mse']:.2e} (signal {full['signal']:.2e})")
+    if any(saturates.values()):
+        assert auto["ranges"] == ([[0, 127]] if all(saturates.values()) else [[0, 127], [0, 255]])
+        assert full["kernel_mse"] > full["quant_mse"]  # the probe was right: full range overflows
+    else:
+        assert auto["ranges"] == [[0, 255]]
+        assert full["kernel_mse"] < KERNEL_ERROR_FRACTION * full["quant_mse"]  # exact at full range
+    # (at most requantization codes flipped by FP rounding; see conftest.KERNEL_ERROR_FRACTION)
     assert auto["kernel_mse"] < KERNEL_ERROR_FRACTION * auto["quant_mse"]
+
+
+@pytest.mark.parametrize("cap", [None, "AVX2"])
+def test_the_probe_answers_for_each_kernel_under_the_cap(cap):
+    if cap == "AVX2" and "avx2" not in _x86_flags():
+        pytest.skip("the CPU lacks AVX2")
+    _x86_flags()
+    result, isa, kernels = _run_capped(_PROBE_ALL, cap)
+    print(f"kernel probe under {cap or 'no cap'} ({isa}): {result}")
+    if cap == "AVX2" and not onednn_ran_without_vnni(isa, kernels):
+        pytest.skip(f"this oneDNN build does not honour ONEDNN_MAX_CPU_ISA=AVX2 (isa: {isa!r})")
+    # oneDNN's uint8 x int8 kernels saturate exactly where they lack an int8 dot product
+    assert result["qconv"] is result["qlinear"] is (not result["has_vnni"])
