@@ -24,6 +24,21 @@ class LatencyStats:
     rounds: int
 
 
+def vnni_warning() -> str | None:
+    """One line for the bench's output where the CPU's int8 kernels lack a dot-product instruction (no VNNI/AMX).
+
+    There the int8 kernels add pairs of products in int16, so they gain less over FP32 than on a VNNI CPU, and the
+    layers whose kernel overflows at full range run 7-bit activations.
+    """
+    from diffusion_ao.cpu import INT8_KERNELS, cpu_has_vnni, int8_kernel_saturates
+    if cpu_has_vnni():
+        return None
+    reduced = [k for k in INT8_KERNELS if int8_kernel_saturates(k)]
+    return (f"[bench] WARNING: {cpu_name()} has no VNNI/AMX: int8 kernels gain less over FP32 here than on a VNNI "
+            f"CPU (README: 'Speed on AVX2'), so speed ratios do not carry over; 7-bit activations for "
+            f"{', '.join(reduced) or 'no kernel'}")
+
+
 def physical_cores() -> int:
     """Number of physical cores available to this process (logical CPUs if /proc/cpuinfo cannot tell)."""
     logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

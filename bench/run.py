@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
 
-from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
+from bench.latency import cpu_name, default_threads, measure_interleaved, vnni_warning  # noqa: E402
 from bench.plots import save_per_timestep_plot, save_sample_grid  # noqa: E402
 from bench.quality import (make_noise, noise_predictions, per_timestep_gain,  # noqa: E402
                            per_timestep_relative_mse, quality_metrics, sample_images)
@@ -229,6 +229,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
     print(f"[bench] {len(rows)} rows, {args.num_samples} samples x {args.steps} {args.scheduler} steps, "
           f"{threads} threads, compile={'no' if args.no_compile else 'yes'}", flush=True)
 
+    warning = vnni_warning()
+    if warning:
+        print(warning, flush=True)
     conditional = isinstance(unet, DiTTransformer2DModel)
     guidance = (args.guidance if args.guidance is not None else DIT_GUIDANCE) if conditional else 1.0
     if guidance != 1.0 and not conditional:

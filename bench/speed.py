@@ -4,6 +4,7 @@ with the adaLN modulation cached per (timestep, label)), per model and batch siz
     python bench/run.py --speed                              # CIFAR-size UNet and the default model, batch 1/8/16
     python bench/speed.py --models default --batches 1,8 --rounds 5 --profile
     python bench/speed.py --models dit-s --batches 1,8      # a DiT-S/2-sized transformer (random weights)
+    python bench/speed.py --models sd15-quarter --batches 64  # SD 1.5's UNet structure at a quarter width
 
 Every variant of one (model, batch) is timed in the same process, interleaved round-robin
 (`bench.latency.measure_interleaved`), with pinned threads; the table reports medians and the ratio to FP32
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/speed.py` from anywhere
 
-from bench.latency import cpu_name, default_threads, measure_interleaved  # noqa: E402
+from bench.latency import cpu_name, default_threads, measure_interleaved, vnni_warning  # noqa: E402
 from diffusion_ao import collect_calibration_data, compile_for_cpu, count_int8_kernels, export_denoiser  # noqa: E402
 from diffusion_ao.config import QuantConfig, TFMQConfig  # noqa: E402
 from diffusion_ao.lowering import expected_int8_kernels  # noqa: E402
@@ -60,17 +61,41 @@ def _dit_s():
     return dit, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
 
 
+def _sd15():
+    """Stable Diffusion 1.5's UNet structure (3 cross-attention down blocks and a plain one, 2 resnets per block,
+    a transformer per attention level, SD 1.5's head sizes 40/80/160, 77 x 768 text tokens, 4-channel latents) at
+    a quarter of its width (80/160/320/320 channels instead of 320/640/1280/1280, so 2 heads instead of 8) and on
+    32x32 latents (256-pixel images) so that batch 64 fits a 2-core CPU; random weights: speed does not depend
+    on them."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(80, 160, 320, 320), attention_head_dim=2, cross_attention_dim=768,
+        norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
+    return unet, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+
+
 # name -> () -> (diffusers denoiser, scheduler). Add models here.
-MODELS: dict[str, Callable[[], tuple]] = {"cifar": _cifar, "default": load_default_model, "dit-s": _dit_s}
+MODELS: dict[str, Callable[[], tuple]] = {"cifar": _cifar, "default": load_default_model, "dit-s": _dit_s,
+                                          "sd15-quarter": _sd15}
+TEXT_TOKENS = 77  # CLIP's sequence length, for text-conditioned UNets
 
 
 LABELS = 10  # class labels cycled through the batch (and all of them calibrated, for the cached variant)
 
 
 def extra_inputs(model: torch.nn.Module, batch: int) -> dict[str, torch.Tensor]:
-    """Inputs besides (sample, timestep) that a denoiser needs: class labels for a DiT."""
+    """Inputs besides (sample, timestep) that a denoiser needs: class labels for a DiT, text tokens for a
+    text-conditioned UNet (random: speed does not depend on them)."""
     if type(model).__name__ == "DiTTransformer2DModel":
         return {"class_labels": torch.arange(batch) % LABELS}
+    if type(model).__name__ == "UNet2DConditionModel":
+        g = torch.Generator().manual_seed(batch)
+        return {"encoder_hidden_states": torch.randn(batch, TEXT_TOKENS, model.config.cross_attention_dim,
+                                                     generator=g)}
     return {}
 
 
@@ -78,7 +103,7 @@ def quantized_variants(model: torch.nn.Module) -> dict[str, QuantConfig]:
     """The quantized variants timed for `model`: W8A8, W4A8 and, for class-conditional denoisers, W8A8 with the
     (timestep, label) cache."""
     variants = {preset: QuantConfig.preset(preset) for preset in QUANTIZED}
-    if extra_inputs(model, 1):
+    if "class_labels" in extra_inputs(model, 1):
         variants[CACHED] = QuantConfig.preset("w8a8").replace(
             tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels=True), name=CACHED)
     return variants
@@ -139,10 +164,13 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir
     """Rows (one per variant and batch) of one model."""
     unet, scheduler = MODELS[name]()
     shape = sample_shape(unet)
-    labels = extra_inputs(unet, LABELS).get("class_labels")
+    calib_inputs = extra_inputs(unet, LABELS)
+    labels = calib_inputs.get("class_labels")
     calib_samples = LABELS if labels is not None else 2
+    text = calib_inputs.get("encoder_hidden_states")
     data = collect_calibration_data(unet, scheduler, num_samples=calib_samples, num_inference_steps=2,
-                                    class_labels=labels, progress=False)
+                                    class_labels=labels, progress=False,
+                                    encoder_hidden_states=None if text is None else text[:calib_samples])
     base, facts = _build_variants(unet, data)
     rows, compiled_once = [], {}
     for batch in batches:
@@ -213,6 +241,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
     run_dir = args.out / (args.run_name or datetime.now().strftime("speed-%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    warning = vnni_warning()
+    if warning:
+        print(warning, flush=True)
     rows = []
     for name in args.models:
         rows += bench_model(name, args.batches, args, run_dir)
