@@ -30,10 +30,10 @@ def vnni_warning() -> str | None:
     There the int8 kernels add pairs of products in int16, so they gain less over FP32 than on a VNNI CPU, and the
     layers whose kernel overflows at full range run 7-bit activations.
     """
-    from diffusion_ao.cpu import INT8_KERNELS, cpu_has_vnni, int8_kernel_saturates
+    from diffusion_ao.cpu import LOWERED_KERNELS, cpu_has_vnni, int8_kernel_saturates
     if cpu_has_vnni():
         return None
-    reduced = [k for k in INT8_KERNELS if int8_kernel_saturates(k)]
+    reduced = [k for k in LOWERED_KERNELS if int8_kernel_saturates(k)]  # as the quantizer decides
     return (f"[bench] WARNING: {cpu_name()} has no VNNI/AMX: int8 kernels gain less over FP32 here than on a VNNI "
             f"CPU (README: 'Speed on AVX2'), so speed ratios do not carry over; 7-bit activations for "
             f"{', '.join(reduced) or 'no kernel'}")

@@ -132,6 +132,7 @@ def cpu_has_vnni() -> bool:
 
 
 INT8_KERNELS = ("qconv", "qlinear", "int_mm")
+LOWERED_KERNELS = ("qconv", "qlinear")  # what `compile_for_cpu` lowers quantized convs and linears to
 
 
 def _probe_qlinear() -> tuple[float, float]:

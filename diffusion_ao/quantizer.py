@@ -19,7 +19,7 @@ from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 from . import annotators
 from .annotation_context import AnnotationContext, LayerDecision
 from .config import LayerQuant, QuantConfig
-from .cpu import int8_kernel_saturates
+from .cpu import LOWERED_KERNELS, int8_kernel_saturates
 from .graph import require_exported
 from .passes.flatten_linear import flatten_linear_inputs
 from .passes.shared_weights import unshare_weights
@@ -63,10 +63,10 @@ class DiffusionQuantizer(Quantizer):
             raise TypeError(f"DiffusionQuantizer takes a QuantConfig, got {type(config).__name__}.")
         self.config = config or QuantConfig.preset("w8a8")
         if has_vnni is None:
-            self.saturating_kernels = frozenset(k for k in ("qconv", "qlinear") if int8_kernel_saturates(k))
+            self.saturating_kernels = frozenset(k for k in LOWERED_KERNELS if int8_kernel_saturates(k))
             self.kernels_probed = True
         else:
-            self.saturating_kernels = frozenset() if has_vnni else frozenset(("qconv", "qlinear"))
+            self.saturating_kernels = frozenset() if has_vnni else frozenset(LOWERED_KERNELS)
             self.kernels_probed = False
         self.qat = qat
         self.decisions: list[LayerDecision] = []
