@@ -11,6 +11,7 @@ the solves shared out) and a short block reconstruction
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import multiprocessing
 import time
@@ -18,7 +19,12 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/distributed.py` from anywhere
+from diffusion_ao.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before torch, torchao and diffusers print their import-time notes
+
+import torch  # noqa: E402
 
 WORLD = 2
 RESULTS = Path(__file__).parent / "results"

@@ -5,7 +5,8 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -115,3 +116,32 @@ def measure_interleaved(models: dict[str, ForwardFn], x: torch.Tensor, t: torch.
         q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
         stats[name] = LatencyStats(statistics.median(values), q[0], q[2], len(values))
     return stats
+
+
+CPU_FLAGS_OF_NOTE = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+CPU_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS",
+                "TORCHINDUCTOR_CACHE_DIR")
+
+
+def git_commit() -> Optional[str]:
+    """The checkout's commit, with "+dirty" when tracked files differ from it; None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def machine_meta() -> dict:
+    """What a reader needs to reproduce a figure: CPU flags of note, the CPU-capability environment, commit."""
+    from diffusion_ao.cpu import read_cpu_flags
+
+    flags = read_cpu_flags() or set()
+    return {"cpu_flags": [f for f in CPU_FLAGS_OF_NOTE if f in flags],
+            "env": {k: os.environ[k] for k in CPU_ENV_VARS if k in os.environ}, "commit": git_commit()}

@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/les_iterations.py` from anywhere
+from diffusion_ao.quiet import quiet_third_party  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+quiet_third_party()  # before torch, torchao and diffusers print their import-time notes
 
+import torch  # noqa: E402
 from bench.latency import default_threads  # noqa: E402
 from diffusion_ao import QuantConfig, collect_calibration_data, export_denoiser  # noqa: E402
 from diffusion_ao.dmq.les import apply_learned_scaling  # noqa: E402

@@ -11,10 +11,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/model_quality.py` from anywhere
+from diffusion_ao.quiet import quiet_third_party  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+quiet_third_party()  # before torch, torchao and diffusers print their import-time notes
 
+import torch  # noqa: E402
 from bench.quality import make_noise, sample_images  # noqa: E402
 from diffusion_ao.metrics import class_coverage, fd_to_reference, label_agreement  # noqa: E402
 from diffusion_ao.models import load_model  # noqa: E402

@@ -21,7 +21,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/pipelines.py` from anywhere
+from diffusion_ao.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before torch, torchao and diffusers print their import-time notes
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -1,6 +1,10 @@
-"""report.md: the results table with the facts a reader needs to judge it (noise floor, machine, settings)."""
+"""report.md: the results table with the facts a reader needs to judge it (noise floor, machine, settings); and
+`python bench/report.py --docs`, which renders docs/benchmarks.md and the README's headline table from the runs
+committed in bench/published/ (`--check` compares instead of writing)."""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -39,8 +43,22 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def peer_notes(rows: list[dict]) -> list[str]:
+    """One line per peer row on the configuration that ran, and one per `trap` row (a configuration the peer's
+    docs advise against on this CPU) with the quality it gave: a note, never a row of the table."""
+    lines = [f"**Peer `{r['name']}`**: {r['peer_config']}." for r in rows if r.get("peer_config") and not r.get("trap")]
+    for r in rows:
+        if r.get("trap"):
+            lines.append(f"**Trap, not a peer result**: `{r['name']}`, {r['peer_config']}, gives FD vs FP "
+                         f"{_cell(r.get('fd_fp'))} and PSNR vs FP {_cell(r.get('psnr_fp'))} dB: full-range uint8 "
+                         "activations overflow oneDNN's int16 pair sums on CPUs without VNNI.")
+    return lines
+
+
 def write_report(meta: dict, rows: list[dict], path: Path, notes: Optional[list[str]] = None) -> None:
-    """Writes report.md for one bench run."""
+    """Writes report.md for one bench run (`trap` rows go to a note below the table, not into it)."""
+    notes = peer_notes(rows) + list(notes or [])
+    table_rows = [r for r in rows if not r.get("trap")]
     latency_note = (f"Latency: median of {meta.get('latency_rounds', 'several')} interleaved calls at batch "
                     f"{meta['batch']}, {meta['threads']} threads; FP32 eager "
                     f"{_cell(meta['latency_fp32_eager_ms'])} ms. Speed-ups are against FP32 compiled "
@@ -59,7 +77,7 @@ def write_report(meta: dict, rows: list[dict], path: Path, notes: Optional[list[
         f"**Noise floor**: FD between two FP32 sample sets from different seeds = {meta['fp_seed_to_seed_fd']:.2f} "
         f"(FP32 vs real digits: {meta['fp_fd_real']:.2f}). FD differences below the floor are noise.",
         "",
-        results_table(rows),
+        results_table(table_rows),
         "",
         *([f"**Calibration seeds**: every quantized row was calibrated {len(meta['calib_seeds'])} times (calibration "
            f"trajectory seeds {meta['calib_seeds']}, method seeds 0..{len(meta['calib_seeds']) - 1}); FD, PSNR, "
@@ -83,5 +101,172 @@ def write_report(meta: dict, rows: list[dict], path: Path, notes: Optional[list[
         "",
         "![per-timestep error](per_timestep_error.png)",
     ]
-    text += [""] + list(notes or [])
+    text += [""] + [line + "\n" for line in notes]
     path.write_text("\n".join(text) + "\n")
+
+
+def speed_table(rows: list[dict]) -> str:
+    """The markdown table of `bench/speed.py` rows."""
+    lines = ["| model | batch | variant | median ms | p25-p75 ms | vs FP32 compiled | MiB | int8 kernels |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        k, expected = r["int8_kernels"], r["expected_int8_kernels"]
+        kernels = "-" if k is None or expected is None else f"{sum(k.values())}/{expected}"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | "
+                     f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f} | {r['speedup_vs_fp32_compiled']:.2f}x | "
+                     f"{r['size_mb']:.2f} | {kernels} |")
+    return "\n".join(lines)
+
+
+# --- docs/benchmarks.md and the README's headline table, rendered from bench/published/ -------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED = ROOT / "bench" / "published"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:begin -->", "<!-- headline:end -->"
+# The README's headline: these rows of the `headline` section's run, these columns.
+HEADLINE_ROWS = ("fp32", "naive-w8a8", "x86-default", "naive-w4a8", "best-w4a8", "naive-w4a6", "best-w4a6")
+HEADLINE_COLUMNS = [("name", "row"), ("fd_fp", "FD vs FP"), ("psnr_fp", "PSNR vs FP (dB)"),
+                    ("speedup_vs_fp32_compiled", "x FP32 compiled"), ("size_mb", "MiB"), ("calib_s", "calib s")]
+
+
+@dataclass(frozen=True)
+class DocSection:
+    """One section of docs/benchmarks.md: a committed run (a directory under bench/published/) and what it shows.
+
+    Attributes:
+        run: the run's directory, relative to bench/published/.
+        title: the section's heading.
+        about: one paragraph on what the run measures.
+        models: for a speed run, the models whose rows are shown (None: all).
+    """
+
+    run: str
+    title: str
+    about: str
+    models: Optional[tuple[str, ...]] = None
+
+
+DOC_SECTIONS: list[DocSection] = [
+    DocSection("default-avx2-epyc", "The default bench: `python bench/run.py`",
+               "The shipped digits UNet, every default row sampled from the same seeds as FP32, on a 2-core AVX2 "
+               "CPU without VNNI (where the quantizer gives 7-bit activations to the kernels that overflow)."),
+    DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
+               "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
+    DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",
+               "SD 1.5's UNet structure and head sizes (40/80/160) at a quarter of its width, 32x32 latents and "
+               "77x768 text (random weights)."),
+    DocSection("speed-avx2-epyc/avx2-unet-b64", "Speed on AVX2: the shipped UNet",
+               "The shipped digits UNet at batch 64.", models=("default",)),
+]
+
+
+def _meta_line(meta: dict) -> str:
+    flags = ", ".join(meta.get("cpu_flags") or []) or "?"
+    env = meta.get("env") or {}
+    env_text = (" with " + " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k != "TORCHINDUCTOR_CACHE_DIR")
+                if any(k != "TORCHINDUCTOR_CACHE_DIR" for k in env) else "")
+    parts = [f"`{meta.get('command', '?')}`{env_text}", f"commit {meta.get('commit') or '?'}",
+             f"{meta.get('cpu', '?')} (flags: {flags}; VNNI: {meta.get('cpu_vnni', '?')})",
+             f"{meta.get('threads', '?')} threads", f"torch {meta.get('torch', '?')}"]
+    if meta.get("date"):
+        parts.append(meta["date"])
+    if meta.get("wall_s") is not None:
+        parts.append(f"wall time {meta['wall_s']:.0f} s")
+    if meta.get("meta_note"):
+        parts.append(meta["meta_note"])
+    return "Run: " + "; ".join(parts) + "."
+
+
+def _load(run: str, published: Path) -> tuple[str, dict]:
+    """("bench" | "speed", the run's JSON) for a directory under `published`."""
+    folder = published / run
+    for kind, name in (("bench", "results.json"), ("speed", "speed.json")):
+        if (folder / name).exists():
+            return kind, json.loads((folder / name).read_text())
+    raise FileNotFoundError(f"bench/published/{run} has neither results.json nor speed.json: commit the run's "
+                            "files, or remove its DocSection from bench/report.py.")
+
+
+def _bench_section(data: dict) -> list[str]:
+    meta, rows = data["meta"], data["rows"]
+    return [f"Noise floor: FD between two FP32 sample sets from different seeds = {meta['fp_seed_to_seed_fd']:.2f}; "
+            f"{meta['num_samples']} samples x {meta['steps']} {meta['scheduler']} steps per row, calibration on "
+            f"{meta['calib_samples']} trajectories.", "", results_table([r for r in rows if not r.get("trap")]), "",
+            *[line + "\n" for line in peer_notes(rows)]]
+
+
+def render_docs(published: Path = PUBLISHED) -> tuple[str, str]:
+    """(docs/benchmarks.md, the README's headline table) rendered from the committed runs in `published`."""
+    out = ["# Benchmarks", "",
+           "Generated by `python bench/report.py --docs` from the runs committed in `bench/published/` (each "
+           "directory holds the run's results and its report); do not edit by hand. A test fails when this file "
+           "and the committed results disagree. Columns are described in each run's `report.md`: FD is the "
+           "Fréchet distance in the shipped digit classifier's feature space, PSNR / SSIM are paired with the FP32 "
+           "sample of the same seed, speed-ups are against FP32 compiled with inductor on the same machine in the "
+           "same run.", ""]
+    headline = None
+    for section in DOC_SECTIONS:
+        kind, data = _load(section.run, published)
+        out += [f"## {section.title}", "", section.about, "", _meta_line(data["meta"]), ""]
+        if kind == "bench":
+            out += _bench_section(data)
+            if headline is None:
+                headline = _headline(data, section)
+        else:
+            rows = [r for r in data["rows"] if section.models is None or r["model"] in section.models]
+            out += [f"Medians of {data['meta']['rounds']} interleaved rounds; ratio = FP32 compiled / variant.", "",
+                    speed_table(rows), ""]
+    return "\n".join(out).rstrip("\n") + "\n", headline or ""
+
+
+def _headline(data: dict, section: DocSection) -> str:
+    rows = {r["name"]: r for r in data["rows"]}
+    picked = [rows[name] for name in HEADLINE_ROWS if name in rows]
+    meta = data["meta"]
+    lines = ["| " + " | ".join(t for _, t in HEADLINE_COLUMNS) + " |", "|" + "---|" * len(HEADLINE_COLUMNS)]
+    lines += ["| " + " | ".join(_row_cell(r, k) for k, _ in HEADLINE_COLUMNS) + " |" for r in picked]
+    flags = ", ".join(meta.get("cpu_flags") or []) or "?"
+    return "\n".join([f"`{meta.get('command')}` on {meta.get('cpu')} ({flags}, {meta.get('threads')} threads); "
+                      f"FD between two FP32 seed sets: {meta['fp_seed_to_seed_fd']:.2f}. From "
+                      f"`bench/published/{section.run}/`; the other rows and columns are in "
+                      "[docs/benchmarks.md](docs/benchmarks.md).", "", *lines])
+
+
+def with_headline(readme: str, headline: str) -> str:
+    """`readme` with the text between the headline markers replaced by `headline`."""
+    if readme.count(HEADLINE_BEGIN) != 1 or readme.count(HEADLINE_END) != 1:
+        raise ValueError(f"README.md must hold {HEADLINE_BEGIN} and {HEADLINE_END} once each.")
+    head, rest = readme.split(HEADLINE_BEGIN)
+    _, tail = rest.split(HEADLINE_END)
+    return f"{head}{HEADLINE_BEGIN}\n{headline}\n{HEADLINE_END}{tail}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Render docs/benchmarks.md and the README's headline table from the "
+                                            "runs committed in bench/published/.")
+    p.add_argument("--docs", action="store_true", help="write docs/benchmarks.md and the README's headline")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the docs differ from the results")
+    args = p.parse_args(argv)
+    if not (args.docs or args.check):
+        p.error("say --docs (write) or --check (compare)")
+    benchmarks, headline = render_docs()
+    targets = {ROOT / "docs" / "benchmarks.md": benchmarks,
+               ROOT / "README.md": with_headline((ROOT / "README.md").read_text(), headline)}
+    stale = [path for path, text in targets.items() if not path.exists() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} differs from what bench/published/ renders: run "
+                  "`python bench/report.py --docs`.")
+        return 1 if stale else 0
+    for path in stale:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(targets[path])
+        tmp.replace(path)  # atomic: an interrupted run leaves the old file
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,6 +31,9 @@ SEED_FAMILIES = ("dmq", "tfmq", "qdiff")
 # The recommended recipes (diffusion_ao.config.PRESETS), one per low-bit width.
 BEST_PRESETS = tuple(f"best-{bits}" for bits in LOW_BIT_WIDTHS)
 X86_SCOPE = "x86-default (all conv/linear + its own fusions)"
+# Why the peer runs with reduce_range on a CPU without VNNI: torchao's `get_default_x86_inductor_quantization_config`
+# says to set it there (oneDNN's int16 pair sums overflow on full-range uint8 activations).
+X86_REDUCE_RANGE_WHY = "reduce_range=True, as torchao's docs say for CPUs without VNNI"
 FP32_SCOPE = "none (FP32 reference)"
 
 
@@ -50,6 +53,9 @@ class RowSpec:
         config: for diffusion-ao rows, the `QuantConfig` run through `quantize_unet` (which also applies the
             methods' graph passes); peers leave it None and use `make_quantizer` / `calibrate`.
         calibration: one of `CALIBRATION_SOURCES`; anything but "sampler" needs a model sampled with guidance.
+        peer_config: for peers, the configuration that ran, in words (e.g. "default" or "reduce_range=True, ...").
+        trap: a configuration a user might run but should not (a peer's default where its docs say to change it):
+            measured like any row, but reported once as a note, never as the peer's quality.
     """
 
     name: str
@@ -62,6 +68,8 @@ class RowSpec:
     calibrate: Optional[CalibrateFn] = None
     config: Optional[QuantConfig] = None
     calibration: str = "sampler"
+    peer_config: Optional[str] = None
+    trap: bool = False
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_SOURCES:
@@ -127,20 +135,35 @@ def preset_row(preset: str) -> RowSpec:
     return _config_row(preset, method, preset, QuantConfig.preset(preset))
 
 
-def x86_inductor_quantizer() -> Quantizer:
-    """torchao's `X86InductorQuantizer` with its default (W8A8) global config."""
+def x86_inductor_quantizer(reduce_range: bool = False) -> Quantizer:
+    """torchao's `X86InductorQuantizer` with its default (W8A8) global config, `reduce_range` as given."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
     quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config())
+    quantizer.set_global(get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     return quantizer
 
 
-def x86_row() -> RowSpec:
-    """The peer: torchao's X86InductorQuantizer default, through the same pipeline."""
-    return RowSpec(name="x86-default", method="x86-inductor", preset=None, weight_bits=8, act_bits=8,
-                   scope=X86_SCOPE, make_quantizer=x86_inductor_quantizer, calibrate=plain_forward_calibrate)
+def x86_rows(has_vnni: Optional[bool] = None) -> list[RowSpec]:
+    """The peer: torchao's X86InductorQuantizer through the same pipeline, configured as its docs say for the CPU
+    at hand (`reduce_range=True` without VNNI). Without VNNI, the unconfigured default follows as a `trap` row: it
+    is what a user gets who does not read the docs, reported once as a note.
+
+    Args:
+        has_vnni: whether the CPU has VNNI (default: `diffusion_ao.cpu.cpu_has_vnni()`).
+    """
+    from diffusion_ao.cpu import cpu_has_vnni
+
+    has_vnni = cpu_has_vnni() if has_vnni is None else has_vnni
+    common = dict(method="x86-inductor", preset=None, weight_bits=8, act_bits=8, scope=X86_SCOPE,
+                  calibrate=plain_forward_calibrate)
+    if has_vnni:
+        return [RowSpec(name="x86-default", make_quantizer=x86_inductor_quantizer, peer_config="default", **common)]
+    return [RowSpec(name="x86-default", make_quantizer=lambda: x86_inductor_quantizer(reduce_range=True),
+                    peer_config=X86_REDUCE_RANGE_WHY, **common),
+            RowSpec(name="x86-unconfigured", make_quantizer=x86_inductor_quantizer,
+                    peer_config="default (reduce_range=False) on a CPU without VNNI", trap=True, **common)]
 
 
 def dmq_rows(bits: str) -> list[RowSpec]:
@@ -317,8 +340,15 @@ def qat_rows(bits: str) -> list[RowSpec]:
             for label, cfg in steps]
 
 
+def seed_rows(bits: str) -> list[RowSpec]:
+    """Each seed paper's headline preset at `bits`, in its own scope: DMQ, TFMQ-DM, and Q-Diffusion with the naive
+    row of its scope (everything quantized) beside it."""
+    return [preset_row(f"dmq-{bits}"), preset_row(f"tfmq-{bits}"), qdiff_rows(bits)[0], preset_row(f"qdiff-{bits}")]
+
+
 # Extra rows that `--ablation NAME` appends (they do not fit the default run's 15-minute budget).
 ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
+    "seeds": lambda: seed_rows("w4a6"),
     "dmq": lambda: dmq_rows("w4a8") + dmq_rows("w4a6"),
     "tfmq": lambda: tfmq_rows("w4a8") + tfmq_rows("w4a6"),
     "qdiff": lambda: qdiff_rows("w4a8") + qdiff_rows("w4a6"),
@@ -329,15 +359,21 @@ ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
 }
 
 
-def default_rows(ablations: tuple[str, ...] = ()) -> list[RowSpec]:
-    """Every row of the benchmark, in table order, plus the rows of the named ablations. Add methods here."""
+def default_rows(ablations: tuple[str, ...] = (), has_vnni: Optional[bool] = None) -> list[RowSpec]:
+    """Every row of the benchmark, in table order, plus the rows of the named ablations. Add methods here.
+
+    The default run: FP32, naive W8A8 / W4A8 / W4A6, the X86 peer (`x86_rows`), each seed's W4A8 headline preset in
+    its own scope, and the recommended `best-*`; the seeds' W4A6 presets are `--ablation seeds`.
+
+    Args:
+        ablations: names in `ABLATIONS` whose rows are appended.
+        has_vnni: passed to `x86_rows` (default: the CPU's).
+    """
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
         raise ValueError(f"Unknown ablation(s) {unknown}: choose from {sorted(ABLATIONS)}.")
-    rows = [fp32_row()] + [naive_row(p) for p in DIFFUSION_AO_PRESETS] + [x86_row()]
-    for bits in LOW_BIT_WIDTHS:
-        rows += [preset_row(f"dmq-{bits}"), preset_row(f"tfmq-{bits}"), qdiff_rows(bits)[0],
-                 preset_row(f"qdiff-{bits}")]
+    rows = [fp32_row()] + [naive_row(p) for p in DIFFUSION_AO_PRESETS] + x86_rows(has_vnni)
+    rows += seed_rows("w4a8")
     rows += [preset_row(p) for p in BEST_PRESETS]
     if ablations:  # every ablation's rows stand on diffusion-ao's plain rows of their width
         rows += [diffusion_ao_row(bits) for bits in DIFFUSION_AO_PRESETS]

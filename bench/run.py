@@ -1,9 +1,10 @@
 """The diffusion-ao benchmark: every method and bit width on one model, side by side.
 
-    python bench/run.py                 # the shipped digits DDPM, all 16 rows, ~15 min on 2 cores
+    python bench/run.py                 # the shipped digits DDPM, the default rows, <= 15 min on 2 cores
     python bench/run.py --quick         # fewer samples, eager q/dq graphs, no latency (~2 min)
     python bench/run.py --methods naive-w4a8,diffusion-ao --num-samples 500 --scheduler dpm
     python bench/run.py --ablation dmq --methods w4a8,dmq-w4a8   # DMQ's ablation at W4A8
+    python bench/run.py --ablation seeds                        # adds the seeds' W4A6 presets
     python bench/run.py --model dit     # the shipped class-conditional DiT, sampled with guidance (~25 min)
     python bench/run.py --speed         # the speed table instead (bench/speed.py; its options follow)
 
@@ -11,7 +12,8 @@ For each row it exports the UNet, prepares it with the row's quantizer, calibrat
 compiles onto oneDNN int8 kernels (inductor, freezing), samples the same seeds as FP and measures sample quality,
 the noise-prediction error per timestep, latency (interleaved with FP32 eager and compiled), size and
 calibration time. Results go to `bench/results/<run>/`: results.json, report.md, samples.png,
-per_timestep_error.png (results.partial.json holds the finished rows while it runs).
+per_timestep_error.png (results.partial.json holds the finished rows while it runs). Before the first row it
+prints its plan with an estimate per row (`bench/plan.py`), after each row the elapsed and remaining time.
 """
 from __future__ import annotations
 
@@ -29,13 +31,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/run.py` from anywhere
+from diffusion_ao.quiet import quiet_third_party  # noqa: E402
 
+quiet_third_party()  # before torch, torchao and diffusers print their import-time notes
+
+import torch  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
 
-from bench.latency import cpu_name, default_threads, measure_interleaved, vnni_warning  # noqa: E402
+from bench.latency import (cpu_name, default_threads, machine_meta, measure_interleaved,  # noqa: E402
+                           vnni_warning)
+from bench.plan import Plan, format_s  # noqa: E402
 from bench.plots import save_per_timestep_plot, save_sample_grid  # noqa: E402
 from bench.quality import (make_noise, noise_predictions, per_timestep_gain,  # noqa: E402
                            per_timestep_relative_mse, quality_metrics, sample_images)
@@ -102,6 +108,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--run-name", default=None, help="results subfolder (default: a timestamp)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--budget-s", type=float, default=None, help="warn when the estimated run time exceeds this "
+                   "many seconds (before the first row, and whenever the running estimate crosses it)")
     args = p.parse_args(argv)
     if args.num_samples is None and not args.quick:
         args.num_samples = DIT_NUM_SAMPLES if args.model == "dit" else NUM_SAMPLES
@@ -216,7 +224,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     progress = not args.no_progress
-    run_dir = args.out / (args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_name = args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = args.out / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -228,6 +237,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
     real_features = real_digit_features(classifier)
     print(f"[bench] {len(rows)} rows, {args.num_samples} samples x {args.steps} {args.scheduler} steps, "
           f"{threads} threads, compile={'no' if args.no_compile else 'yes'}", flush=True)
+    plan = Plan.for_rows(rows, args)
+    print("\n".join(plan.lines()), flush=True)
+    warn_budget(plan.total_s(), args.budget_s)
 
     warning = vnni_warning()
     if warning:
@@ -301,8 +313,14 @@ def main(argv: Optional[list[str]] = None) -> Path:
                                  args.seed + 1000, "fp32 other seeds", progress, **sampling)
     fp_floor = frechet_distance(classifier_features(floor_images, classifier), fp_features)
     setup_phase("fp32_reference")
+    plan.calibrate_speed(setup_s["fp32_reference"], args)
+    if plan.total_s() is not None:
+        print(f"[bench] this machine samples at x{plan.speed:.2f} the reference's time: rows ~"
+              f"{format_s(plan.total_s())}", flush=True)
+        warn_budget(time.perf_counter() - started + plan.total_s(), args.budget_s)
 
     results, images, errors, timed = [], {}, {}, {}
+    budget_warned = False
     if not args.no_compile:
         timed["fp32-eager"] = probe(lambda x, t, **kw: unet(x, t, return_dict=False, **kw)[0])
         timed["fp32-compiled"] = probe(fp_forward)
@@ -311,6 +329,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
         row_started = time.perf_counter()
         row = {"method": spec.method, "preset": spec.preset, "name": spec.name, "weight_bits": spec.weight_bits,
                "act_bits": spec.act_bits, "scope": spec.scope}
+        if spec.peer_config is not None:
+            row["peer_config"] = spec.peer_config
+        if spec.trap:
+            row["trap"] = True
         if spec.is_reference:
             model, calib_s, decisions = fp_forward, 0.0, []
             row.update(kernels="fp32", kernel_counts=None, size_mb=size_mb(unet), calib_s=0.0)
@@ -386,6 +408,13 @@ def main(argv: Optional[list[str]] = None) -> Path:
             print("[bench]   over calibration seeds: " + ", ".join(
                 f"{key} {v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}]" for key, v in row["spread"].items()),
                 flush=True)
+        plan.done[spec.name] = row["row_s"]
+        remaining = plan.remaining_s()
+        elapsed = time.perf_counter() - started
+        print(f"[bench]   {len(results)}/{len(rows)} rows, elapsed {format_s(elapsed)}"
+              + ("" if remaining is None else f", remaining ~{format_s(remaining)}"), flush=True)
+        if remaining is not None and not budget_warned:
+            budget_warned = warn_budget(elapsed + remaining, args.budget_s)
 
     setup_mark = time.perf_counter()
     latency = {}
@@ -410,7 +439,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
             "torch": torch.__version__, "python": platform.python_version(), "fp_seed_to_seed_fd": fp_floor,
             "fp_fd_real": next(r["fd_real"] for r in results if r["name"] == "fp32"),
             "timesteps": heldout.timesteps, "latency_fp32_eager_ms": latency.get("fp32-eager", {}).get("median_ms"),
-            "latency": latency, "latency_rounds": args.latency_rounds, "wall_s": None}
+            "latency": latency, "latency_rounds": args.latency_rounds, "wall_s": None,
+            "command": "python bench/run.py " + " ".join(argv), "run_name": run_name,
+            "date": datetime.now().isoformat(timespec="seconds"), **machine_meta()}
     setup_phase("latency")
     meta["setup_s"] = setup_s
     meta["wall_s"] = round(time.perf_counter() - started, 1)
@@ -421,6 +452,15 @@ def main(argv: Optional[list[str]] = None) -> Path:
     (run_dir / "results.partial.json").unlink()
     print(f"[bench] done in {meta['wall_s']:.0f}s -> {run_dir}", flush=True)
     return run_dir
+
+
+def warn_budget(estimate_s: Optional[float], budget_s: Optional[float]) -> bool:
+    """Prints a warning when `estimate_s` exceeds `budget_s` (both may be None); True if it warned."""
+    if budget_s is None or estimate_s is None or estimate_s <= budget_s:
+        return False
+    print(f"[bench] warning: the estimated run time {format_s(estimate_s)} exceeds --budget-s "
+          f"{format_s(budget_s)}; fewer rows (--methods), samples (--num-samples) or --quick shorten it.", flush=True)
+    return True
 
 
 if __name__ == "__main__":

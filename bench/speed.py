@@ -23,11 +23,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/speed.py` from anywhere
+from diffusion_ao.quiet import quiet_third_party  # noqa: E402
 
-from bench.latency import cpu_name, default_threads, measure_interleaved, vnni_warning  # noqa: E402
+quiet_third_party()  # before torch, torchao and diffusers print their import-time notes
+
+import torch  # noqa: E402
+from bench.latency import (cpu_name, default_threads, machine_meta, measure_interleaved,  # noqa: E402
+                           vnni_warning)
+from bench.report import speed_table  # noqa: E402
 from diffusion_ao import collect_calibration_data, compile_for_cpu, count_int8_kernels, export_denoiser  # noqa: E402
 from diffusion_ao.config import QuantConfig, TFMQConfig  # noqa: E402
 from diffusion_ao.lowering import expected_int8_kernels  # noqa: E402
@@ -222,15 +226,7 @@ def write_markdown(meta: dict, rows: list[dict], path: Path) -> None:
     title = "Speed" if meta["compiled"] else "Speed SMOKE RUN (--no-compile: eager q/dq graphs, not real speed)"
     lines = [f"# {title} ({meta['cpu']}, {meta['threads']} threads, torch {meta['torch']})", "",
              f"Medians of {meta['rounds']} interleaved rounds; ratio = FP32 compiled / variant (higher is faster).",
-             "", "| model | batch | variant | median ms | p25-p75 ms | vs FP32 compiled | MiB | int8 kernels |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        k = r["int8_kernels"]
-        expected = r["expected_int8_kernels"]
-        kernels = "-" if k is None or expected is None else f"{sum(k.values())}/{expected}"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | "
-                     f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f} | {r['speedup_vs_fp32_compiled']:.2f}x | "
-                     f"{r['size_mb']:.2f} | {kernels} |")
+             "", speed_table(rows)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -250,7 +246,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
     meta = {"threads": threads, "cpu": cpu_name(), "cpu_vnni": cpu_has_vnni(), "torch": torch.__version__,
             "python": platform.python_version(), "rounds": args.rounds, "warmup": args.warmup,
             "models": args.models, "batches": args.batches, "compiled": not args.no_compile,
-            "dynamic_batch": args.dynamic, "wall_s": round(time.perf_counter() - started, 1)}
+            "dynamic_batch": args.dynamic, "wall_s": round(time.perf_counter() - started, 1),
+            "command": "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": datetime.now().isoformat(timespec="seconds"), **machine_meta()}
     (run_dir / "speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     write_markdown(meta, rows, run_dir / "speed.md")
     print(f"[speed] done in {meta['wall_s']:.0f}s -> {run_dir}", flush=True)

@@ -9,10 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/split_latency.py` from anywhere
+from diffusion_ao.quiet import quiet_third_party  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+quiet_third_party()  # before torch, torchao and diffusers print their import-time notes
 
+import torch  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
 
 from bench.latency import default_threads, measure_interleaved  # noqa: E402

@@ -13,21 +13,57 @@ Example:
     >>> calibrate(prepared, data)
     >>> pipe.transformer = as_diffusers_denoiser(compile_for_cpu(convert_pt2e(prepared)), like=pipe.transformer)
 """
-from .calibration import CalibrationData, CalibrationStep, calibrate, collect_calibration_data
-from .calibration_store import load_calibration_data, save_calibration_data
-from .config import PRESETS, LayerQuant, QuantConfig
-from .export import (QuantizedDenoiser, QuantizedUNet, as_diffusers_denoiser, as_diffusers_unet, export_denoiser,
-                     export_unet)
-from .lowering import compile_for_cpu, count_int8_kernels
-from .pipeline_calibration import capture_calibration_data
-from .quantizer import DiffusionQuantizer
-from .recipe import QuantizationReport, quantize_denoiser, quantize_pipeline, quantize_unet
-from .serialization import load_quantized, save_quantized
+from __future__ import annotations
 
-__all__ = [
-    "CalibrationData", "CalibrationStep", "DiffusionQuantizer", "LayerQuant", "PRESETS", "QuantConfig",
-    "QuantizationReport", "QuantizedDenoiser", "QuantizedUNet", "as_diffusers_denoiser", "as_diffusers_unet",
-    "calibrate", "capture_calibration_data", "collect_calibration_data", "compile_for_cpu", "count_int8_kernels",
-    "export_denoiser", "export_unet", "load_calibration_data", "load_quantized", "quantize_denoiser",
-    "quantize_pipeline", "quantize_unet", "save_calibration_data", "save_quantized",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+# public name -> the submodule that defines it. Submodules are imported on first use, so that `import diffusion_ao`
+# (and `diffusion_ao.quiet`, which entry points call before torch is imported) stays cheap.
+_EXPORTS = {
+    "calibration": ("CalibrationData", "CalibrationStep", "calibrate", "collect_calibration_data"),
+    "calibration_store": ("load_calibration_data", "save_calibration_data"),
+    "config": ("PRESETS", "LayerQuant", "QuantConfig"),
+    "export": ("QuantizedDenoiser", "QuantizedUNet", "as_diffusers_denoiser", "as_diffusers_unet", "export_denoiser",
+               "export_unet"),
+    "lowering": ("compile_for_cpu", "count_int8_kernels"),
+    "pipeline_calibration": ("capture_calibration_data",),
+    "quantizer": ("DiffusionQuantizer",),
+    "recipe": ("QuantizationReport", "quantize_denoiser", "quantize_pipeline", "quantize_unet"),
+    "serialization": ("load_quantized", "save_quantized"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:  # a submodule, e.g. `diffusion_ao.cpu` after a bare `import diffusion_ao`
+        if name.startswith("_"):
+            raise AttributeError(f"module 'diffusion_ao' has no attribute {name!r}")
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'diffusion_ao' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationData, CalibrationStep, calibrate, collect_calibration_data
+    from .calibration_store import load_calibration_data, save_calibration_data
+    from .config import PRESETS, LayerQuant, QuantConfig
+    from .export import (QuantizedDenoiser, QuantizedUNet, as_diffusers_denoiser, as_diffusers_unet,
+                         export_denoiser, export_unet)
+    from .lowering import compile_for_cpu, count_int8_kernels
+    from .pipeline_calibration import capture_calibration_data
+    from .quantizer import DiffusionQuantizer
+    from .recipe import QuantizationReport, quantize_denoiser, quantize_pipeline, quantize_unet
+    from .serialization import load_quantized, save_quantized

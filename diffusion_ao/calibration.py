@@ -1,4 +1,4 @@
-"""Timestep-aware calibration data (Q-Diffusion, METHODS.md §2) and the calibration loop.
+"""Timestep-aware calibration data (Q-Diffusion, docs/methods.md#calibration-data) and the calibration loop.
 
 `CalibrationData` holds what a denoiser sees at every sampler step, keyed by the real timestep value, so any
 scheduler and step count work. `capture_calibration_data` (in `pipeline_calibration`) records it from the user's

@@ -1,6 +1,6 @@
 """`QuantConfig`: what to quantize, to how many bits, and with which observers.
 
-Every scope choice that the seed papers make silently (METHODS.md §1) is an explicit field here, so two
+Every scope choice that the seed papers make silently (docs/methods.md#scopes) is an explicit field here, so two
 results are only compared when their scopes are printed next to them.
 """
 from __future__ import annotations
@@ -198,7 +198,7 @@ class QuantConfig:
 
     @property
     def scope(self) -> str:
-        """A short, printable summary of what is quantized (METHODS.md §1)."""
+        """A short, printable summary of what is quantized (docs/methods.md#scopes)."""
         parts = [
             f"first/last:{'Q' if self.quantize_first_last else 'FP'}",
             f"time-emb:{self._time_scope}",
@@ -254,7 +254,7 @@ class QuantConfig:
 
 
 # Bit-width presets keep the project's default scope (first/last layers in FP, everything else quantized).
-# The three *-scope presets reproduce each seed paper's scope at W4A8 (METHODS.md §1).
+# The three *-scope presets reproduce each seed paper's scope at W4A8 (docs/methods.md#scopes).
 PRESETS: dict[str, dict] = {
     "w8a8": dict(weight_bits=8, act_bits=8),
     "w4a8": dict(weight_bits=4, act_bits=8, weight_observer="mse"),
@@ -263,7 +263,7 @@ PRESETS: dict[str, dict] = {
     "w4a32": dict(weight_bits=4, act_bits=None, weight_observer="mse"),
     "qdiff-scope": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=True,
                         quantize_time_embedding=True, quantize_skip_convs=True, quantize_attention_matmuls=True),
-    # TFMQ-DM's scope (METHODS.md §1): the TIB is FP, here by caching it for the calibration timesteps.
+    # TFMQ-DM's scope (docs/methods.md#scopes): the TIB is FP, here by caching it for the calibration timesteps.
     "tfmq-scope": dict(weight_bits=4, act_bits=8, weight_observer="mse", quantize_first_last=False,
                        quantize_time_embedding=False, quantize_skip_convs=False, quantize_attention_matmuls=True,
                        tfmq=TFMQConfig(cache="all", fsc="none")),
@@ -281,7 +281,8 @@ PRESETS: dict[str, dict] = {
     "qdiff-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="mse", quantize_first_last=True,
                        quantize_time_embedding=True, quantize_skip_convs=True, quantize_attention_matmuls=True,
                        qdiff=QDiffConfig(split_shortcut=True, reconstruction=ReconstructionConfig())),
-    # The recommended recipe per width (README, "best-*"; each piece measured in `bench/run.py --ablation best`):
+    # The recommended recipe per width (docs/methods.md#recommended-recipes; each piece is an ablation row of
+    # `bench/run.py --ablation best`):
     # GPTQ rounding on the min-max weight grid, TFMQ-DM's cache of the temporal features, DMQ's adaptive timestep
     # weights (no LES / PTS), the most sensitive layers' weights at 8 bits within 0.17 x the FP32 size, and
     # Q-Diffusion's block reconstruction from GPTQ's codes (no shortcut split).

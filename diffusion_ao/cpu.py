@@ -172,8 +172,8 @@ def int8_kernel_saturates(kernel: str) -> bool:
 
     Measured, not inferred: the kernel runs once per process on codes whose every pair of products exceeds int16
     (255 x 127 for oneDNN's uint8 x int8 `qconv` / `qlinear`, 127 x 127 for `torch._int_mm`) and its result is
-    compared with the exact one (~1 ms). Where the kernel cannot run (no oneDNN int8 kernels on this platform),
-    the answer is the CPU flags' (`not cpu_has_vnni()`).
+    compared with the exact one. Where the kernel cannot run (no oneDNN int8 kernels on this platform), the answer
+    is the CPU flags' (`not cpu_has_vnni()`).
 
     Args:
         kernel: "qconv", "qlinear" (oneDNN's, what `compile_for_cpu` lowers to) or "int_mm" (`torch._int_mm`,

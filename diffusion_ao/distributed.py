@@ -11,7 +11,7 @@ process behaves exactly as before:
 * `calibrate` runs each rank's share of every step's samples through the prepared graph and merges the
   observers' per-timestep statistics across ranks (`reduce_observers`): min / max, counts, sums of squares and
   the exact tails are those of all the data, so min-max qparams equal one process's; MSE ranges are searched on a
-  random subsample, which differs with the split;
+  bottom-k subsample that does not depend on the split, so they equal one process's too;
 * `reconstruct_blocks` (Q-Diffusion's block reconstruction, TIAR) caches each rank's share of a block's samples;
   every rank draws the same minibatch indices, computes the loss of the ones it holds, and the gradients are
   summed across ranks (`all_reduce_sum`) before every rank takes the same optimiser step: one process's

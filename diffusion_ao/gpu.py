@@ -1,6 +1,6 @@
 """The GPU path: lower a converted graph's quantized convs and linears to integer matmuls.
 
-PT2E's q/dq graphs stay simulated on GPU (METHODS.md §9). `lower_to_int_mm` replaces every
+PT2E's q/dq graphs stay simulated on GPU (docs/methods.md#lowering-to-int8-kernels). `lower_to_int_mm` replaces every
 `dequantize(uint8 x) -> conv2d/linear <- dequantize(int8 w)` of a converted graph by a module that multiplies
 the integer codes with `torch._int_mm` (int8 x int8 -> int32; cuBLAS on CUDA, also available on CPU, which is
 how the arithmetic is tested here):

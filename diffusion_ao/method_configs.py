@@ -37,16 +37,15 @@ LES_INITS = ("ones", "smoothquant")
 
 @dataclass(frozen=True)
 class DMQConfig:
-    """DMQ's calibration-time pieces (METHODS.md §3–§5), applied by `quantize_unet` in the order LES, PTS,
+    """DMQ's calibration-time pieces (docs/methods.md#dmq), applied by `quantize_unet` in the order LES, PTS,
     calibration, timestep weighting.
 
     Args:
         les: learned equivalent scaling of every quantized layer's input channels, folded into the graph.
         les_init: "ones" (DMQ) or "smoothquant" (s = max|x|^alpha / max|W|^(1-alpha)).
         les_alpha: SmoothQuant's alpha for `les_init="smoothquant"`.
-        les_iterations: Adam steps per layer (DMQ: ~6k on a GPU). On the default model, 100 steps reach all
-            but 0.5 % of the expected-loss drop that 200 reach (the deployed error differs by 0.2 %) in half the
-            time; `bench/results/les-iterations.md` has the measurement.
+        les_iterations: Adam steps per layer (DMQ: ~6k on a GPU). The default is a CPU budget: more steps
+            bought little on the shipped model (`bench/les_iterations.py`; see docs/benchmarks.md).
         les_lr: learning rate on log(s).
         les_samples_per_step: calibration trajectories per timestep whose layer inputs LES learns from.
         les_min_gain: a layer keeps s = 1 unless LES lowers its expected quantization error (the smooth loss it
@@ -62,10 +61,11 @@ class DMQConfig:
             summed over all samples).
         pts_max_k: factors are 2^-k for k in 0..pts_max_k.
         pts_kappa: share of votes a k needs to be used (else k = 0).
-        pts_min_spread: max / median of the per-channel |x| max at which a layer input gets PTS. 2 by default:
-            the shipped digits model has no input above 3.9 (its skip concats reach 2.6), far below the outlier
-            channels of large latent diffusion models; the vote itself keeps k = 0 wherever the folded factor
-            costs more (weight rounding) than it gains (activation step).
+        pts_min_spread: max / median of the per-channel |x| max at which a layer input gets PTS. 2 by default,
+            low enough that the widest inputs of the shipped digits model (its skip concats among them) get PTS,
+            although their spread is far below the outlier channels of large latent diffusion models; the vote
+            itself keeps k = 0 wherever the folded factor costs more (weight rounding) than it gains (activation
+            step).
         seed: seeds LES's minibatch draws.
     """
 
@@ -112,7 +112,7 @@ TFMQ_FSC = ("none", "temporal", "all")
 
 @dataclass(frozen=True)
 class TFMQConfig:
-    """TFMQ-DM's pieces (METHODS.md §3, §8), applied by `quantize_unet`. The finite set of timesteps is the
+    """TFMQ-DM's pieces (docs/methods.md#tfmq-dm), applied by `quantize_unet`. The finite set of timesteps is the
     calibration data's (`CalibrationData.timesteps`): sample with the same scheduler and step count.
 
     Args:
@@ -165,7 +165,7 @@ class TFMQConfig:
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
-    """Q-Diffusion's block reconstruction (BRECQ/AdaRound + LSQ, METHODS.md §7) and its budget.
+    """Q-Diffusion's block reconstruction (BRECQ/AdaRound + LSQ, docs/methods.md#block-reconstruction) and its budget.
 
     Args:
         iterations: optimisation steps per block (Q-Diffusion: 20k; 0 keeps round-to-nearest and the observers'
@@ -220,7 +220,7 @@ class ReconstructionConfig:
 
 @dataclass(frozen=True)
 class QDiffConfig:
-    """Q-Diffusion's pieces (METHODS.md §6, §7), applied by `DiffusionQuantizer` and `quantize_unet`.
+    """Q-Diffusion's pieces (docs/methods.md#q-diffusion), applied by `DiffusionQuantizer` and `quantize_unet`.
 
     Args:
         split_shortcut: give each input of a conv on a channel concat (the UpBlock ResBlocks' `conv_shortcut` on
@@ -301,7 +301,8 @@ class MixedPrecisionConfig:
     the prediction most get `weight_bits`, within a size budget.
 
     Args:
-        size_budget: the packed model's size as a fraction of FP32's (e.g. 0.17; all-4-bit weights are ~0.14).
+        size_budget: the packed model's size as a fraction of FP32's (e.g. 0.17; all-4-bit weights are a little
+            above 4/32, for the scales and the FP layers).
         weight_bits: the width of the promoted layers' weights.
         samples_per_step: calibration samples per timestep that measure each layer's sensitivity.
     """

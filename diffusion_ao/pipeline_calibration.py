@@ -1,4 +1,4 @@
-"""Calibration data recorded from the user's own diffusers pipeline call (METHODS.md §11, "Pipelines").
+"""Calibration data recorded from the user's own diffusers pipeline call (docs/methods.md#calibration-data).
 
 `capture_calibration_data(pipe, ...)` runs `pipe(**call_kwargs)` (or each of several calls, shared out among the
 ranks of a `torch.distributed` process group) with the denoiser's forward wrapped: every denoiser call's inputs

@@ -33,6 +33,7 @@ from .observers import TimestepFakeQuantize, WeightFakeQuantize
 from .observers.adaround import annealed_beta
 from .passes.analysis import get_attr_tensor
 from .passes.channel_scaling import replace_constant
+from .threads import ThreadChoice
 
 logger = logging.getLogger(__name__)
 
@@ -328,22 +329,25 @@ def finetune(prepared: GraphModule, reference: torch.nn.Module, data: Calibratio
     step_ids = torch.arange(len(timesteps)).repeat_interleave(config.batch_per_step)
     weights: dict[float, float] = {}
     losses = []
+    threads = ThreadChoice()  # small steps: one thread beats two on a busy machine
     for iteration in tqdm(range(config.iterations), desc="QAT fine-tune", disable=not progress, unit="step"):
-        rows = [torch.randint(0, len(step), (config.batch_per_step,), generator=generator) for step in data.steps]
-        inputs = data.mixed_batch(rows)
-        with torch.no_grad():
-            target = call_graph(reference, inputs, names)
-        errors = per_timestep_mean(per_sample_relative_error(call_graph(prepared, inputs, names), target),
-                                   step_ids, len(timesteps))
-        weights = adaptive.update({t: float(e) for t, e in zip(timesteps, errors.detach())})
-        loss = (errors * torch.tensor([weights[t] for t in timesteps], dtype=errors.dtype)).sum()
-        losses.append(float(loss.detach()))
-        beta = annealed_beta(iteration, config.iterations, config.warmup, config.beta_start, config.beta_end)
-        if beta is not None and config.adaround and config.round_weight > 0:
-            loss = loss + config.round_weight * torch.stack([fq.rounding_regularizer(beta) for fq in weight_fqs]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        with threads.step(iteration):
+            rows = [torch.randint(0, len(step), (config.batch_per_step,), generator=generator) for step in data.steps]
+            inputs = data.mixed_batch(rows)
+            with torch.no_grad():
+                target = call_graph(reference, inputs, names)
+            errors = per_timestep_mean(per_sample_relative_error(call_graph(prepared, inputs, names), target),
+                                       step_ids, len(timesteps))
+            weights = adaptive.update({t: float(e) for t, e in zip(timesteps, errors.detach())})
+            loss = (errors * torch.tensor([weights[t] for t in timesteps], dtype=errors.dtype)).sum()
+            losses.append(float(loss.detach()))
+            beta = annealed_beta(iteration, config.iterations, config.warmup, config.beta_start, config.beta_end)
+            if beta is not None and config.adaround and config.round_weight > 0:
+                regularizer = torch.stack([fq.rounding_regularizer(beta) for fq in weight_fqs]).mean()
+                loss = loss + config.round_weight * regularizer
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     hardened = finish_training(prepared)
     tenth = max(1, len(losses) // 10)
     report = FinetuneReport(config.iterations, sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth, hardened,

@@ -24,8 +24,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
-import torch
-import torch.distributed as dist
+if __name__ == "__main__":  # the command line: quiet before torch, torchao and diffusers print their notes
+    from .quiet import quiet_third_party
+
+    quiet_third_party()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from .calibration import collect_calibration_data
 from .config import PRESETS

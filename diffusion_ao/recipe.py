@@ -27,6 +27,7 @@ from .graph import require_exported
 from .lowering import compile_for_cpu
 from .quantizer import DiffusionQuantizer
 from .size import size_mb
+from .threads import calibration_threads
 
 if TYPE_CHECKING:
     from .mixed_precision import MixedPrecisionPlan
@@ -84,85 +85,88 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
         raise TypeError(f"quantize_denoiser needs CalibrationData, got {type(data).__name__}: capture it with "
                         "capture_calibration_data(pipe, ...) or collect_calibration_data(unet, scheduler, ...).")
     data.validate()
-    start = time.perf_counter()
-    if isinstance(model, torch.fx.GraphModule):  # exported already (e.g. once for several configs)
-        pristine = require_exported(model, "quantize_denoiser")
-    else:
-        pristine = export_denoiser(model, data.steps[0])
+    # one thread when another process keeps a core busy: the learned steps are small (diffusion_ao.threads)
+    with calibration_threads():
+        start = time.perf_counter()
+        if isinstance(model, torch.fx.GraphModule):  # exported already (e.g. once for several configs)
+            pristine = require_exported(model, "quantize_denoiser")
+        else:
+            pristine = export_denoiser(model, data.steps[0])
 
-    def export():  # a fresh FP graph for each pass that changes one or needs an untouched reference
-        return copy.deepcopy(pristine)
+        def export():  # a fresh FP graph for each pass that changes one or needs an untouched reference
+            return copy.deepcopy(pristine)
 
-    graph = export()
-    fp32_bytes = int(size_mb(graph) * 2**20)
-    dmq, tfmq = config.dmq, config.tfmq
-    tfmq_report = None
-    if tfmq is not None:  # the cache needs the sampler's timesteps: those of the calibration data
-        from .tfmq import apply as tfmq_steps
-        tfmq_report = tfmq_steps.before_prepare(graph, data, tfmq)
-    plan = None
-    if config.mixed_precision is not None:  # on the graph left after the cache: the budget goes to layers that stay
-        from .mixed_precision import plan_mixed_precision
-        plan = plan_mixed_precision(graph, data, config, config.mixed_precision, has_vnni=has_vnni,
-                                    fp32_bytes=fp32_bytes)
-        config = config.replace(module_name_overrides={**plan.overrides, **config.module_name_overrides})
-    quantizer = DiffusionQuantizer(config, has_vnni=has_vnni, qat=config.finetune is not None)
-    report = QuantizationReport(quantizer, tfmq=tfmq_report, mixed_precision=plan)
-    if dmq is not None and (dmq.les or dmq.pts):  # plan the channel scales on the convs prepare_pt2e quantizes
-        quantizer.split_shortcuts(graph)
-    if dmq is not None and dmq.les:
-        from .dmq import apply_learned_scaling
-        report.les = apply_learned_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
-        logger.info("LES: %d of %d layers scaled", sum(r.fold is not None for r in report.les.values()),
-                    len(report.les))
-    if dmq is not None and dmq.pts:
-        from .dmq import apply_power_of_two_scaling
-        report.pts = apply_power_of_two_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
-        logger.info("PTS: %d layers scaled: %s", len(report.pts), sorted(report.pts))
-    prepared = (prepare_pt2e if config.finetune is None else prepare_qat_pt2e)(graph, quantizer)
-    calibrate(prepared, data, progress=progress)
-    if config.finetune is not None:
-        from .qat import finetune
-        report.finetune = finetune(prepared, export(), data, config.finetune, progress=progress)
-    if dmq is not None and dmq.timestep_weighting and dmq.weighting_iterations > 0:
-        if config.timestep_aggregation != "weighted":
-            raise ValueError("DMQConfig(timestep_weighting=True) needs QuantConfig(timestep_aggregation='weighted').")
-        from .dmq import adapt_timestep_weights
-        reference = export()
-        report.timestep_weights = adapt_timestep_weights(prepared, reference, data, r=dmq.weighting_r,
-                                                         ema=dmq.weighting_ema, iterations=dmq.weighting_iterations)
-    if config.gptq is not None:
-        from .gptq import apply_gptq
-        weights = report.timestep_weights if config.gptq.use_timestep_weights else None
-        report.gptq = apply_gptq(prepared, data, config.gptq, timestep_weights=weights, progress=progress)
-    recon = config.qdiff.reconstruction if config.qdiff is not None else None
-    if recon is not None and recon.iterations > 0:
-        from .qdiff import reconstruct_blocks
-        weights = report.timestep_weights if recon.use_timestep_weights else None
-        report.reconstruction = reconstruct_blocks(prepared, data, recon, timestep_weights=weights,
-                                                   progress=progress)
-    tables, reference = [], None
-    if tfmq is not None:
-        reference = export()
-        tables = tfmq_steps.before_convert(prepared, data, tfmq, report.tfmq)
-    if config.time_groups is not None:
-        from .time_groups import convert_time_grouped
-        converted, report.time_groups = convert_time_grouped(prepared, data.timesteps, config.time_groups)
-        graphs = list(converted.groups)
-    else:
-        converted = convert_pt2e(prepared)
-        graphs = [converted]
-    if tfmq is not None:
-        for graph in graphs:
-            tfmq_steps.after_convert(graph, reference, tables, tfmq, report.tfmq, quantizer.decisions)
-    if config.output_correction is not None:
-        from .output_correction import apply_output_correction, estimate_output_correction
-        reference = reference if reference is not None else export()
-        report.output_correction = estimate_output_correction(converted, reference, data, config.output_correction)
-        for graph in graphs:
-            apply_output_correction(graph, report.output_correction)
-    report.calib_s = time.perf_counter() - start
-    return converted, report
+        graph = export()
+        fp32_bytes = int(size_mb(graph) * 2**20)
+        dmq, tfmq = config.dmq, config.tfmq
+        tfmq_report = None
+        if tfmq is not None:  # the cache needs the sampler's timesteps: those of the calibration data
+            from .tfmq import apply as tfmq_steps
+            tfmq_report = tfmq_steps.before_prepare(graph, data, tfmq)
+        plan = None
+        if config.mixed_precision is not None:  # on the graph left after the cache: the budget goes to layers that stay
+            from .mixed_precision import plan_mixed_precision
+            plan = plan_mixed_precision(graph, data, config, config.mixed_precision, has_vnni=has_vnni,
+                                        fp32_bytes=fp32_bytes)
+            config = config.replace(module_name_overrides={**plan.overrides, **config.module_name_overrides})
+        quantizer = DiffusionQuantizer(config, has_vnni=has_vnni, qat=config.finetune is not None)
+        report = QuantizationReport(quantizer, tfmq=tfmq_report, mixed_precision=plan)
+        if dmq is not None and (dmq.les or dmq.pts):  # plan the channel scales on the convs prepare_pt2e quantizes
+            quantizer.split_shortcuts(graph)
+        if dmq is not None and dmq.les:
+            from .dmq import apply_learned_scaling
+            report.les = apply_learned_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
+            logger.info("LES: %d of %d layers scaled", sum(r.fold is not None for r in report.les.values()),
+                        len(report.les))
+        if dmq is not None and dmq.pts:
+            from .dmq import apply_power_of_two_scaling
+            report.pts = apply_power_of_two_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
+            logger.info("PTS: %d layers scaled: %s", len(report.pts), sorted(report.pts))
+        prepared = (prepare_pt2e if config.finetune is None else prepare_qat_pt2e)(graph, quantizer)
+        calibrate(prepared, data, progress=progress)
+        if config.finetune is not None:
+            from .qat import finetune
+            report.finetune = finetune(prepared, export(), data, config.finetune, progress=progress)
+        if dmq is not None and dmq.timestep_weighting and dmq.weighting_iterations > 0:
+            if config.timestep_aggregation != "weighted":
+                raise ValueError("DMQConfig(timestep_weighting=True) needs "
+                                 "QuantConfig(timestep_aggregation='weighted').")
+            from .dmq import adapt_timestep_weights
+            reference = export()
+            report.timestep_weights = adapt_timestep_weights(prepared, reference, data, r=dmq.weighting_r,
+                                                             ema=dmq.weighting_ema, iterations=dmq.weighting_iterations)
+        if config.gptq is not None:
+            from .gptq import apply_gptq
+            weights = report.timestep_weights if config.gptq.use_timestep_weights else None
+            report.gptq = apply_gptq(prepared, data, config.gptq, timestep_weights=weights, progress=progress)
+        recon = config.qdiff.reconstruction if config.qdiff is not None else None
+        if recon is not None and recon.iterations > 0:
+            from .qdiff import reconstruct_blocks
+            weights = report.timestep_weights if recon.use_timestep_weights else None
+            report.reconstruction = reconstruct_blocks(prepared, data, recon, timestep_weights=weights,
+                                                       progress=progress)
+        tables, reference = [], None
+        if tfmq is not None:
+            reference = export()
+            tables = tfmq_steps.before_convert(prepared, data, tfmq, report.tfmq)
+        if config.time_groups is not None:
+            from .time_groups import convert_time_grouped
+            converted, report.time_groups = convert_time_grouped(prepared, data.timesteps, config.time_groups)
+            graphs = list(converted.groups)
+        else:
+            converted = convert_pt2e(prepared)
+            graphs = [converted]
+        if tfmq is not None:
+            for graph in graphs:
+                tfmq_steps.after_convert(graph, reference, tables, tfmq, report.tfmq, quantizer.decisions)
+        if config.output_correction is not None:
+            from .output_correction import apply_output_correction, estimate_output_correction
+            reference = reference if reference is not None else export()
+            report.output_correction = estimate_output_correction(converted, reference, data, config.output_correction)
+            for graph in graphs:
+                apply_output_correction(graph, report.output_correction)
+        report.calib_s = time.perf_counter() - start
+        return converted, report
 
 
 # The name of the UNet-only first version.

@@ -125,7 +125,7 @@ def _graph_archive(graph: GraphModule, tensors: dict[str, torch.Tensor], keys: d
             node.meta.pop(key, None)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    # The archive is uncompressed JSON: compressing it makes the graph ~20x smaller than its weights' worth.
+    # The archive is uncompressed JSON, which compresses well: xz keeps the graph small next to its weights.
     return lzma.compress(buffer.getvalue(), preset=6)
 
 

@@ -1,5 +1,5 @@
-"""Time-grouped activation ranges on real int8 kernels (TQ-DiT's time grouping, METHODS.md §3's alternative to
-finite-set calibration).
+"""Time-grouped activation ranges on real int8 kernels (TQ-DiT's time grouping, docs/methods.md#time-groups), an
+alternative to finite-set calibration.
 
 Activation ranges drift with the timestep. Finite-set calibration gives every timestep its own qparams, but a
 run-time activation scale sends the convs to simulated q/dq (inductor's `qconv` patterns need a constant one).

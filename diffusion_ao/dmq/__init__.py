@@ -1,4 +1,4 @@
-"""DMQ (METHODS.md §3–§5): adaptive timestep weighting, learned equivalent scaling (LES) and power-of-two
+"""DMQ (docs/methods.md#dmq): adaptive timestep weighting, learned equivalent scaling (LES) and power-of-two
 channel scaling with voting.
 
 All run at calibration time on the PT2E graph; `quantize_unet` applies them when `QuantConfig.dmq` is set.

@@ -1,19 +1,20 @@
-"""DMQ's learned equivalent scaling, LES (METHODS.md §4).
+"""DMQ's learned equivalent scaling, LES (docs/methods.md#learned-equivalent-scaling-les).
 
 For a quantized conv/linear y = W x with input channels c, LES learns s_c > 0 and computes
 y = (W diag(s)) (diag(1/s) x): exact in floating point, but it moves quantization difficulty between the
 activation x/s and the weight W s. s is learned per layer by minimising the layer's output error under
-quantization of both, weighted per timestep with DMQ's adaptive weights (§3), starting from s = 1 (DMQ) or
-SmoothQuant's closed form. Unlike DMQ's code, which divides by s at run time, the learned scales are folded
-into the graph (`scale_input_channels`): W s into the weight before it is quantized, 1/s into the producer
-of x or a per-channel multiply that inductor fuses into the quantize op.
+quantization of both, weighted per timestep with DMQ's adaptive weights
+(docs/methods.md#adaptive-timestep-weights), starting from s = 1 (DMQ) or SmoothQuant's closed form. Unlike
+DMQ's code, which divides by s at run time, the learned scales are folded into the graph
+(`scale_input_channels`): W s into the weight before it is quantized, 1/s into the producer of x or a
+per-channel multiply that inductor fuses into the quantize op.
 
 Unlike DMQ, the loss is the *expected* quantization error (each rounding replaced by seeded uniform noise of
 one step, the steps following s), not the error through a straight-through rounding: the latter is a
-staircase in s, and learning on it made the scales, and the model's FD, depend on the last bits of the FP
-inputs, i.e. on the CPU (`learn_scales` has the measurements). The ranges are the deployed observers': the
-weight observer, and the activation observer with its per-timestep statistics fed x/s of every calibration
-timestep, so that LES optimises the ranges the deployed model will use.
+staircase in s, and learning on it made the scales, and the model's quality, depend on the last bits of the FP
+inputs, i.e. on the CPU. The ranges are the deployed observers': the weight observer, and the activation
+observer with its per-timestep statistics fed x/s of every calibration timestep, so that LES optimises the
+ranges the deployed model will use.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from ..calibration import CalibrationData
 from ..distributed import gather_dicts, share_by_work, world
 from ..observers import timestep_context
 from ..primitives import fake_quantize
+from ..threads import ThreadChoice
 from .timestep_weights import AdaptiveTimestepWeights
 
 WEIGHT_SEARCH_GRID = 21  # candidate weight ranges per step (the final weight observer searches finer)
@@ -239,14 +241,14 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
 
     DMQ learns s through the rounding with a straight-through gradient. That loss is a staircase in s: with
     4-bit weights, which weights round up or down changes with every small move of s, so the loss has a rough
-    component that no gradient predicts, and Adam on the straight-through guess wanders over it. A 1-ulp change
-    of the inputs (another CPU's FP rounding) moved such scales by up to e^0.37 and the layer loss they reached
-    by up to 25 %, and the model's FD by 2x. Here each rounding is replaced by uniform noise of one
-    quantization step (drawn from `seed`, the same on every machine), and the steps and clipping bounds follow
-    s: the activation range is the exact min/max of x/s times the clip ratios the deployed observer chooses
-    at the initial s, the weight range per output channel likewise. The loss is then smooth in s and in the
-    data, so the learned s moves with the rounding only as much as the rounding itself, and its gradient sees
-    what s trades: a wider activation step against wider weight steps.
+    component that no gradient predicts, and Adam on the straight-through guess wanders over it: a 1-ulp change
+    of the inputs (another CPU's FP rounding) moved such scales, and the model's quality with them. Here each
+    rounding is replaced by uniform noise of one quantization step (drawn from `seed`, the same on every
+    machine), and the steps and clipping bounds follow s: the activation range is the exact min/max of x/s
+    times the clip ratios the deployed observer chooses at the initial s, the weight range per output channel
+    likewise. The loss is then smooth in s and in the data, so the learned s moves with the rounding only as
+    much as the rounding itself, and its gradient sees what s trades: a wider activation step against wider weight
+    steps.
 
     Each iteration draws `batch_per_step` samples from every timestep, weights the per-timestep losses with DMQ's
     adaptive weights (uniform when `weighting_r` is 0) and takes an Adam step on log(s) with a cosine learning
@@ -291,24 +293,29 @@ def learn_scales(sim: LayerQuantSim, inputs: dict[float, torch.Tensor], init: to
         deployed_unscaled = float(per_timestep_loss(sim(x_all), reference, ids_all).mean())
         loss_unscaled = float(per_timestep_loss(sim.noisy(x_all, *eval_noise), reference, ids_all).mean())
         init_log_s = init.clamp_min(EPS).log()
-        sim.log_s.copy_(init_log_s)
-        sim.refresh_ranges(inputs)  # the clip ratios the noisy loss keeps while s is learned
-        loss_init = float(per_timestep_loss(sim.noisy(x_all, *eval_noise), reference, ids_all).mean())
+        if torch.equal(init_log_s, sim.log_s):  # DMQ's start, s = 1: the ranges and the loss are those above
+            loss_init = loss_unscaled
+        else:
+            sim.log_s.copy_(init_log_s)
+            sim.refresh_ranges(inputs)  # the clip ratios the noisy loss keeps while s is learned
+            loss_init = float(per_timestep_loss(sim.noisy(x_all, *eval_noise), reference, ids_all).mean())
     optimizer = _optimizer([sim.log_s], lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(iterations, 1))
     weights = AdaptiveTimestepWeights(weighting_r, weighting_ema)
     batch_ids = torch.arange(len(timesteps)).repeat_interleave(batch_per_step)
-    for _ in range(iterations):
-        rows = starts[batch_ids] + (torch.rand(len(batch_ids), generator=generator) * sizes[batch_ids]).long()
-        x = x_all[rows]
-        pred = sim.noisy(x, _uniform(x.shape, generator), _uniform(sim.weight.shape, generator))
-        losses = per_timestep_loss(pred, reference[rows], batch_ids)
-        lam = weights.update({t: float(v) for t, v in zip(timesteps, losses.detach())})
-        loss = (losses * torch.tensor([lam[t] for t in timesteps], dtype=losses.dtype)).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    threads = ThreadChoice()  # small steps: one thread beats two on a busy machine
+    for i in range(iterations):
+        with threads.step(i):
+            rows = starts[batch_ids] + (torch.rand(len(batch_ids), generator=generator) * sizes[batch_ids]).long()
+            x = x_all[rows]
+            pred = sim.noisy(x, _uniform(x.shape, generator), _uniform(sim.weight.shape, generator))
+            losses = per_timestep_loss(pred, reference[rows], batch_ids)
+            lam = weights.update({t: float(v) for t, v in zip(timesteps, losses.detach())})
+            loss = (losses * torch.tensor([lam[t] for t in timesteps], dtype=losses.dtype)).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
     with torch.no_grad():
         learned_log_s = sim.log_s.detach().clone()
         loss_learned = float(per_timestep_loss(sim.noisy(x_all, *eval_noise), reference, ids_all).mean())

@@ -1,4 +1,4 @@
-"""DMQ's power-of-two channel scaling (PTS) with voting (METHODS.md §5).
+"""DMQ's power-of-two channel scaling (PTS) with voting (docs/methods.md#power-of-two-channel-scaling-pts).
 
 For a layer input whose channels differ a lot in magnitude (the skip concats above all), channel c is quantized
 with the per-tensor step divided by 2^k_c: equivalently x_c is multiplied by 2^k_c before quantization and the

@@ -1,4 +1,4 @@
-"""DMQ's adaptive timestep weights (METHODS.md §3).
+"""DMQ's adaptive timestep weights (docs/methods.md#adaptive-timestep-weights).
 
 lambda_t = (1 - L_t / sum_s L_s)^r, with L_t an EMA (factor xi) of the per-timestep loss. Steps whose loss is
 a large share of the total get less weight, so the range choice is not dominated by the steps that are hard

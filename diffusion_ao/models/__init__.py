@@ -26,7 +26,7 @@ def load_default_model() -> tuple[UNet2DModel, DDIMScheduler]:
     if not (DEFAULT_MODEL_DIR / "config.json").exists():
         raise FileNotFoundError(f"The default model's weights are missing from {DEFAULT_MODEL_DIR}; retrain with "
                                 "`python -m diffusion_ao.models.train`.")
-    # low_cpu_mem_usage=False: the default asks the user to install `accelerate`, which a 4 MB model does not need
+    # low_cpu_mem_usage=False: the default asks the user to install `accelerate`, which a model this small does not need
     unet = UNet2DModel.from_pretrained(DEFAULT_MODEL_DIR, low_cpu_mem_usage=False).eval()
     return unet, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
 

@@ -1,8 +1,8 @@
 """Activation observer that keeps statistics per denoising timestep.
 
-Activation ranges drift strongly with the timestep (METHODS.md §0). This observer records, for each timestep
-value set by `timestep_context`, the exact min/max, the mean square, and a bounded random subsample of the
-values. `calculate_qparams` then turns them into one range:
+Activation ranges drift strongly with the timestep (docs/methods.md#timestep-aware-calibration). This observer
+records, for each timestep value set by `timestep_context`, the exact min/max, the mean square, and a bounded
+random subsample of the values. `calculate_qparams` then turns them into one range:
 
 * method "minmax", aggregation "global": the union of all ranges (what a timestep-agnostic observer does).
 * method "minmax", aggregation "weighted": the weighted mean of the per-timestep min and max.
@@ -331,8 +331,9 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
         return self._calculate_qparams(lo.reshape(()), hi.reshape(()))
 
     def timestep_range(self, timestep: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (min, max) chosen from one timestep's statistics alone (finite-set calibration, METHODS.md §3):
-        its own min/max for "minmax", else the MSE-optimal clipping of its own range."""
+        """The (min, max) chosen from one timestep's statistics alone (finite-set calibration,
+        docs/methods.md#finite-set-calibration-fsc): its own min/max for "minmax", else the MSE-optimal clipping
+        of its own range."""
         return self.chosen_range([timestep])
 
     def learned_step_ratio(self) -> float:

@@ -1,5 +1,5 @@
-"""AdaRound (Nagel et al. 2020) as used by BRECQ / Q-Diffusion (METHODS.md §7): learn, per weight, whether to
-round down or up on the quantization grid.
+"""AdaRound (Nagel et al. 2020) as used by BRECQ / Q-Diffusion (docs/methods.md#adaround-and-lsq): learn, per
+weight, whether to round down or up on the quantization grid.
 
 w_soft = s * (clamp(floor(w / s) + h(V) + z, qmin, qmax) - z), with the rectified sigmoid
 h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1). V starts where h(V) equals the fractional part of w / s

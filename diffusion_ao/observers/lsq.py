@@ -1,4 +1,4 @@
-"""LSQ (Esser et al. 2020): activation fake quantization with a learnable step size (METHODS.md §7).
+"""LSQ (Esser et al. 2020): activation fake quantization with a learnable step size (docs/methods.md#adaround-and-lsq).
 
 x_q = s * (clamp(round(x / s) + z, qmin, qmax) - z) with the straight-through estimator for round and the
 gradient of s scaled by 1 / sqrt(numel * qmax), as in the LSQ paper. The zero point stays the observer's.

@@ -1,4 +1,5 @@
-"""Finite-set calibration (FSC, TFMQ-DM, METHODS.md §3): activation qparams per timestep, selected at run time.
+"""Finite-set calibration (FSC, TFMQ-DM, docs/methods.md#finite-set-calibration-fsc): activation qparams per
+timestep, selected at run time.
 
 A sampler visits a finite set of timesteps, so an activation quantizer can keep one (scale, zero point) per
 timestep instead of one compromise over all of them. `TimestepActivationObserver` already keeps per-timestep

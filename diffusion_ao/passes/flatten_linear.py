@@ -10,7 +10,7 @@ feeds an element-wise activation that feeds only flattened linears (the MLP's fc
 LES's per-channel scale), the reshape back and forth around the activation is dropped, so the activation runs on
 the 2-D tensor and inductor fuses it into the first `qlinear` (as a post-op with a uint8 output, or with the
 scale and the quantize in one kernel). With the reshapes in between, the GELU and the next
-linear's quantize stay a separate fp32 kernel (a DiT-S block: 3.3 of ~21 ms). It runs after calibration because
+linear's quantize stay a separate fp32 kernel. It runs after calibration because
 the methods' block analyses (block reconstruction) expect the activations in their exported shape.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Shortcut splitting (Q-Diffusion, METHODS.md §6): a conv on `cat([a, b, ...], dim=1)` becomes a sum of convs,
-one per concatenated input, so that each input gets its own activation quantizer.
+"""Shortcut splitting (Q-Diffusion, docs/methods.md#shortcut-splitting): a conv on `cat([a, b, ...], dim=1)`
+becomes a sum of convs, one per concatenated input, so that each input gets its own activation quantizer.
 
 conv(cat([a, b]), W, bias) = conv(a, W[:, :Ca], bias) + conv(b, W[:, Ca:]) holds exactly for groups == 1 (a
 conv is linear in its input channels, and zero padding pads each part alike). In the diffusers UpBlocks the

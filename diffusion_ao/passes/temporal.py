@@ -1,5 +1,6 @@
-"""Temporal information blocks (TIB, TFMQ-DM, METHODS.md §8): the part of an exported UNet that depends on the
-timestep alone, found in the graph rather than from per-model lists of module names.
+"""Temporal information blocks (TIB, TFMQ-DM, docs/methods.md#temporal-information-blocks-tib): the part of an
+exported UNet that depends on the timestep alone, found in the graph rather than from per-model lists of module
+names.
 
 Two sets are told apart on purpose:
 
@@ -8,8 +9,8 @@ Two sets are told apart on purpose:
   of timesteps (`passes.temporal_cache`).
 * `analysis.time_embedding_nodes`: nodes that depend on the timestep but not on the sample. In a class- or
   text-conditioned model this also holds the conditioning term added to the time embedding and everything
-  after it. `QuantConfig.quantize_time_embedding` (the scope switch of METHODS.md §1) refers to this larger set:
-  the time path as a whole, conditioning included.
+  after it. `QuantConfig.quantize_time_embedding` (the scope switch of docs/methods.md#scopes) refers to this
+  larger set: the time path as a whole, conditioning included.
 
 Example:
     >>> blocks = find_temporal_blocks(export_unet(unet, sample_shape=(1, 1, 16, 16)))

@@ -1,5 +1,5 @@
 """Cache temporal features for a scheduler's finite set of timesteps (TFMQ-DM's cache-based maintenance,
-METHODS.md §8a).
+docs/methods.md#temporal-cache).
 
 A sampler only ever calls the UNet at a finite set of timestep values. `cache_temporal_features` computes the
 chosen timestep-only features (by default: everything the rest of the UNet reads from the TIB) in floating point

@@ -1,4 +1,4 @@
-"""Q-Diffusion (METHODS.md §6, §7): block reconstruction with AdaRound weight rounding and LSQ activation step
+"""Q-Diffusion (docs/methods.md#q-diffusion): block reconstruction with AdaRound weight rounding and LSQ activation step
 sizes, on a calibrated PT2E graph (`prepare_pt2e` or `prepare_qat_pt2e`: the learning happens in the
 FakeQuantize modules of the QAT path either way). Shortcut splitting is a graph pass: `diffusion_ao.passes.split_concat`.
 

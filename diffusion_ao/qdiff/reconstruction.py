@@ -1,4 +1,4 @@
-"""Q-Diffusion's block reconstruction (BRECQ with AdaRound + LSQ, METHODS.md §7), budgeted.
+"""Q-Diffusion's block reconstruction (BRECQ with AdaRound + LSQ, docs/methods.md#block-reconstruction), budgeted.
 
 For each block in graph order: cache, over a capped subset of the timestep-aware calibration data, the block's
 inputs as the quantized-so-far model computes them (earlier blocks already learned, as in BRECQ) and the block's
@@ -33,6 +33,7 @@ from ..graph import GraphRunner, require_exported
 from ..observers import WeightFakeQuantize
 from ..observers.adaround import annealed_beta
 from ..passes.analysis import get_attr_tensor, input_dependencies
+from ..threads import ThreadChoice
 from ..qat import finish_training, unwrap_observers, wrap_observers
 from .blocks import Block, build_block_module, find_blocks
 
@@ -330,43 +331,45 @@ def reconstruct_block(graph: ReconstructionGraph, block: Block, data: Calibratio
     best, stale, window, done = float("inf"), 0, [], 0
     try:
         with torch.enable_grad():
+            threads = ThreadChoice()  # small steps: one thread beats two on a busy machine
             for it in range(config.iterations if optimizers else 0):
-                idx = torch.randint(0, total, (min(config.batch_size, total),), generator=generator)
-                if world_size == 1:
-                    res = module(*_take(ins, idx, block))
-                    rec = _loss(res, [o[idx] for o in outs], norms, w[idx])
-                else:  # this rank's part of the minibatch, as a share of the whole minibatch's loss
-                    mine = idx[(idx >= rows.start) & (idx < rows.stop)] - rows.start
-                    rec = torch.zeros(())
-                    if len(mine):
-                        res = module(*_take(ins, mine, block))
-                        rec = _loss(res, [o[mine] for o in outs], norms, w[mine], total_weight=w_all[idx].sum())
-                loss = rec
-                beta = annealed_beta(it, config.iterations, config.warmup, config.beta_start, config.beta_end)
-                if beta is not None and weights and config.round_weight > 0 and rank == 0:  # counted once
-                    loss = loss + config.round_weight * sum(fq.rounding_regularizer(beta) for fq in weights) / len(
-                        weights)
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                if loss.requires_grad:
-                    loss.backward()
-                if world_size > 1:
-                    rec = _summed_gradients(params_w + params_a, rec)
-                for opt in optimizers:
-                    opt.step()
-                done = it + 1
-                window.append(float(rec.detach()))
-                if bar is not None:
-                    bar.update(1)
-                if config.early_stop_patience and beta is not None and done % check_every == 0:
-                    avg = sum(window) / len(window)
-                    window.clear()
-                    if avg < 0.99 * best:
-                        best, stale = avg, 0
-                    else:
-                        stale += 1
-                        if stale >= config.early_stop_patience:
-                            break
+                with threads.step(it):
+                    idx = torch.randint(0, total, (min(config.batch_size, total),), generator=generator)
+                    if world_size == 1:
+                        res = module(*_take(ins, idx, block))
+                        rec = _loss(res, [o[idx] for o in outs], norms, w[idx])
+                    else:  # this rank's part of the minibatch, as a share of the whole minibatch's loss
+                        mine = idx[(idx >= rows.start) & (idx < rows.stop)] - rows.start
+                        rec = torch.zeros(())
+                        if len(mine):
+                            res = module(*_take(ins, mine, block))
+                            rec = _loss(res, [o[mine] for o in outs], norms, w[mine], total_weight=w_all[idx].sum())
+                    loss = rec
+                    beta = annealed_beta(it, config.iterations, config.warmup, config.beta_start, config.beta_end)
+                    if beta is not None and weights and config.round_weight > 0 and rank == 0:  # counted once
+                        loss = loss + config.round_weight * sum(fq.rounding_regularizer(beta) for fq in weights) / len(
+                            weights)
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    if loss.requires_grad:
+                        loss.backward()
+                    if world_size > 1:
+                        rec = _summed_gradients(params_w + params_a, rec)
+                    for opt in optimizers:
+                        opt.step()
+                    done = it + 1
+                    window.append(float(rec.detach()))
+                    if bar is not None:
+                        bar.update(1)
+                    if config.early_stop_patience and beta is not None and done % check_every == 0:
+                        avg = sum(window) / len(window)
+                        window.clear()
+                        if avg < 0.99 * best:
+                            best, stale = avg, 0
+                        else:
+                            stale += 1
+                            if stale >= config.early_stop_patience:
+                                break
     finally:
         for fq in learning:
             fq.disable_range_learning()

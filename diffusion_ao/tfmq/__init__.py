@@ -1,4 +1,4 @@
-"""TFMQ-DM (METHODS.md §3, §8): temporal information blocks cached or quantized with finite-set calibration,
+"""TFMQ-DM (docs/methods.md#tfmq-dm): temporal information blocks cached or quantized with finite-set calibration,
 chosen per temporal feature by disturbance-aware selection. The graph passes live in `diffusion_ao.passes`
 (temporal, temporal_cache, finite_set); this package holds the selection, TIAR and the recipe steps."""
 from .apply import TFMQReport

@@ -1,5 +1,6 @@
-"""Disturbance-aware selection (TFMQ-DM, METHODS.md §8): per temporal feature, measure its error under
-quantization and decide whether to cache it (exact, costs a `[T, C]` buffer) or leave it quantized.
+"""Disturbance-aware selection (TFMQ-DM, docs/methods.md#disturbance-aware-selection): per temporal feature,
+measure its error under quantization and decide whether to cache it (exact, costs a `[T, C]` buffer) or leave it
+quantized.
 
 A temporal feature is each ResBlock's time projection output and the shared time embedding
 (`find_temporal_blocks(...).features`). Its error is the relative MSE against the FP graph over the finite set

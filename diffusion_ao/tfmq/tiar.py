@@ -1,4 +1,4 @@
-"""TIAR: time-information-aware reconstruction of the quantized TIB (TFMQ-DM, METHODS.md §8b).
+"""TIAR: time-information-aware reconstruction of the quantized TIB (TFMQ-DM, docs/methods.md#tiar).
 
 The TIB's linears are quantized and their rounding (AdaRound) and activation step sizes (LSQ) are learned to
 minimise sum_i ||emb_i(t) - emb_i_hat(t)||^2 over the calibration timesteps, every temporal feature emb_i at once,

@@ -77,7 +77,7 @@ def test_compiled_bench_measures_latency_on_int8_kernels(tmp_path):
 
 
 def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
-    rows = default_rows()
+    rows = default_rows(has_vnni=True)
     assert [r.name for r in select_rows(rows, "w4a6")] == ["fp32", "naive-w4a6"]
     # with an ablation, the plain rows its rows build on are there too
     assert [r.name for r in select_rows(default_rows(("best",)), "w4a6")] == ["fp32", "naive-w4a6",
@@ -86,8 +86,8 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
     assert [r.name for r in select_rows(with_dmq, "dmq-w4a8")] == [
         "fp32", "dmq-w4a8", "dmq-w4a8-les", "dmq-w4a8-les+tw", "dmq-w4a8-les+tw+pts-mse", "dmq-w4a8-les+tw+pts-vote"]
     with_tfmq = default_rows(("tfmq",))
-    assert [r.name for r in select_rows(with_tfmq, "tfmq-w4a6")] == [
-        "fp32", "tfmq-w4a6", "tfmq-w4a6-baseline", "tfmq-w4a6-cache", "tfmq-w4a6-cache+fsc", "tfmq-w4a6-fsc-temporal",
+    assert [r.name for r in select_rows(with_tfmq, "tfmq-w4a6")] == [  # the W4A6 preset row is --ablation seeds
+        "fp32", "tfmq-w4a6-baseline", "tfmq-w4a6-cache", "tfmq-w4a6-cache+fsc", "tfmq-w4a6-fsc-temporal",
         "tfmq-w4a6-fsc-temporal+tiar", "tfmq-w4a6-select"]
     with pytest.raises(ValueError, match="Unknown ablation"):
         default_rows(("les",))
@@ -102,9 +102,11 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
     assert [r.name for r in select_rows(rows, "diffusion-ao-w4a8")] == ["fp32", "diffusion-ao-w4a8"]
 
 
-def test_default_rows_show_every_method_at_both_low_bit_widths():
-    rows = {r.name: r for r in default_rows()}
-    assert {"fp32", "naive-w8a8", "naive-w4a8", "naive-w4a6", "x86-default"} <= set(rows)
+def test_default_rows_are_the_budgeted_set_and_the_seeds_w4a6_presets_an_ablation():
+    names = [r.name for r in default_rows(has_vnni=True)]
+    assert names == ["fp32", "naive-w8a8", "naive-w4a8", "naive-w4a6", "x86-default", "dmq-w4a8", "tfmq-w4a8",
+                     "qdiff-w4a8-naive", "qdiff-w4a8", "best-w4a8", "best-w4a6"]
+    rows = {r.name: r for r in default_rows(("seeds",), has_vnni=True)}
     for bits in ("w4a8", "w4a6"):
         for preset in (f"dmq-{bits}", f"tfmq-{bits}", f"qdiff-{bits}", f"best-{bits}"):
             assert rows[preset].config == QuantConfig.preset(preset)
@@ -113,6 +115,17 @@ def test_default_rows_show_every_method_at_both_low_bit_widths():
         naive, qdiff = rows[f"qdiff-{bits}-naive"].config, rows[f"qdiff-{bits}"].config
         assert naive.scope == qdiff.scope and naive.act_observer == naive.weight_observer == "minmax"
         assert naive.timestep_aggregation == "global" and naive.qdiff is None
+
+
+@pytest.mark.parametrize("has_vnni", [True, False])
+def test_x86_peer_is_configured_as_its_docs_say_for_the_cpu(has_vnni):
+    peers = [r for r in default_rows(has_vnni=has_vnni) if r.method == "x86-inductor"]
+    act_range = {r.name: r.make_quantizer().global_config.input_activation.quant_max for r in peers}
+    if has_vnni:
+        assert act_range == {"x86-default": 255} and peers[0].peer_config == "default" and not peers[0].trap
+    else:  # reduce_range=True, and the unconfigured default measured as a trap, reported as a note
+        assert act_range == {"x86-default": 127, "x86-unconfigured": 255}
+        assert "reduce_range=True" in peers[0].peer_config and not peers[0].trap and peers[1].trap
 
 
 def test_best_ablation_rows_measure_gptq_alone_and_under_the_preset():
@@ -130,7 +143,7 @@ def test_best_ablation_rows_measure_gptq_alone_and_under_the_preset():
 
 
 def test_qdiff_ablation_adds_each_piece_in_turn():
-    rows = select_rows(default_rows(("qdiff",)), "qdiff-w4a6")
+    rows = select_rows(default_rows(("seeds", "qdiff")), "qdiff-w4a6")
     assert [r.name for r in rows] == ["fp32", "qdiff-w4a6-naive", "qdiff-w4a6", "qdiff-w4a6-tw", "qdiff-w4a6-split",
                                       "qdiff-w4a6-recon", "qdiff-w4a6-recon+dmq"]  # the naive row only once
     assert rows[2].config == rows[5].config.replace(name="qdiff-w4a6")  # the preset is the ablation's last step
