@@ -36,7 +36,7 @@ def vnni_warning() -> str | None:
         return None
     reduced = [k for k in LOWERED_KERNELS if int8_kernel_saturates(k)]  # as the quantizer decides
     return (f"[bench] WARNING: {cpu_name()} has no VNNI/AMX: int8 kernels gain less over FP32 here than on a VNNI "
-            f"CPU (README: 'Speed on AVX2'), so speed ratios do not carry over; 7-bit activations for "
+            f"CPU (docs/benchmarks.md, 'Speed on AVX2'), so speed ratios do not carry over; 7-bit activations for "
             f"{', '.join(reduced) or 'no kernel'}")
 
 

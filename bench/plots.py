@@ -3,11 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # files only; no display on CI machines
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on CI machines); imported when first used, so
+    that the bench can say what is missing before it starts (`bench.run.check_bench_dependencies`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_sample_grid(images: dict[str, torch.Tensor], path: Path, per_row: int = 16) -> None:
@@ -18,6 +25,7 @@ def save_sample_grid(images: dict[str, torch.Tensor], path: Path, per_row: int =
         path: where the PNG goes.
         per_row: how many seeds to show.
     """
+    plt = _pyplot()
     names = list(images)
     cols = min(per_row, min(len(v) for v in images.values()))
     fig, axes = plt.subplots(len(names), cols, figsize=(cols * 0.6 + 1.8, len(names) * 0.62 + 0.2),
@@ -36,6 +44,7 @@ def save_sample_grid(images: dict[str, torch.Tensor], path: Path, per_row: int =
 
 def save_per_timestep_plot(timesteps: list[float], errors: dict[str, list[float]], path: Path) -> None:
     """Relative MSE of each row's noise prediction vs FP at every sampler timestep (log scale)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in errors.items():
         ax.plot(timesteps, values, marker="o", markersize=2.5, linewidth=1, label=name)

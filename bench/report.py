@@ -150,6 +150,11 @@ DOC_SECTIONS: list[DocSection] = [
     DocSection("default-avx2-epyc", "The default bench: `python bench/run.py`",
                "The shipped digits UNet, every default row sampled from the same seeds as FP32, on a 2-core AVX2 "
                "CPU without VNNI (where the quantizer gives 7-bit activations to the kernels that overflow)."),
+    DocSection("best-finish-3seeds", "How `best-*` finish: block reconstruction or the output correction",
+               "The two candidate last steps of the recommended recipe, each calibrated three times (own "
+               "trajectories and method seeds), quality as mean (min–max) over the three, on eager q/dq graphs "
+               "(`--no-compile`: quality only, no latency). `...+recon` is `best-*` as shipped before this run; "
+               "`...+oc` replaces the reconstruction by the per-timestep output correction."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",

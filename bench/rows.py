@@ -226,7 +226,7 @@ def dit_rows(bits: str) -> list[RowSpec]:
     * channel balancing of the linears' inputs: SmoothQuant's closed form (alpha 0.5, no learning), DMQ's LES
       learned from ones, LES with adaptive timestep weights, LES started from SmoothQuant with timestep weights;
     * min-max instead of MSE-searched 4-bit weight ranges (clipping the modulation path's weights shifts every
-      token's scale and shift; see the README's DiT section);
+      token's scale and shift; docs/methods.md#diffusion-transformers);
     * below 8-bit activations, the skewed post-GELU inputs of the MLPs' second linear (`ff.net.2`) kept at 8 bits;
     * the calibration source: the conditional half of the guided trajectories, or unguided trajectories, instead
       of the doubled batch the guided sampler runs;

@@ -72,12 +72,12 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
 }
 QUICK = dict(num_samples=128, steps=10, calib_samples=16, batch=64, heldout_samples=8)
-# 500 samples per row keep the default rows (16, three of them learned) near the 15-minute budget on 2 cores; FD
-# vs FP (same seeds) still separates them wherever the spread over calibration seeds does (README). A guided DiT
-# row samples the doubled batch.
+# 500 samples per row keep the default rows within the 15-minute budget on 2 cores; FD vs FP (same seeds) still
+# separates rows wherever the spread over calibration seeds does (docs/benchmarks.md). A guided DiT row samples the
+# doubled batch.
 NUM_SAMPLES = 500
 DIT_NUM_SAMPLES = 500
-DIT_GUIDANCE = 1.5  # bench/model_quality.py: label agreement 0.997, FD to real 76.5 (1: 0.984, 16.5; 3: 0.767, 553)
+DIT_GUIDANCE = 1.5  # the guidance at which the shipped DiT's samples match their labels (bench/model_quality.py)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -215,15 +215,29 @@ def kernel_kind(counts: Optional[dict], expected: Optional[int]) -> str:
     return "int8"
 
 
+BENCH_DEPENDENCIES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn"}  # module -> package
+
+
+def check_bench_dependencies() -> None:
+    """Exits with the fix when the `bench` extra is not installed (before any work, not at the first plot)."""
+    import importlib.util
+
+    missing = [package for module, package in BENCH_DEPENDENCIES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"The bench needs {', '.join(missing)}: pip install -e '.[bench]' (the `bench` extra).")
+
+
 def main(argv: Optional[list[str]] = None) -> Path:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--speed" in argv:
         from bench.speed import main as speed_main
         return speed_main([a for a in argv if a != "--speed"])
     args = parse_args(argv)
+    check_bench_dependencies()
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     progress = not args.no_progress
+    started_at, machine = datetime.now().isoformat(timespec="seconds"), machine_meta()  # the code that runs
     run_name = args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = args.out / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -441,7 +455,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
             "timesteps": heldout.timesteps, "latency_fp32_eager_ms": latency.get("fp32-eager", {}).get("median_ms"),
             "latency": latency, "latency_rounds": args.latency_rounds, "wall_s": None,
             "command": "python bench/run.py " + " ".join(argv), "run_name": run_name,
-            "date": datetime.now().isoformat(timespec="seconds"), **machine_meta()}
+            "date": started_at, **machine}
     setup_phase("latency")
     meta["setup_s"] = setup_s
     meta["wall_s"] = round(time.perf_counter() - started, 1)

@@ -22,10 +22,13 @@ DROPPED_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
     # diffusers probes torchao tensor classes that torchao 0.18 no longer has; this project does not load them
     "diffusers.quantizers.torchao.torchao_quantizer": (r"Unable to import `torchao` Tensor objects",),
 }
-# (category, module regex) of Python warnings dropped: deprecations inside the libraries, not in user code
-DROPPED_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
-    (DeprecationWarning, r"(torch|torchao|diffusers|transformers|torchmetrics)(\.|$)"),
-    (FutureWarning, r"(torch|torchao|diffusers|transformers|torchmetrics)(\.|$)"),
+# (category, module regex, message regex) of Python warnings dropped: deprecations inside the libraries, not in
+# user code
+DROPPED_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (DeprecationWarning, r"(torch|torchao|diffusers|transformers|torchmetrics)(\.|$)", ""),
+    (FutureWarning, r"(torch|torchao|diffusers|transformers|torchmetrics)(\.|$)", ""),
+    # torch.export's pytree specs, unpickled by deepcopy (attributed to the standard library's copyreg)
+    (FutureWarning, r"copyreg", r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
 )
 
 
@@ -52,5 +55,5 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(patterns))
-    for category, module in DROPPED_WARNINGS:
-        warnings.filterwarnings("ignore", category=category, module=module)
+    for category, module, message in DROPPED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)

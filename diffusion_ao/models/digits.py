@@ -21,7 +21,12 @@ def load_digits_tensor(image_size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torc
         >>> images.shape
         torch.Size([1797, 1, 16, 16])
     """
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("The shipped digits data set comes with scikit-learn, which diffusion-ao installs only "
+                          "for the bench and the shipped models: pip install 'diffusion-ao[bench]' (or "
+                          "`pip install -e '.[bench]'` in a checkout).") from error
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values are 0..16
