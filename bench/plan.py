@@ -18,15 +18,16 @@ from typing import Optional
 PUBLISHED = Path(__file__).resolve().parent / "published"
 
 
-def reference_run(model: str, published: Path = PUBLISHED) -> Optional[dict]:
-    """The newest committed full bench run (`results.json` with rows and `meta.setup_s`) of `model`, or None."""
+def reference_run(model: str, published: Path = PUBLISHED, compiled: bool = True) -> Optional[dict]:
+    """The committed full bench run (`results.json` with rows and `meta.setup_s`) of `model` to estimate from: one
+    that compiled as asked if there is one, the newest among those; None without a committed run of `model`."""
     runs = []
     for path in sorted(published.glob("*/results.json")):
         data = json.loads(path.read_text())
         meta = data.get("meta", {})
         if meta.get("model") == model and "setup_s" in meta and not meta.get("quick") and data.get("rows"):
-            runs.append((meta.get("date", ""), path.parent.name, data))
-    return max(runs, key=lambda r: (r[0], r[1]))[2] if runs else None
+            runs.append((meta.get("compiled", True) == compiled, meta.get("date", ""), path.parent.name, data))
+    return max(runs, key=lambda r: r[:3])[3] if runs else None
 
 
 def _work(meta: dict) -> float:
@@ -53,7 +54,7 @@ class Plan:
     def for_rows(cls, rows, args, published: Path = PUBLISHED) -> "Plan":
         """Estimates for the bench's `rows` under its parsed `args` (`num_samples`, `steps`, `calib_samples`,
         `calib_seeds`, `no_compile`)."""
-        ref = reference_run(args.model, published)
+        ref = reference_run(args.model, published, compiled=not args.no_compile)
         if ref is None:
             return cls({r.name: None for r in rows})
         meta = ref["meta"]
@@ -82,12 +83,12 @@ class Plan:
             else:
                 pool = families.get(spec.method) or everything
                 estimates[spec.name] = statistics.median(pool) if pool else None
-        return cls(estimates, reference=Path(meta.get("run_dir", "")).name or meta.get("run_name"))
+        return cls(estimates, reference=meta.get("run_name"))
 
     def calibrate_speed(self, fp_reference_s: float, args, published: Path = PUBLISHED) -> None:
         """Sets `speed` from the FP32 reference phase (sampling 2 x num_samples FP images, the same work in both
         runs up to the samples x steps ratio)."""
-        ref = reference_run(args.model, published)
+        ref = reference_run(args.model, published, compiled=not args.no_compile)
         if ref is None:
             return
         ref_s = ref["meta"]["setup_s"].get("fp32_reference")

@@ -1,6 +1,6 @@
 """The diffusion-ao benchmark: every method and bit width on one model, side by side.
 
-    python bench/run.py                 # the shipped digits DDPM, the default rows, <= 15 min on 2 cores
+    python bench/run.py                 # the shipped digits DDPM, the default rows (the plan prints the time)
     python bench/run.py --quick         # fewer samples, eager q/dq graphs, no latency (~2 min)
     python bench/run.py --methods naive-w4a8,diffusion-ao --num-samples 500 --scheduler dpm
     python bench/run.py --ablation dmq --methods w4a8,dmq-w4a8   # DMQ's ablation at W4A8
@@ -72,9 +72,9 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
 }
 QUICK = dict(num_samples=128, steps=10, calib_samples=16, batch=64, heldout_samples=8)
-# 500 samples per row keep the default rows within the 15-minute budget on 2 cores; FD vs FP (same seeds) still
-# separates rows wherever the spread over calibration seeds does (docs/benchmarks.md). A guided DiT row samples the
-# doubled batch.
+# 500 samples per row: sampling is a small share of a row's time next to its compile and calibration, and FD vs
+# FP (same seeds) still separates rows wherever the spread over calibration seeds does (docs/benchmarks.md). A
+# guided DiT row samples the doubled batch.
 NUM_SAMPLES = 500
 DIT_NUM_SAMPLES = 500
 DIT_GUIDANCE = 1.5  # the guidance at which the shipped DiT's samples match their labels (bench/model_quality.py)

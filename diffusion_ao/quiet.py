@@ -29,6 +29,8 @@ DROPPED_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (FutureWarning, r"(torch|torchao|diffusers|transformers|torchmetrics)(\.|$)", ""),
     # torch.export's pytree specs, unpickled by deepcopy (attributed to the standard library's copyreg)
     (FutureWarning, r"copyreg", r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # inductor's oneDNN lowering copies a weight zero point with torch.tensor(tensor)
+    (UserWarning, r"torch\._inductor\.mkldnn_lowerings", r"To copy construct from a tensor"),
 )
 
 
