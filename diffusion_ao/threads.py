@@ -84,12 +84,20 @@ def _probe_workload() -> None:
         z.square().mean().backward()
 
 
+PROBE_VALID_S = 60.0  # a probe's answer is reused this long (many calibrations in a row pay for one probe)
+_last_probe: dict[int, tuple[float, int]] = {}  # thread count -> (time of the probe, its answer)
+
+
 def faster_thread_count(repeats: int = 2) -> int:
-    """The faster of `torch.get_num_threads()` and 1 thread on a short probe of small steps (tens of ms): 1 when
-    another process keeps a core busy, the current count on an idle machine."""
+    """The faster of `torch.get_num_threads()` and 1 thread on a short probe of small steps (about half a second):
+    1 when another process keeps a core busy, the current count on an idle machine. The answer is reused for
+    `PROBE_VALID_S` seconds."""
     base = torch.get_num_threads()
     if base == 1:
         return 1
+    cached = _last_probe.get(base)
+    if cached is not None and time.monotonic() - cached[0] < PROBE_VALID_S:
+        return cached[1]
     best = {}
     for n in (base, 1):
         torch.set_num_threads(n)
@@ -103,7 +111,9 @@ def faster_thread_count(repeats: int = 2) -> int:
             best[n] = min(times)
         finally:
             torch.set_num_threads(base)
-    return min(best, key=best.get)
+    answer = min(best, key=best.get)
+    _last_probe[base] = (time.monotonic(), answer)
+    return answer
 
 
 @contextmanager

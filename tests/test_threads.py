@@ -68,6 +68,7 @@ def test_calibration_threads_takes_the_faster_count_and_restores_it(monkeypatch,
         clock[0] += (0.1 if n == 1 else 0.3) if one_is_faster else (0.1 if n == 1 else 0.05)
 
     monkeypatch.setattr(threads_module, "_probe_workload", probe)
+    monkeypatch.setattr(threads_module, "_last_probe", {})
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -80,3 +81,22 @@ def test_calibration_threads_takes_the_faster_count_and_restores_it(monkeypatch,
 
 def test_the_real_probe_answers_a_valid_count():
     assert threads_module.faster_thread_count() in (1, torch.get_num_threads())
+
+
+def test_the_probe_is_reused_for_a_while(monkeypatch):
+    now = [1000.0]
+    calls = []
+    monkeypatch.setattr(threads_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(threads_module, "_probe_workload", lambda: calls.append(torch.get_num_threads()))
+    monkeypatch.setattr(threads_module, "_last_probe", {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = threads_module.faster_thread_count()
+        probed = len(calls)
+        assert probed > 0 and threads_module.faster_thread_count() == first and len(calls) == probed  # reused
+        now[0] += threads_module.PROBE_VALID_S + 1
+        threads_module.faster_thread_count()
+        assert len(calls) == 2 * probed  # probed again once it is stale
+    finally:
+        torch.set_num_threads(before)
