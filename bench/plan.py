@@ -47,6 +47,7 @@ class Plan:
 
     estimates: dict[str, Optional[float]]
     reference: Optional[str] = None
+    reference_meta: Optional[dict] = None
     speed: float = 1.0
     done: dict[str, float] = field(default_factory=dict)
 
@@ -83,17 +84,16 @@ class Plan:
             else:
                 pool = families.get(spec.method) or everything
                 estimates[spec.name] = statistics.median(pool) if pool else None
-        return cls(estimates, reference=meta.get("run_name"))
+        return cls(estimates, reference=meta.get("run_name"), reference_meta=meta)
 
-    def calibrate_speed(self, fp_reference_s: float, args, published: Path = PUBLISHED) -> None:
+    def calibrate_speed(self, fp_reference_s: float, args) -> None:
         """Sets `speed` from the FP32 reference phase (sampling 2 x num_samples FP images, the same work in both
         runs up to the samples x steps ratio)."""
-        ref = reference_run(args.model, published, compiled=not args.no_compile)
-        if ref is None:
+        if self.reference_meta is None:
             return
-        ref_s = ref["meta"]["setup_s"].get("fp32_reference")
+        ref_s = self.reference_meta["setup_s"].get("fp32_reference")
         if ref_s:
-            self.speed = fp_reference_s / (ref_s * args.num_samples * args.steps / _work(ref["meta"]))
+            self.speed = fp_reference_s / (ref_s * args.num_samples * args.steps / _work(self.reference_meta))
 
     def total_s(self) -> Optional[float]:
         if any(v is None for v in self.estimates.values()):

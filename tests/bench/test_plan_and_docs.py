@@ -66,7 +66,7 @@ def test_plan_scales_the_committed_phases_by_the_work_asked_and_the_machine(tmp_
     no_compile = Plan.for_rows(rows, _args(no_compile=True), published)
     assert no_compile.estimates["naive-w8a8"] == pytest.approx(40 + 20 + 2)
     # this machine sampled the FP32 reference in twice the reference's time (for the same work): x2
-    plan.calibrate_speed(100.0, _args(num_samples=250), published)
+    plan.calibrate_speed(100.0, _args(num_samples=250))
     assert plan.speed == pytest.approx(2.0)
     assert plan.total_s() == pytest.approx(2 * sum(plan.estimates.values()))
     # a finished row that took 1.5x its estimate scales the rest by 1.5
