@@ -44,14 +44,18 @@ def results_table(rows: list[dict]) -> str:
 
 
 def peer_notes(rows: list[dict]) -> list[str]:
-    """One line per peer row on the configuration that ran, and one per `trap` row (a configuration the peer's
-    docs advise against on this CPU) with the quality it gave: a note, never a row of the table."""
+    """One line per peer row on the configuration that ran, one per `trap` row (a configuration the peer's docs
+    advise against on this CPU) with the quality it gave (a note, never a row of the table), and one per choice a
+    recipe made from the model (`QuantizationReport.choices`, e.g. which modulation cache)."""
     lines = [f"**Peer `{r['name']}`**: {r['peer_config']}." for r in rows if r.get("peer_config") and not r.get("trap")]
     for r in rows:
         if r.get("trap"):
             lines.append(f"**Trap, not a peer result**: `{r['name']}`, {r['peer_config']}, gives FD vs FP "
                          f"{_cell(r.get('fd_fp'))} and PSNR vs FP {_cell(r.get('psnr_fp'))} dB: full-range uint8 "
                          "activations overflow oneDNN's int16 pair sums on CPUs without VNNI.")
+    for r in rows:
+        for what, choice in (r.get("choices") or {}).items():
+            lines.append(f"**`{r['name']}` {what}**: {choice}.")
     return lines
 
 

@@ -230,7 +230,8 @@ def dit_rows(bits: str) -> list[RowSpec]:
     * below 8-bit activations, the skewed post-GELU inputs of the MLPs' second linear (`ff.net.2`) kept at 8 bits;
     * the calibration source: the conditional half of the guided trajectories, or unguided trajectories, instead
       of the doubled batch the guided sampler runs;
-    * `best-<bits>` with the modulation cached per (timestep, label) instead of per timestep.
+    * `best-<bits>` with the modulation cached per timestep only (on the DiT, `best-*` caches it per (timestep,
+      label): its calibration labels cover the label table).
     """
     from diffusion_ao.config import DMQConfig, LayerQuant, TFMQConfig
     from diffusion_ao.models.dit_config import DEFAULT_DIT_KWARGS
@@ -250,7 +251,7 @@ def dit_rows(bits: str) -> list[RowSpec]:
     if base.act_bits < 8:
         steps.append(("fc2-a8", base.replace(module_name_overrides=fc2)))
     best = QuantConfig.preset(f"best-{bits}")
-    steps.append(("best+cache-t+label", best.replace(tfmq=dataclasses.replace(best.tfmq, cache_class_labels=True))))
+    steps.append(("best-cache-t", best.replace(tfmq=dataclasses.replace(best.tfmq, cache_class_labels=False))))
     rows = [_config_row(f"dit-{bits}-{label}", "dit", bits, cfg.replace(name=f"dit-{bits}-{label}"))
             for label, cfg in steps]
     for source in ("conditional-half", "unguided"):
@@ -264,7 +265,8 @@ def best_rows(bits: str) -> list[RowSpec]:
     """What each candidate piece of the `best-<bits>` recipe buys, on diffusion-ao's row of `bits` (the
     baseline, not repeated here): the error of the 4-bit weights alone (activations in FP), with round-to-nearest
     and with GPTQ; GPTQ under the full preset, on the MSE-searched grid and on the min-max grid; then, each on
-    GPTQ with the min-max grid, the seeds' pieces: TFMQ-DM's cache of the temporal features, DMQ's adaptive
+    GPTQ with the min-max grid, the seeds' pieces: TFMQ-DM's cache of the temporal features (as in `best-*`: of
+    the whole modulation per (timestep, label) where the calibration labels cover the label table), DMQ's adaptive
     timestep weights (of the activation ranges and of GPTQ's H; no LES / PTS), Q-Diffusion's block
     reconstruction starting from GPTQ's codes (no shortcut split), the per-timestep output correction (gain and
     bias), sensitivity-driven 8-bit weights within 0.17 x the FP32 size, and the pieces together in turn."""
@@ -273,32 +275,33 @@ def best_rows(bits: str) -> list[RowSpec]:
 
     base = QuantConfig.preset(bits)
     gptq = GPTQConfig()
+    cache = TFMQConfig(cache="all", fsc="none", cache_class_labels="auto")  # as best-*: per model
     grid = base.replace(gptq=gptq, weight_observer="minmax")
     steps = [("gptq", base.replace(gptq=gptq)),
              ("gptq-minmax-grid", grid),
-             ("gptq-minmax-grid+cache", grid.replace(tfmq=TFMQConfig(cache="all", fsc="none"))),
+             ("gptq-minmax-grid+cache", grid.replace(tfmq=cache)),
              ("gptq-minmax-grid+tw", grid.replace(dmq=DMQConfig(les=False, pts=False))),
              ("gptq-minmax-grid+recon", grid.replace(qdiff=QDiffConfig(split_shortcut=False,
                                                                        reconstruction=ReconstructionConfig()))),
-             ("gptq-minmax-grid+cache+tw", grid.replace(tfmq=TFMQConfig(cache="all", fsc="none"),
+             ("gptq-minmax-grid+cache+tw", grid.replace(tfmq=cache,
                                                          dmq=DMQConfig(les=False, pts=False))),
              ("gptq-minmax-grid+oc", grid.replace(output_correction=OutputCorrectionConfig())),
              ("gptq-minmax-grid+cache+tw+oc", grid.replace(
-                 tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                 tfmq=cache, dmq=DMQConfig(les=False, pts=False),
                  output_correction=OutputCorrectionConfig())),
              ("gptq-minmax-grid+mp", grid.replace(mixed_precision=MixedPrecisionConfig())),
              ("gptq-minmax-grid+cache+tw+mp", grid.replace(
-                 tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                 tfmq=cache, dmq=DMQConfig(les=False, pts=False),
                  mixed_precision=MixedPrecisionConfig())),
              ("gptq-minmax-grid+cache+tw+mp+oc", grid.replace(
-                 tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                 tfmq=cache, dmq=DMQConfig(les=False, pts=False),
                  mixed_precision=MixedPrecisionConfig(), output_correction=OutputCorrectionConfig())),
              ("gptq-minmax-grid+cache+tw+mp+recon", grid.replace(
-                 tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                 tfmq=cache, dmq=DMQConfig(les=False, pts=False),
                  mixed_precision=MixedPrecisionConfig(),
                  qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig()))),
              ("gptq-minmax-grid+cache+tw+recon", grid.replace(
-                 tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                 tfmq=cache, dmq=DMQConfig(les=False, pts=False),
                  qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig())))]
     if bits == "w4a8":  # the weight-only rows do not depend on the activation width: listed once
         steps = [("weights-only", base.replace(act_bits=None)),

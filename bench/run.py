@@ -177,19 +177,19 @@ def calibration_seed(base_seed: int, k: int) -> int:
 
 
 def build_quantized(spec: RowSpec, graph: torch.fx.GraphModule, calib, progress: bool,
-                    seed: int = 0) -> tuple[torch.nn.Module, float, list]:
+                    seed: int = 0) -> tuple[torch.nn.Module, float, list, dict]:
     """prepare -> calibrate -> convert for one row on (a copy of) the FP export `graph`, its methods seeded with
-    `seed`; returns the converted graph, calibration seconds and the quantizer's layer decisions (empty for peers
-    without them)."""
+    `seed`; returns the converted graph, calibration seconds, the quantizer's layer decisions (empty for peers
+    without them) and what the recipe chose from the model (`QuantizationReport.choices`)."""
     if spec.config is not None:
         converted, report = quantize_denoiser(graph, calib, spec.config.with_seed(seed), progress=progress)
-        return converted, report.calib_s, list(report.quantizer.decisions)
+        return converted, report.calib_s, list(report.quantizer.decisions), report.choices()
     quantizer = spec.make_quantizer()
     start = time.perf_counter()
     prepared = prepare_pt2e(copy.deepcopy(graph), quantizer)
     spec.calibrate(prepared, calib, progress)
     converted = convert_pt2e(prepared)
-    return converted, time.perf_counter() - start, list(getattr(quantizer, "decisions", []))
+    return converted, time.perf_counter() - start, list(getattr(quantizer, "decisions", [])), {}
 
 
 SPREAD_KEYS = ("fd_real", "fd_fp", "psnr_fp", "ssim_fp", "contrast_fp", "label_agreement")
@@ -362,7 +362,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
                 now = time.perf_counter()
                 phases[name], mark = round(now - mark, 1), now
 
-            converted, calib_s, decisions = build_quantized(spec, pristine, calibration_for(spec, 0), progress)
+            converted, calib_s, decisions, choices = build_quantized(spec, pristine, calibration_for(spec, 0),
+                                                                     progress)
+            if choices:
+                row["choices"] = choices
             phase("quantize")
             per_timestep_ranges = has_per_timestep_qparams(converted)
             predictions = noise_predictions(converted, heldout, args.batch, mixed_timesteps=not per_timestep_ranges)
@@ -396,7 +399,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
                          **asdict(metrics))]
             for k in range(1, len(calibs)):
                 print(f"[bench]   calibration seed {k}", flush=True)
-                converted_k, calib_s_k, _ = build_quantized(spec, pristine, calibration_for(spec, k), progress, seed=k)
+                converted_k, calib_s_k, _, _ = build_quantized(spec, pristine, calibration_for(spec, k), progress,
+                                                               seed=k)
                 model_k = converted_k if args.no_compile else compile_for_cpu(converted_k)
                 sampled_k = sample_images(as_diffusers_denoiser(model_k, like=unet), scheduler, noise,
                                           args.num_samples, args.steps, args.batch, args.seed, f"{spec.name} seed {k}",

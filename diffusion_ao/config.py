@@ -283,14 +283,17 @@ PRESETS: dict[str, dict] = {
                        qdiff=QDiffConfig(split_shortcut=True, reconstruction=ReconstructionConfig())),
     # The recommended recipe per width (docs/methods.md#recommended-recipes; each piece is an ablation row of
     # `bench/run.py --ablation best`):
-    # GPTQ rounding on the min-max weight grid, TFMQ-DM's cache of the temporal features, DMQ's adaptive timestep
+    # GPTQ rounding on the min-max weight grid, TFMQ-DM's cache of the temporal features (of the whole modulation
+    # per (timestep, label) where the calibration labels cover the label table: DiT), DMQ's adaptive timestep
     # weights (no LES / PTS), the most sensitive layers' weights at 8 bits within 0.17 x the FP32 size, and the
     # per-timestep output correction. The correction replaced Q-Diffusion's block reconstruction as the last step:
     # over three calibration seeds it matched it at half the calibration time (bench/published/best-finish-3seeds).
     "best-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="minmax", gptq=GPTQConfig(),
-                      tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                      tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels="auto"),
+                      dmq=DMQConfig(les=False, pts=False),
                       mixed_precision=MixedPrecisionConfig(), output_correction=OutputCorrectionConfig()),
     "best-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="minmax", gptq=GPTQConfig(),
-                      tfmq=TFMQConfig(cache="all", fsc="none"), dmq=DMQConfig(les=False, pts=False),
+                      tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels="auto"),
+                      dmq=DMQConfig(les=False, pts=False),
                       mixed_precision=MixedPrecisionConfig(), output_correction=OutputCorrectionConfig()),
 }

@@ -108,6 +108,8 @@ class DMQConfig:
 
 TFMQ_CACHE = ("none", "all", "select")
 TFMQ_FSC = ("none", "temporal", "all")
+# The most bytes of (timestep, label) tables cache_class_labels="auto" caches when cache_budget_bytes is None.
+AUTO_LABEL_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,11 @@ class TFMQConfig:
         cache_class_labels: with cache="all" on a class-conditional denoiser whose modulation reads the label
             (DiT's adaLN-Zero), cache what depends on the timestep and / or the label for every (timestep, label)
             pair of the calibration data: the whole modulation leaves the graph, and only those labels can be
-            generated afterwards. Capture the calibration data with every label you will use.
+            generated afterwards. Capture the calibration data with every label you will use. "auto" does so
+            only where it restricts nothing: the calibration labels cover every row of the graph's label
+            embedding tables (the null label of guidance included) and the tables fit `cache_budget_bytes`
+            (`AUTO_LABEL_CACHE_BYTES` when None); elsewhere, an unconditional denoiser included, it caches per
+            timestep. `QuantizationReport.tfmq.label_cache` says which it chose and why.
         max_feature_error: relative MSE (over the finite set) below which "select" keeps a feature quantized.
         tiar: reconstruct the quantized TIB's temporal features jointly (TIAR: AdaRound + LSQ on the whole time
             path as one block, `diffusion_ao.tfmq.tiar`), before finite-set calibration and selection.
@@ -139,7 +145,7 @@ class TFMQConfig:
     cache: Literal["none", "all", "select"] = "select"
     fsc: Literal["none", "temporal", "all"] = "temporal"
     cache_budget_bytes: Optional[int] = None
-    cache_class_labels: bool = False
+    cache_class_labels: bool | Literal["auto"] = False
     max_feature_error: float = 1e-3
     tiar: bool = False
     tiar_iterations: int = 500
@@ -154,11 +160,14 @@ class TFMQConfig:
             raise ValueError(f"cache_budget_bytes must be an int >= 0 or None, got {self.cache_budget_bytes!r}.")
         if not self.max_feature_error >= 0:
             raise ValueError(f"max_feature_error must be >= 0, got {self.max_feature_error!r}.")
+        if not isinstance(self.cache_class_labels, bool) and self.cache_class_labels != "auto":
+            raise ValueError(f"cache_class_labels must be True, False or 'auto', got {self.cache_class_labels!r}.")
         if self.cache_class_labels and self.cache != "all":
-            raise ValueError("cache_class_labels=True caches whole (timestep, label) features: it needs cache='all' "
-                             f"(got cache={self.cache!r}); disturbance-aware selection works per timestep only.")
+            raise ValueError(f"cache_class_labels={self.cache_class_labels!r} caches whole (timestep, label) features: "
+                             f"it needs cache='all' (got cache={self.cache!r}); disturbance-aware selection works "
+                             "per timestep only.")
         if self.cache_budget_bytes is not None and self.cache != "select" and not self.cache_class_labels:
-            raise ValueError("cache_budget_bytes only applies to cache='select' or to cache_class_labels=True.")
+            raise ValueError("cache_budget_bytes only applies to cache='select' or to cache_class_labels=True / 'auto'.")
         if isinstance(self.tiar_iterations, bool) or not isinstance(self.tiar_iterations, int) or self.tiar_iterations < 0:
             raise ValueError(f"tiar_iterations must be an int >= 0, got {self.tiar_iterations!r}.")
 

@@ -138,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         done = time.perf_counter()
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         summary = {"rank": rank, "world_size": world_size, "capture_s": round(captured - start, 1),
-                   "quantize_s": round(done - captured, 1), "peak_rss_mib": round(peak_mib)}
+                   "quantize_s": round(done - captured, 1), "peak_rss_mib": round(peak_mib), **report.choices()}
         print(json.dumps(summary), flush=True)
         if rank != 0:
             return None

@@ -57,6 +57,11 @@ class QuantizationReport:
     finetune: Optional["FinetuneReport"] = None
     calib_s: float = 0.0
 
+    def choices(self) -> dict[str, str]:
+        """What the recipe chose from the model and its data, and why (e.g. {"modulation cache": "..."})."""
+        label_cache = self.tfmq.label_cache if self.tfmq is not None else None
+        return {"modulation cache": label_cache} if label_cache else {}
+
 
 def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Union[QuantConfig, str],
                       has_vnni: Optional[bool] = None,

@@ -252,6 +252,31 @@ def _drop_attr(gm: GraphModule, target: str) -> None:
 
 
 @torch.no_grad()
+def _table_bytes(features: list[Node], rows: int) -> int:
+    """Bytes of the `[rows, ...]` cache tables of `features`."""
+    return sum(rows * math.prod(int(d) for d in node.meta["val"].shape[1:]) * node.meta["val"].element_size()
+               for node in features)
+
+
+def label_table_sizes(gm: GraphModule) -> list[int]:
+    """Rows of every embedding table the `class_labels` input indexes directly (DiT: num_classes + 1, the last
+    row the null label of classifier-free guidance); empty when the graph has no such input or table."""
+    labels = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == CLASS_LABELS), None)
+    if labels is None:
+        return []
+    return [int(user.args[0].meta["val"].shape[0]) for user in labels.users
+            if user.op == "call_function" and user.target == aten.embedding.default and "val" in user.args[0].meta]
+
+
+def label_cache_bytes(gm: GraphModule, timesteps: Iterable[float], labels: Iterable[int]) -> int:
+    """Bytes a (timestep, label) cache of every temporal feature would take (`cache_temporal_features` with
+    `labels` and no `features`), computed from the graph's shapes without evaluating anything."""
+    values, label_set = normalise_timesteps(timesteps), normalise_labels(gm, labels)
+    tib = find_temporal_blocks(gm, (TIMESTEP, CLASS_LABELS))
+    chosen = list(dict.fromkeys(feature_source(n) for n in tib.frontier))
+    return _table_bytes(chosen, len(values) * len(label_set))
+
+
 def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
                             features: Optional[Iterable[str | Node]] = None,
                             reference: Optional[GraphModule] = None,
@@ -300,9 +325,7 @@ def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
                 raise ValueError(f"{f!r} is not a temporal feature of this graph; choose from "
                                  f"{sorted(names.values())}.")
             chosen.append(node)
-    rows = len(values) * (len(label_set) if label_set is not None else 1)
-    nbytes = sum(rows * math.prod(int(d) for d in node.meta["val"].shape[1:]) * node.meta["val"].element_size()
-                 for node in chosen)
+    nbytes = _table_bytes(chosen, len(values) * (len(label_set) if label_set is not None else 1))
     if budget_bytes is not None and nbytes > budget_bytes:
         raise ValueError(f"The cache would take {nbytes} bytes ({len(values)} timesteps"
                          f"{f' x {len(label_set)} labels' if label_set is not None else ''}), over the budget of "

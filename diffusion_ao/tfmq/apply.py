@@ -19,10 +19,11 @@ import torch
 from torch.fx import GraphModule
 
 from ..calibration import CalibrationData
-from ..method_configs import TFMQConfig
+from ..method_configs import AUTO_LABEL_CACHE_BYTES, TFMQConfig
 from ..denoisers import CLASS_LABELS
 from ..passes.finite_set import FSCTable, apply_finite_set_calibration, finite_set_tables
-from ..passes.temporal_cache import TemporalCache, cache_temporal_features, normalise_timesteps
+from ..passes.temporal_cache import (TemporalCache, cache_temporal_features, label_cache_bytes, label_table_sizes,
+                                     normalise_timesteps)
 from .selection import FeatureChoice, select_cached_features, temporal_feature_errors
 from .tiar import reconstruct_temporal_features
 
@@ -40,6 +41,8 @@ class TFMQReport:
             int8 kernels / rewritten as simulated fake quantization (counted before selection caches any).
         selection: disturbance-aware selection's decisions (cache="select").
         tiar: TIAR's reconstruction report (loss of the temporal features before / after), if it ran.
+        label_cache: with cache="all", whether the modulation was cached per timestep or per (timestep, label),
+            and why (`TFMQConfig.cache_class_labels`).
     """
 
     timesteps: list[float]
@@ -47,23 +50,49 @@ class TFMQReport:
     fsc_pairs: dict[str, int] = field(default_factory=dict)
     selection: list[FeatureChoice] = field(default_factory=list)
     tiar: Optional[object] = None  # TIAR's ReconstructionReport (diffusion_ao.qdiff)
+    label_cache: Optional[str] = None  # cache="all": per timestep or per (timestep, label), and why
 
 
 def before_prepare(graph: GraphModule, data: CalibrationData, tfmq: TFMQConfig) -> TFMQReport:
     report = TFMQReport(timesteps=normalise_timesteps(data.timesteps))
     if tfmq.cache == "all":
-        labels = None
-        if tfmq.cache_class_labels:
-            found = [s.conditioning[CLASS_LABELS] for s in data.steps if CLASS_LABELS in s.conditioning]
-            if not found:
-                raise ValueError("TFMQConfig(cache_class_labels=True) needs calibration data with class_labels (a "
-                                 "class-conditional denoiser, e.g. captured from a DiTPipeline call).")
-            labels = sorted(set(torch.cat(found).reshape(-1).tolist()))
-        report.cache = cache_temporal_features(graph, report.timesteps, labels=labels,
-                                               budget_bytes=tfmq.cache_budget_bytes)
+        labels, report.label_cache = label_cache_choice(graph, data, report.timesteps, tfmq)
+        budget = tfmq.cache_budget_bytes if labels is not None else None
+        report.cache = cache_temporal_features(graph, report.timesteps, labels=labels, budget_bytes=budget)
         logger.info("TFMQ cache: %d features (%d B), removed %s", len(report.cache.features), report.cache.nbytes,
                     report.cache.removed_layers)
     return report
+
+
+def label_cache_choice(graph: GraphModule, data: CalibrationData, timesteps: list[float],
+                       tfmq: TFMQConfig) -> tuple[Optional[list[int]], str]:
+    """The class labels to cache the modulation for (None: per timestep only) and why (`TFMQReport.label_cache`)."""
+    found = [s.conditioning[CLASS_LABELS] for s in data.steps if CLASS_LABELS in s.conditioning]
+    labels = sorted(set(torch.cat(found).reshape(-1).tolist())) if found else []
+    if tfmq.cache_class_labels is True:
+        if not labels:
+            raise ValueError("TFMQConfig(cache_class_labels=True) needs calibration data with class_labels (a "
+                             "class-conditional denoiser, e.g. captured from a DiTPipeline call).")
+        return labels, f"(timestep, label) cache of the {len(labels)} calibration labels, as configured"
+    if not tfmq.cache_class_labels:
+        return None, "timestep cache, as configured"
+    if not labels:
+        return None, "timestep cache: the calibration data has no class labels"
+    tables = sorted(set(label_table_sizes(graph)))
+    if len(tables) != 1:
+        return None, ("timestep cache: the class labels do not index one label embedding table"
+                      f" (table sizes {tables})")
+    missing = sorted(set(range(tables[0])) - set(labels))
+    if missing:
+        return None, (f"timestep cache: the calibration labels cover {tables[0] - len(missing)} of the "
+                      f"{tables[0]} label embeddings (missing {missing[:8]}{' ...' if len(missing) > 8 else ''}); "
+                      "a (timestep, label) cache would make the others ungeneratable")
+    budget = tfmq.cache_budget_bytes if tfmq.cache_budget_bytes is not None else AUTO_LABEL_CACHE_BYTES
+    nbytes = label_cache_bytes(graph, timesteps, labels)
+    if nbytes > budget:
+        return None, f"timestep cache: the (timestep, label) tables would take {nbytes} B, over the {budget} B budget"
+    return labels, (f"(timestep, label) cache: the calibration labels cover all {tables[0]} label embeddings and "
+                    f"the tables take {nbytes} B (budget {budget} B)")
 
 
 def before_convert(prepared: GraphModule, data: CalibrationData, tfmq: TFMQConfig,

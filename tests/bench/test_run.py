@@ -175,7 +175,7 @@ def test_dit_ablation_rows_each_change_one_thing():
     rows = select_rows(default_rows(("dit",)), "dit")
     assert [r.name for r in rows[1:10]] == [
         "dit-w4a8-cache-t", "dit-w4a8-cache-t+label", "dit-w4a8-smoothquant", "dit-w4a8-les", "dit-w4a8-les+tw",
-        "dit-w4a8-smoothquant+les+tw", "dit-w4a8-weights-minmax", "dit-w4a8-best+cache-t+label",
+        "dit-w4a8-smoothquant+les+tw", "dit-w4a8-weights-minmax", "dit-w4a8-best-cache-t",
         "dit-w4a8-calib-conditional-half"]
     by_name = {r.name: r for r in rows}
     base = QuantConfig.preset("w4a6")
@@ -188,9 +188,9 @@ def test_dit_ablation_rows_each_change_one_thing():
     assert by_name["dit-w4a6-les+tw"].config.dmq.timestep_weighting
     assert by_name["dit-w4a6-weights-minmax"].config == base.replace(weight_observer="minmax",
                                                                      name="dit-w4a6-weights-minmax")
-    best = by_name["dit-w4a6-best+cache-t+label"].config  # best-w4a6 with the (timestep, label) cache, else the same
-    assert best.tfmq.cache_class_labels and best.replace(
-        tfmq=dataclasses.replace(best.tfmq, cache_class_labels=False), name="best-w4a6") == QuantConfig.preset("best-w4a6")
+    best = by_name["dit-w4a6-best-cache-t"].config  # best-w4a6 with the timestep cache only, else the same
+    assert best.tfmq.cache_class_labels is False and best.replace(tfmq=dataclasses.replace(
+        best.tfmq, cache_class_labels="auto"), name="best-w4a6") == QuantConfig.preset("best-w4a6")
     # fc2-a8 keeps the MLPs' second linear at 8-bit inputs: the overrides name real modules of the shipped DiT
     fc2 = by_name["dit-w4a6-fc2-a8"].config.module_name_overrides
     modules = dict(load_model("dit")[0].named_modules())
