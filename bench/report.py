@@ -159,6 +159,12 @@ DOC_SECTIONS: list[DocSection] = [
                "trajectories and method seeds), quality as mean (min–max) over the three, on eager q/dq graphs "
                "(`--no-compile`: quality only, no latency). `...+recon` is `best-*` as shipped before this run; "
                "`...+oc` replaces the reconstruction by the per-timestep output correction."),
+    DocSection("dit-best-3seeds", "The recommended recipes on the shipped DiT (3 calibration seeds)",
+               "`best-*` against naive quantization on the shipped class-conditional DiT, each calibrated three "
+               "times. `best-*` cached the whole (timestep, label) modulation here (the notes below say why). "
+               "The timing columns of this run (latency, calib s, compile s) are not clean figures: a test suite "
+               "shared the two cores during its last rows and its latency phase; the quality columns do not "
+               "depend on load."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",

@@ -38,14 +38,16 @@ from .denoisers import denoiser_role
 from .pipeline_calibration import capture_calibration_data
 from .distributed import world
 from .recipe import quantize_denoiser
-from .serialization import save_quantized
+from .serialization import check_save_target, save_quantized
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="'default', 'dit', a diffusers directory or a cached hub id")
     p.add_argument("--preset", default="w8a8", choices=sorted(PRESETS))
-    p.add_argument("--out", type=Path, required=True, help="directory for save_quantized's files")
+    p.add_argument("--out", type=Path, required=True, help="a new or empty directory for save_quantized's files")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier save at --out (once the new one "
+                   "is complete)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="calibration trajectories of the sampler (default 64; split between ranks)")
     p.add_argument("--prompts", type=Path, default=None,
@@ -80,6 +82,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if not through_pipeline and (args.guidance_scale, args.height, args.width, args.calibration_store) != (None,) * 4:
         p.error("--guidance-scale, --height, --width and --calibration-store are for pipeline calls: use them with "
                 "--prompts or --prompt-embeds")
+    try:  # before any work: a save that cannot be written is an error now, not after the quantization
+        check_save_target(args.out, args.overwrite)
+    except FileExistsError as error:
+        p.error(str(error))
     if args.num_samples is None:
         args.num_samples = 64
     if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1:
@@ -143,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         if rank != 0:
             return None
         return save_quantized(converted, args.out, metadata={"preset": args.preset, "model": str(args.model),
-                                                             "calibration": summary})
+                                                             "calibration": summary}, overwrite=args.overwrite)
     finally:
         if launched and dist.is_initialized():
             dist.destroy_process_group()

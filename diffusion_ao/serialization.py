@@ -9,8 +9,9 @@ A saved model is a directory with three files:
   norms, and any buffer a method's pass registered, e.g. cached time embeddings or folded scales). Weight codes
   of 4 bits or fewer are packed (two 4-bit codes per byte); their width comes from the dequantize ops'
   quant_min / quant_max.
-* `config.json`: format version, the graph's input names, the tensors in the order the graph reads them, and the
-  bit width, dtype and shape of the packed ones.
+* `config.json`: format version, the graph's input names, the tensors in the order the graph reads them, the
+  bit width, dtype and shape of the packed ones, and the manifest that binds the files together (each one's
+  size and SHA-256, and a digest of config.json itself).
 
 A time-grouped model (`TimeGroupedGraph`) adds one `graph.group<k>.pt2.xz` per further group (its groups read the
 same tensors, stored once) and the timestep -> group table in config.json's `time_groups`.
@@ -20,9 +21,13 @@ graph: it runs eagerly, `compile_for_cpu` lowers it to the same int8 kernels, an
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import lzma
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -37,7 +42,8 @@ from .size import DEQUANTIZE_OPS, QUANTIZE_OPS, graph_tensor_targets, weight_cod
 from .time_groups import GROUP_INDEX_BUFFER, TimeGroupedGraph
 
 FORMAT = "diffusion-ao-quantized"
-VERSION = 1
+VERSION = 2  # 2: config.json holds a manifest (size, SHA-256 of every file) and its own digest
+READABLE_VERSIONS = (1, 2)  # version 1 saves load without the checks
 GRAPH_FILE, TENSORS_FILE, CONFIG_FILE = "graph.pt2.xz", "tensors.safetensors", "config.json"
 INPUTS_META = "diffusion_ao_inputs"
 GUARDS_MODULE = "_guards_fn"  # torch.export's input-shape check; dynamo guards the compiled graph itself
@@ -134,32 +140,110 @@ def _group_file(k: int) -> str:
 
 
 def save_quantized(graph: GraphModule, path: Union[str, Path], metadata: Optional[dict[str, Any]] = None,
-                   max_batch: int = MAX_BATCH) -> Path:
+                   max_batch: int = MAX_BATCH, overwrite: bool = False) -> Path:
     """Saves a converted graph to the directory `path` with packed low-bit weights and no FP weights. A
     `TimeGroupedGraph` is saved with its tensors once and one graph file per group.
+
+    The files are written into a temporary sibling directory, flushed to disk and only then renamed into place:
+    an interrupted or failed save (disk full, Ctrl-C) leaves an earlier save at `path` as it was. config.json
+    holds each file's size and SHA-256 and a digest of itself, which `load_quantized` checks.
 
     Args:
         graph: the output of `convert_pt2e` / `quantize_unet` (not compiled), possibly rewritten by passes that
             add buffers: every tensor its graph reads is saved.
-        path: a directory (created if needed; its three files are overwritten).
-        metadata: JSON-serialisable extras stored in config.json (e.g. the preset name).
+        path: a new or empty directory, or (with `overwrite=True`) an earlier save to replace. A directory
+            holding other files is never written into.
+        metadata: JSON-serialisable extras stored in config.json (e.g. the preset name), checked before anything
+            is written.
         max_batch: the largest batch the reloaded graph accepts.
+        overwrite: replace an earlier save at `path` (only once the new one is complete).
 
     Returns:
         The directory.
 
     Raises:
-        TypeError / ValueError: if `graph` is not a converted graph.
+        TypeError / ValueError: if `graph` is not a converted graph or `metadata` is not JSON-serialisable.
+        FileExistsError: if `path` is a file, holds an earlier save (without `overwrite`) or other files.
 
     Example:
         >>> save_quantized(convert_pt2e(prepared), "unet-w4a8", metadata={"preset": "w4a8"})
         >>> fast = compile_for_cpu(load_quantized("unet-w4a8"))
     """
-    if isinstance(graph, TimeGroupedGraph):
-        return _save_time_grouped(graph, Path(path), metadata, max_batch)
-    graph = _require_converted(graph)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    groups = graph.groups if isinstance(graph, TimeGroupedGraph) else [graph]
+    for g in groups:
+        _require_converted(g)
+    try:
+        json.dumps(metadata or {})
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"save_quantized: metadata must be JSON-serialisable (str, numbers, lists, dicts): "
+                        f"{error}. Convert the value first, e.g. str(torch.float16).") from None
+    replaces = check_save_target(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0o700 would make the save private to its writer
+    try:
+        if isinstance(graph, TimeGroupedGraph):
+            _save_time_grouped(graph, staging, metadata, max_batch)
+        else:
+            _write_config(staging, _save_graph(graph, staging, metadata, max_batch))
+        _move_into_place(staging, path, replaces)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _is_save_file(name: str) -> bool:
+    return name in (GRAPH_FILE, TENSORS_FILE, CONFIG_FILE) or (name.startswith("graph.group") and
+                                                               name.endswith(".pt2.xz"))
+
+
+def check_save_target(path: Path, overwrite: bool) -> bool:
+    """Whether saving to `path` replaces an earlier save; a FileExistsError where saving would lose or mix
+    anything (a file, someone else's files, an earlier save without `overwrite`). `save_quantized` calls it
+    first; a command line can call it before the work."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"save_quantized: '{path}' is a file; give a new or empty directory.")
+    if not path.is_dir() or not any(path.iterdir()):
+        return False
+    names = sorted(p.name for p in path.iterdir())
+    foreign = [n for n in names if not _is_save_file(n)]
+    if foreign or CONFIG_FILE not in names:
+        raise FileExistsError(f"save_quantized: '{path}' holds other files ({', '.join((foreign or names)[:5])}"
+                              f"{' ...' if len(foreign or names) > 5 else ''}) and is not a diffusion-ao save; "
+                              "choose a new or empty directory (nothing was written).")
+    if not overwrite:
+        raise FileExistsError(f"save_quantized: '{path}' already holds a saved model; pass overwrite=True "
+                              "(CLI: --overwrite) to replace it, or choose another directory.")
+    return True
+
+
+def _move_into_place(staging: Path, path: Path, replaces: bool) -> None:
+    """Renames the complete `staging` directory to `path`; an earlier save there is renamed aside first and
+    removed only once the new one is in place."""
+    for f in staging.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    if not replaces:
+        if path.is_dir():
+            path.rmdir()  # empty (checked)
+        os.replace(staging, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, old / "save")
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(old / "save", path)  # put the earlier save back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_graph(graph: GraphModule, path: Path, metadata: Optional[dict[str, Any]], max_batch: int) -> dict:
+    """Writes one graph's archive and tensors into `path`; returns its config (not yet written)."""
     tensors = graph_tensor_targets(graph)
     bits = weight_code_bits(graph)
     keys = {target: tensor_key(target) for target in tensors}
@@ -179,19 +263,37 @@ def save_quantized(graph: GraphModule, path: Union[str, Path], metadata: Optiona
             stored[key] = tensor.detach().contiguous().clone()
     save_file(stored, str(path / TENSORS_FILE))
     # `tensors` is in the order of the graph's extra inputs; `packed` says how to unpack the low-bit codes.
-    config = {"format": FORMAT, "version": VERSION, "inputs": inputs, "tensors": list(keys.values()),
-              "packed": packed, "graph_meta_inputs": graph.meta.get(INPUTS_META, inputs),
-              "metadata": metadata or {}}
+    return {"format": FORMAT, "version": VERSION, "inputs": inputs, "tensors": list(keys.values()),
+            "packed": packed, "graph_meta_inputs": graph.meta.get(INPUTS_META, inputs), "metadata": metadata or {}}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _config_digest(config: dict) -> str:
+    body = {k: v for k, v in config.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _write_config(path: Path, config: dict) -> None:
+    """config.json with the manifest of every other file in `path` (size, SHA-256) and its own digest."""
+    config["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                       for f in sorted(path.iterdir()) if f.name != CONFIG_FILE}
+    config["digest"] = _config_digest(config)
     (path / CONFIG_FILE).write_text(json.dumps(config, separators=(",", ":")))
-    return path
 
 
 def _save_time_grouped(model: TimeGroupedGraph, path: Path, metadata: Optional[dict[str, Any]],
-                       max_batch: int) -> Path:
+                       max_batch: int) -> None:
     """The first group as a plain save; every other group's graph beside it (`graph.group<k>.pt2.xz`), reading
     the same tensors; the timestep -> group table in config.json."""
-    groups = [_require_converted(g) for g in model.groups]
-    save_quantized(groups[0], path, metadata, max_batch)
+    groups = model.groups
+    config = _save_graph(groups[0], path, metadata, max_batch)
     first = graph_tensor_targets(groups[0])
     for k, group in enumerate(groups[1:], start=1):
         mine = graph_tensor_targets(group)
@@ -200,12 +302,10 @@ def _save_time_grouped(model: TimeGroupedGraph, path: Path, metadata: Optional[d
                              "convert_time_grouped / quantize_denoiser returned, unmodified.")
         (path / _group_file(k)).write_bytes(_graph_archive(group, mine, {t: tensor_key(t) for t in mine},
                                                            max_batch))
-    config = json.loads((path / CONFIG_FILE).read_text())
     config[TIME_GROUPS] = {"timesteps": getattr(model, TIMESTEPS_BUFFER).tolist(),
                            "group_of": getattr(model, GROUP_INDEX_BUFFER).tolist(),
                            "batch_inputs": model.batch_inputs}
-    (path / CONFIG_FILE).write_text(json.dumps(config, separators=(",", ":")))
-    return path
+    _write_config(path, config)
 
 
 def _read_config(path: Path) -> dict:
@@ -216,14 +316,35 @@ def _read_config(path: Path) -> dict:
     if missing:
         raise FileNotFoundError(f"'{path}' lacks {missing}: it is not (or no longer) a complete save_quantized "
                                 "directory; save the model again.")
-    config = json.loads((path / CONFIG_FILE).read_text())
-    if config.get("format") != FORMAT:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"'{path / CONFIG_FILE}' is not valid JSON ({error}): the file is truncated or was "
+                         "edited; save the model again.") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"'{path / CONFIG_FILE}' is not a diffusion-ao quantized model (format "
-                         f"{config.get('format')!r}).")
-    if config.get("version") != VERSION:
+                         f"{config.get('format') if isinstance(config, dict) else type(config).__name__!r}).")
+    if config.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"'{path}' has format version {config.get('version')}; this diffusion-ao reads "
-                         f"version {VERSION}.")
+                         f"versions {list(READABLE_VERSIONS)}.")
+    if config["version"] >= 2:
+        _verify(path, config)
     return config
+
+
+def _verify(path: Path, config: dict) -> None:
+    """Checks config.json's digest and every file against its manifest (size, then SHA-256)."""
+    if config.get("digest") != _config_digest(config):
+        raise ValueError(f"'{path / CONFIG_FILE}' was edited after saving (its digest does not match its "
+                         "content): the tensor order or qparams it lists may no longer fit the graph; save the "
+                         "model again.")
+    for name, entry in config.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise FileNotFoundError(f"'{path}' lacks '{name}', which its config.json lists; save the model again.")
+        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+            raise ValueError(f"'{f}' does not belong to this save: its size or SHA-256 differs from config.json's "
+                             "manifest (a file from another save, truncated or changed); save the model again.")
 
 
 def load_quantized(path: Union[str, Path]) -> torch.nn.Module:
@@ -239,7 +360,8 @@ def load_quantized(path: Union[str, Path]) -> torch.nn.Module:
 
     Raises:
         FileNotFoundError: if the directory or one of its files is missing.
-        ValueError: if the files are not a diffusion-ao quantized model of a known version.
+        ValueError: if the files are not a diffusion-ao quantized model of a known version, or do not belong
+            together (a file's size or SHA-256 differs from config.json's manifest, or config.json was edited).
 
     Example:
         >>> quantized = load_quantized("unet-w4a8")
