@@ -276,7 +276,8 @@ def _sha256(path: Path) -> str:
 
 
 def _config_digest(config: dict) -> str:
-    body = {k: v for k, v in config.items() if k != "digest"}
+    """SHA-256 of config.json's content as JSON reads it back (keys as strings, tuples as lists), digest aside."""
+    body = json.loads(json.dumps({k: v for k, v in config.items() if k != "digest"}))
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

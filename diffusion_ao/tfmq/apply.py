@@ -41,8 +41,8 @@ class TFMQReport:
             int8 kernels / rewritten as simulated fake quantization (counted before selection caches any).
         selection: disturbance-aware selection's decisions (cache="select").
         tiar: TIAR's reconstruction report (loss of the temporal features before / after), if it ran.
-        label_cache: with cache="all", whether the modulation was cached per timestep or per (timestep, label),
-            and why (`TFMQConfig.cache_class_labels`).
+        label_cache: with `cache_class_labels="auto"`, whether the modulation was cached per timestep or per
+            (timestep, label), and why.
     """
 
     timesteps: list[float]
@@ -50,7 +50,7 @@ class TFMQReport:
     fsc_pairs: dict[str, int] = field(default_factory=dict)
     selection: list[FeatureChoice] = field(default_factory=list)
     tiar: Optional[object] = None  # TIAR's ReconstructionReport (diffusion_ao.qdiff)
-    label_cache: Optional[str] = None  # cache="all": per timestep or per (timestep, label), and why
+    label_cache: Optional[str] = None  # cache_class_labels="auto": per timestep or per (timestep, label), and why
 
 
 def before_prepare(graph: GraphModule, data: CalibrationData, tfmq: TFMQConfig) -> TFMQReport:
@@ -65,17 +65,18 @@ def before_prepare(graph: GraphModule, data: CalibrationData, tfmq: TFMQConfig) 
 
 
 def label_cache_choice(graph: GraphModule, data: CalibrationData, timesteps: list[float],
-                       tfmq: TFMQConfig) -> tuple[Optional[list[int]], str]:
-    """The class labels to cache the modulation for (None: per timestep only) and why (`TFMQReport.label_cache`)."""
+                       tfmq: TFMQConfig) -> tuple[Optional[list[int]], Optional[str]]:
+    """The class labels to cache the modulation for (None: per timestep only) and, where `cache_class_labels`
+    is "auto", why (`TFMQReport.label_cache`)."""
     found = [s.conditioning[CLASS_LABELS] for s in data.steps if CLASS_LABELS in s.conditioning]
     labels = sorted(set(torch.cat(found).reshape(-1).tolist())) if found else []
     if tfmq.cache_class_labels is True:
         if not labels:
             raise ValueError("TFMQConfig(cache_class_labels=True) needs calibration data with class_labels (a "
                              "class-conditional denoiser, e.g. captured from a DiTPipeline call).")
-        return labels, f"(timestep, label) cache of the {len(labels)} calibration labels, as configured"
+        return labels, None  # as configured: nothing was chosen
     if not tfmq.cache_class_labels:
-        return None, "timestep cache, as configured"
+        return None, None
     if not labels:
         return None, "timestep cache: the calibration data has no class labels"
     tables = sorted(set(label_table_sizes(graph)))

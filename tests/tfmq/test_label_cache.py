@@ -79,3 +79,10 @@ def test_best_presets_choose_the_label_cache_automatically_and_reject_bad_values
         TFMQConfig(cache="all", cache_class_labels="yes")
     with pytest.raises(ValueError, match="cache_class_labels='auto' caches whole .* needs cache='all'"):
         TFMQConfig(cache="select", cache_class_labels="auto")
+
+
+@pytest.mark.parametrize("setting, labels", [(False, None), (True, list(range(3)) + [NUM_CLASSES])])
+def test_a_configured_cache_is_not_reported_as_a_choice(dit, setting, labels):
+    config = QuantConfig.preset("w8a8").replace(tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels=setting))
+    _, report = quantize_denoiser(dit, _data(dit, [0, 1, 2]), config, progress=False)
+    assert report.tfmq.cache.labels == labels and report.choices() == {}
