@@ -258,6 +258,11 @@ def _table_bytes(features: list[Node], rows: int) -> int:
                for node in features)
 
 
+def _every_feature(tib) -> list[Node]:
+    """The default cache: every temporal value the rest of the graph reads (the whole TIB leaves the graph)."""
+    return list(dict.fromkeys(feature_source(n) for n in tib.frontier))
+
+
 def label_table_sizes(gm: GraphModule) -> list[int]:
     """Rows of every embedding table the `class_labels` input indexes directly (DiT: num_classes + 1, the last
     row the null label of classifier-free guidance); empty when the graph has no such input or table."""
@@ -273,8 +278,7 @@ def label_cache_bytes(gm: GraphModule, timesteps: Iterable[float], labels: Itera
     `labels` and no `features`), computed from the graph's shapes without evaluating anything."""
     values, label_set = normalise_timesteps(timesteps), normalise_labels(gm, labels)
     tib = find_temporal_blocks(gm, (TIMESTEP, CLASS_LABELS))
-    chosen = list(dict.fromkeys(feature_source(n) for n in tib.frontier))
-    return _table_bytes(chosen, len(values) * len(label_set))
+    return _table_bytes(_every_feature(tib), len(values) * len(label_set))
 
 
 def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
@@ -314,7 +318,7 @@ def cache_temporal_features(gm: GraphModule, timesteps: Iterable[float],
         raise ValueError("This graph has no timestep-only values to cache (its timestep input mixes with the "
                          "sample at once).")
     if features is None:
-        chosen = list(dict.fromkeys(feature_source(n) for n in tib.frontier))
+        chosen = _every_feature(tib)
     else:
         names = tib.feature_names()
         by_name = {v: k for k, v in names.items()}
