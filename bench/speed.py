@@ -103,6 +103,18 @@ def extra_inputs(model: torch.nn.Module, batch: int) -> dict[str, torch.Tensor]:
     return {}
 
 
+def short_calibration(unet: torch.nn.Module, scheduler):
+    """Calibration data from 2 sampler steps (every label of `LABELS` for a class-conditional denoiser, random text
+    for a text-conditioned one): enough for ranges, since speed does not depend on them."""
+    calib_inputs = extra_inputs(unet, LABELS)
+    labels = calib_inputs.get("class_labels")
+    calib_samples = LABELS if labels is not None else 2
+    text = calib_inputs.get("encoder_hidden_states")
+    return collect_calibration_data(unet, scheduler, num_samples=calib_samples, num_inference_steps=2,
+                                    class_labels=labels, progress=False,
+                                    encoder_hidden_states=None if text is None else text[:calib_samples])
+
+
 def quantized_variants(model: torch.nn.Module) -> dict[str, QuantConfig]:
     """The quantized variants timed for `model`: W8A8, W4A8 and, for class-conditional denoisers, W8A8 with the
     (timestep, label) cache."""
@@ -168,13 +180,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir
     """Rows (one per variant and batch) of one model."""
     unet, scheduler = MODELS[name]()
     shape = sample_shape(unet)
-    calib_inputs = extra_inputs(unet, LABELS)
-    labels = calib_inputs.get("class_labels")
-    calib_samples = LABELS if labels is not None else 2
-    text = calib_inputs.get("encoder_hidden_states")
-    data = collect_calibration_data(unet, scheduler, num_samples=calib_samples, num_inference_steps=2,
-                                    class_labels=labels, progress=False,
-                                    encoder_hidden_states=None if text is None else text[:calib_samples])
+    data = short_calibration(unet, scheduler)
     base, facts = _build_variants(unet, data)
     rows, compiled_once = [], {}
     for batch in batches:

@@ -229,13 +229,16 @@ def lower_linears_torchao(converted: GraphModule, config: Any) -> torch.nn.Modul
 
 
 def time_vs_bf16(fp_graph: torch.nn.Module, lowered: torch.nn.Module, *inputs: torch.Tensor, rounds: int = 50,
-                 warmup: int = 5, compile: bool = True) -> dict[str, float]:
+                 warmup: int = 5, compile: bool = True,
+                 extra: Optional[dict[str, torch.Tensor]] = None) -> dict[str, float]:
     """Median milliseconds of the bf16 FP graph and of a lowered graph on CUDA, both `torch.compile`d, interleaved.
 
     Args:
         fp_graph: the exported FP graph (copied and cast to bf16 on CUDA here).
         lowered: a graph from `lower_to_int_mm` / `lower_linears_torchao`, on CUDA.
         inputs: the graph's inputs (e.g. sample, timestep), on CUDA.
+        extra: keyword inputs of both graphs (e.g. `class_labels`, `encoder_hidden_states`), on CUDA; floating
+            ones are cast to bf16 for the bf16 graph.
 
     Returns:
         {"bf16_ms", "lowered_ms", "speedup_vs_bf16"}.
@@ -246,12 +249,14 @@ def time_vs_bf16(fp_graph: torch.nn.Module, lowered: torch.nn.Module, *inputs: t
     if not torch.cuda.is_available():
         raise RuntimeError("time_vs_bf16 needs a CUDA GPU; none is available.")
     bf16 = copy.deepcopy(fp_graph).to("cuda", torch.bfloat16)
+    extra = extra or {}
     bf16_inputs = [x.to(torch.bfloat16) if x.is_floating_point() else x for x in inputs]
+    bf16_extra = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in extra.items()}
     fns: dict[str, Callable[[], Any]] = {}
     runner_bf16 = torch.compile(bf16) if compile else bf16
     runner_low = torch.compile(lowered) if compile else lowered
-    fns["bf16_ms"] = lambda: runner_bf16(*bf16_inputs)
-    fns["lowered_ms"] = lambda: runner_low(*inputs)
+    fns["bf16_ms"] = lambda: runner_bf16(*bf16_inputs, **bf16_extra)
+    fns["lowered_ms"] = lambda: runner_low(*inputs, **extra)
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for fn in fns.values():

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,7 +20,7 @@ from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 from . import annotators
 from .annotation_context import AnnotationContext, LayerDecision
 from .config import LayerQuant, QuantConfig
-from .cpu import LOWERED_KERNELS, int8_kernel_saturates
+from .cpu import LOWERED_KERNELS, int8_attention_kernel_missing, int8_kernel_saturates
 from .graph import require_exported
 from .passes.flatten_linear import flatten_linear_inputs
 from .passes.shared_weights import unshare_weights
@@ -139,7 +140,21 @@ class DiffusionQuantizer(Quantizer):
                     break
         self.decisions = ctx.decisions
         self._log_summary()
+        self._warn_simulated_attention(model)
         return model
+
+    def _warn_simulated_attention(self, model: GraphModule) -> None:
+        attention = [n for n in model.graph.nodes if n.op == "call_function"
+                     and n.target in annotators.ATTENTION_OPERANDS and "quantization_annotation" in n.meta]
+        if not attention:
+            return
+        missing = int8_attention_kernel_missing()
+        why = (missing if missing else "torchao's int8 attention kernel runs here, but diffusion-ao does not lower "
+               "attention to it yet")
+        warnings.warn(f"QuantConfig(quantize_attention_matmuls=True) quantizes the operands of {len(attention)} "
+                      f"attention ops as simulated q/dq around floating-point attention (the accuracy cost of int8 "
+                      f"attention, not its speed: it runs slower than FP attention): {why}. See "
+                      f"docs/methods.md#int8-attention.", UserWarning, stacklevel=3)
 
     def reduced_ranges(self) -> list[LayerDecision]:
         """The decisions whose activations got a one-bit-reduced range (each says why in `range_reason`)."""
