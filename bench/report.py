@@ -161,10 +161,19 @@ DOC_SECTIONS: list[DocSection] = [
                "`...+oc` replaces the reconstruction by the per-timestep output correction."),
     DocSection("dit-best-3seeds", "The recommended recipes on the shipped DiT (3 calibration seeds)",
                "`best-*` against naive quantization on the shipped class-conditional DiT, each calibrated three "
-               "times. `best-*` cached the whole (timestep, label) modulation here (the notes below say why). "
+               "times. `best-*` cached the whole (timestep, label) modulation here (the notes below say why); "
+               "both ended with the output correction (best-w4a6 on transformers now ends with block "
+               "reconstruction: next section). "
                "The timing columns of this run (latency, calib s, compile s) are not clean figures: a test suite "
                "shared the two cores during its last rows and its latency phase; the quality columns do not "
                "depend on load."),
+    DocSection("dit-w4a6-finish-3seeds", "How `best-w4a6` finishes on the DiT",
+               "Two W4A6 variants of the recommended recipe on the shipped DiT, each calibrated three times with "
+               "the same seeds and samples as the run above, whose `best-w4a6` row (ending with the output "
+               "correction; mixed precision promotes nothing here) and `naive-w4a6` row are the baselines: "
+               "`...+recon` ends with block reconstruction instead of the correction, `dit-w4a6-best-fc2-a8` is "
+               "`best-w4a6` with the MLPs' post-GELU inputs at 8 bits. `best-w4a6` now finishes with block "
+               "reconstruction on transformers. The latency column compares rows of this run only."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",

@@ -231,7 +231,8 @@ def dit_rows(bits: str) -> list[RowSpec]:
     * the calibration source: the conditional half of the guided trajectories, or unguided trajectories, instead
       of the doubled batch the guided sampler runs;
     * `best-<bits>` with the modulation cached per timestep only (on the DiT, `best-*` caches it per (timestep,
-      label): its calibration labels cover the label table).
+      label): its calibration labels cover the label table), and, below 8-bit activations, `best-<bits>` with
+      the post-GELU inputs at 8 bits.
     """
     from diffusion_ao.config import DMQConfig, LayerQuant, TFMQConfig
     from diffusion_ao.models.dit_config import DEFAULT_DIT_KWARGS
@@ -252,6 +253,8 @@ def dit_rows(bits: str) -> list[RowSpec]:
         steps.append(("fc2-a8", base.replace(module_name_overrides=fc2)))
     best = QuantConfig.preset(f"best-{bits}")
     steps.append(("best-cache-t", best.replace(tfmq=dataclasses.replace(best.tfmq, cache_class_labels=False))))
+    if base.act_bits < 8:
+        steps.append(("best-fc2-a8", best.replace(module_name_overrides=fc2)))
     rows = [_config_row(f"dit-{bits}-{label}", "dit", bits, cfg.replace(name=f"dit-{bits}-{label}"))
             for label, cfg in steps]
     for source in ("conditional-half", "unguided"):

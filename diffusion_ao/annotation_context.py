@@ -6,19 +6,35 @@ both import it, and neither imports the other's module for it.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
 from .config import LayerQuant, QuantConfig
 from .cpu import int16_pair_overflows
 from .observers import TimestepActivationObserver, WeightObserver
 from .observers.fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
-from .passes.analysis import CONV_OPS, module_path, module_type_name, resolve_type
+from .passes.analysis import CONV_OPS, module_names, module_path, module_type_name, resolve_type
 from .primitives import int_range
+
+
+def check_module_name_overrides(graph: GraphModule, config: QuantConfig) -> None:
+    """Raises a ValueError naming every `config.module_name_overrides` key that is no module path of the model
+    `graph` was exported from (a typo would otherwise quantize the model as if the override were absent), with
+    the nearest paths."""
+    known = module_names(graph)
+    unknown = [key for key in config.module_name_overrides if key and key not in known]
+    if not unknown:
+        return
+    hints = "; ".join(f"{key!r}: nearest {difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5) or 'none'}"
+                      for key in unknown)
+    raise ValueError(f"QuantConfig.module_name_overrides names {len(unknown)} module(s) the model does not have "
+                     f"({hints}). Keys are module paths as in model.named_modules() (e.g. 'mid_block' or "
+                     f"'down_blocks.1.resnets.0'), without a prefix such as 'unet.'.")
 
 
 @dataclass

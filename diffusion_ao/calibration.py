@@ -7,6 +7,7 @@ a UNet without a pipeline.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -284,8 +285,12 @@ def label_observers(prepared: torch.fx.GraphModule) -> list[torch.nn.Module]:
 
 @torch.no_grad()
 def calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, batch_size: int = 256,
-              progress: bool = True) -> None:
+              progress: bool = True, reset: bool = False) -> None:
     """Runs the prepared graph over the calibration data, telling observers which timestep they are at.
+
+    Statistics accumulate: a second `calibrate` on the same graph adds its data to what the observers hold
+    (calibration in parts, e.g. one call per stored batch), and warns that it does, since a retry of the same
+    data would count it twice and move MSE-chosen ranges. `reset=True` forgets the earlier statistics first.
 
     With a `torch.distributed` process group of several ranks, each rank runs its contiguous share of every
     step's samples and the observers' statistics are then merged across ranks (`distributed.reduce_observers`).
@@ -295,14 +300,24 @@ def calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, batch_size:
         data: from `collect_calibration_data`.
         batch_size: samples per forward.
         progress: show a progress bar.
+        reset: forget the activation statistics of earlier `calibrate` calls first (default: add to them).
     """
     require_exported(prepared, "calibrate")
-    if not label_observers(prepared):
+    observers = label_observers(prepared)
+    if not observers:
         raise ValueError("calibrate found no diffusion-ao observers in this graph: prepare it first with "
                          "`prepare_pt2e(graph, DiffusionQuantizer(config))` (and do not convert it before).")
     if not isinstance(data, CalibrationData):
         raise TypeError(f"calibrate needs CalibrationData from collect_calibration_data, got {type(data).__name__}.")
     data.validate()
+    seen = [obs for obs in observers if isinstance(obs, TimestepActivationObserver) and obs.stats]
+    if seen and reset:
+        for obs in seen:
+            obs.reset_statistics()
+    elif seen:
+        warnings.warn(f"calibrate: {len(seen)} observers already hold statistics of an earlier calibrate call; "
+                      "this data is added to them. To calibrate again from scratch (e.g. after an interrupted "
+                      "run), pass reset=True.", UserWarning, stacklevel=2)
     rank, world_size = world()
     shares = [shard(len(step), rank, world_size) for step in data.steps]  # all of it in one process
     if not any(shares):

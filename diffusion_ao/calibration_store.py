@@ -19,8 +19,12 @@ Example:
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
+import uuid
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -30,7 +34,10 @@ from .calibration import CalibrationData, CalibrationStep
 from .denoisers import SAMPLE, TIMESTEP
 
 INDEX_FILE = "calibration.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the index binds every part file (its size and the token in its header)
+READABLE_VERSIONS = (1, 2)
+LOCK_PREFIX = ".capture.lock-rank"  # one per writing rank while a capture or save writes the store
+PART_TOKEN = "diffusion_ao_part"  # safetensors metadata key: a random token per part file
 
 
 class StoredCalibrationStep(CalibrationStep):
@@ -119,8 +126,13 @@ def write_part(root: Path, file: str, steps: list[CalibrationStep]) -> dict[floa
         for name, value in {SAMPLE: step.sample, **step.conditioning, **step.shared}.items():
             tensors[f"{n}/{name}"] = value.detach().cpu().contiguous()
         where[step.timestep] = [(file, str(n), len(step))]
-    save_file(tensors, root / file)
+    save_file(tensors, root / file, metadata={PART_TOKEN: uuid.uuid4().hex})
     return where
+
+
+def _part_token(path: Path) -> Optional[str]:
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get(PART_TOKEN)
 
 
 def stored_data(root: Path, where: dict[float, list[tuple[str, str, int]]], batched: list[str],
@@ -152,16 +164,59 @@ def write_index(root: Path, data: CalibrationData) -> None:
     """Writes the index of `data`, whose steps are all `StoredCalibrationStep`s of `root`."""
     steps = [{"timestep": s.timestep, "parts": [list(p) for p in s.parts], "batched": s.batched,
               "shared": s.shared_names} for s in data.steps]
-    (root / INDEX_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "steps": steps}, indent=1))
+    files = sorted({file for s in data.steps for file, _, _ in s.parts})
+    parts = {file: {"bytes": (root / file).stat().st_size, "token": _part_token(root / file)} for file in files}
+    index = json.dumps({"format": FORMAT_VERSION, "steps": steps, "parts": parts}, indent=1)
+    temporary = root / f".{INDEX_FILE}.partial"
+    temporary.write_text(index)
+    os.replace(temporary, root / INDEX_FILE)  # the index appears whole or not at all
 
 
-def prepare_store(path: Union[str, Path], files: list[str]) -> Path:
-    """The store directory, created if needed; a FileExistsError if it already holds an index or one of `files`."""
+def _lock_owner(lock: Path) -> str:
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return "an unknown process"
+    alive = ""
+    if owner.get("host") == socket.gethostname():
+        try:
+            os.kill(int(owner["pid"]), 0)
+            alive = ", still running"
+        except (OSError, ValueError, KeyError):
+            alive = ", which no longer runs: that capture was interrupted"
+    return f"process {owner.get('pid')} on {owner.get('host')} (started {owner.get('started')}{alive})"
+
+
+def prepare_store(path: Union[str, Path], files: list[str], rank: int = 0) -> Path:
+    """The store directory, created if needed, locked for this `rank` (`release_store` unlocks it).
+
+    Raises:
+        FileExistsError: the directory already holds an index or one of `files`, or another capture holds the
+            lock of `rank` (two writers of one store).
+    """
     root = Path(path)
     if (root / INDEX_FILE).exists() or any((root / f).exists() for f in files):
         raise FileExistsError(f"{root} already holds calibration data: store into a new or empty directory.")
     root.mkdir(parents=True, exist_ok=True)
+    lock = root / f"{LOCK_PREFIX}{rank}"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise FileExistsError(f"{root} is being written by another capture ({_lock_owner(lock)}): two writers "
+                              f"would mix their part files. Store into another directory; if that capture was "
+                              f"interrupted, delete {root} (its parts cannot be resumed) and capture again.") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
     return root
+
+
+def release_store(root: Path, rank: int = 0, written: Iterable[str] = (), failed: bool = False) -> None:
+    """Unlocks `root` for `rank`; after a failed capture, first removes the part files this rank `written`, so
+    that the directory holds nothing half-done."""
+    if failed:
+        for file in written:
+            (root / file).unlink(missing_ok=True)
+    (root / f"{LOCK_PREFIX}{rank}").unlink(missing_ok=True)
 
 
 def save_calibration_data(data: CalibrationData, path: Union[str, Path]) -> CalibrationData:
@@ -178,26 +233,63 @@ def save_calibration_data(data: CalibrationData, path: Union[str, Path]) -> Cali
         raise ValueError("the calibration data has two steps with one timestep value; a store keys steps by it.")
     file = "part-00000.safetensors"
     root = prepare_store(path, [file])
-    first = data.steps[0]
-    stored = stored_data(root, write_part(root, file, data.steps), [SAMPLE, *first.conditioning], list(first.shared))
-    write_index(root, stored)
+    failed = True
+    try:
+        first = data.steps[0]
+        stored = stored_data(root, write_part(root, file, data.steps), [SAMPLE, *first.conditioning],
+                             list(first.shared))
+        write_index(root, stored)
+        failed = False
+    finally:
+        release_store(root, written=[file], failed=failed)
     return stored
+
+
+def _check_parts(root: Path, index: dict) -> None:
+    """Every part file the index names is there, unchanged (size and token), and holds the rows it claims."""
+    for file, expected in index["parts"].items():
+        path = root / file
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: the store is incomplete; capture it again.")
+        if path.stat().st_size != expected["bytes"] or _part_token(path) != expected["token"]:
+            raise ValueError(f"{path} does not belong to this store (its size or token differs from "
+                             f"{root / INDEX_FILE}'s): it was replaced or rewritten; capture the store again.")
+    for step in index["steps"]:
+        for file, prefix, rows in step["parts"]:
+            with safe_open(root / file, framework="pt") as f:
+                held = f.get_slice(f"{prefix}/{SAMPLE}").get_shape()[0]
+            if held != rows:
+                raise ValueError(f"{root / INDEX_FILE} claims {rows} rows of timestep {step['timestep']} in {file}, "
+                                 f"which holds {held}: the store is inconsistent; capture it again.")
 
 
 def load_calibration_data(path: Union[str, Path]) -> CalibrationData:
     """The calibration data of the store at `path`, read lazily (see the module's docstring).
 
     Raises:
-        FileNotFoundError: `path` holds no store (no calibration.json).
-        ValueError: the store was written by a newer format.
+        FileNotFoundError: `path` holds no store (no calibration.json), or an unfinished capture.
+        ValueError: the store was written by a newer format, or a part file is missing, replaced, rewritten or
+            holds fewer rows than the index claims.
     """
     root = Path(path)
     if not (root / INDEX_FILE).is_file():
+        locks = sorted(root.glob(f"{LOCK_PREFIX}*")) if root.is_dir() else []
+        if locks:
+            raise FileNotFoundError(f"{root} holds an unfinished capture (no {INDEX_FILE} yet; written by "
+                                    f"{_lock_owner(locks[0])}). Wait for it to finish, or, if it was interrupted, "
+                                    f"delete {root} and capture again.")
         raise FileNotFoundError(f"{root} holds no calibration data ({INDEX_FILE} is missing): write it with "
                                 "save_calibration_data or capture_calibration_data(..., store=path).")
-    index = json.loads((root / INDEX_FILE).read_text())
-    if index.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{root / INDEX_FILE} has format {index.get('format')}; this diffusion-ao reads format "
-                         f"{FORMAT_VERSION}.")
+    try:
+        index = json.loads((root / INDEX_FILE).read_text())
+        steps = index["steps"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{root / INDEX_FILE} is not a calibration store index ({type(err).__name__}: {err}); "
+                         "capture the store again.") from None
+    if index.get("format") not in READABLE_VERSIONS:
+        raise ValueError(f"{root / INDEX_FILE} has format {index.get('format')}; this diffusion-ao reads formats "
+                         f"{READABLE_VERSIONS}.")
+    if index["format"] >= 2:
+        _check_parts(root, index)
     return CalibrationData([StoredCalibrationStep(root, s["timestep"], s["parts"], s["batched"], s["shared"])
-                            for s in index["steps"]])
+                            for s in steps])

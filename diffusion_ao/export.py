@@ -21,6 +21,7 @@ from diffusers.models.upsampling import Upsample2D
 from .calibration import ENCODER_HIDDEN_STATES, CalibrationStep
 from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP, DenoiserAdapter, adapter_for
 from .graph import MAX_BATCH, call_graph, graph_input_names
+from .passes.analysis import DENOISER_CLASS_META, MODULE_NAMES_META
 from .passes.shared_weights import unshare_weights
 from .passes.timestep_guard import timestep_guard
 from .time_groups import as_graph_module
@@ -155,6 +156,8 @@ def export_denoiser(model: torch.nn.Module, example: Union[CalibrationStep, dict
                            "must be a tensor with the batch first (or a shared one the adapter names), and the "
                            "model must not branch on the batch size.") from e
     graph = program.module()
+    graph.meta[MODULE_NAMES_META] = frozenset(name for name, _ in model.named_modules() if name)
+    graph.meta[DENOISER_CLASS_META] = type(model).__name__
     unshare_weights(graph)  # one get_attr per use: LES/PTS fold per layer, PT2E quantizes per layer
     return graph
 

@@ -31,6 +31,16 @@ def _check_rounding_schedule(owner: str, beta_start: float, beta_end: float, war
                          f"{beta_end}, warmup {warmup}.")
 
 
+# The denoiser families a method can be limited to (`ReconstructionConfig.denoisers`, ...): diffusers UNets, and
+# diffusion transformers (DiT, PixArt, SD3, Flux). `passes.analysis.denoiser_family` tells a graph's.
+DENOISER_FAMILIES = ("unet", "transformer")
+
+
+def _check_families(owner: str, families: tuple[str, ...]) -> None:
+    if not isinstance(families, tuple) or not families or any(f not in DENOISER_FAMILIES for f in families):
+        raise ValueError(f"{owner}.denoisers={families!r}: use a non-empty tuple of {DENOISER_FAMILIES}.")
+
+
 PTS_SELECTIONS = ("vote", "mse")
 LES_INITS = ("ones", "smoothquant")
 
@@ -193,6 +203,8 @@ class ReconstructionConfig:
         seed: seeds the sample choice and minibatches (deterministic for a fixed seed).
         use_timestep_weights: weight the loss per timestep with the recipe's timestep weights (DMQ's adaptive
             weights when `QuantConfig.dmq` computes them), else uniformly.
+        denoisers: the denoiser families it runs on (`DENOISER_FAMILIES`); on others the recipe skips it and
+            says so (`QuantizationReport.choices()`).
 
     Example:
         >>> ReconstructionConfig(iterations=200, batch_size=16)
@@ -211,8 +223,10 @@ class ReconstructionConfig:
     early_stop_patience: int = 0
     seed: int = 0
     use_timestep_weights: bool = True
+    denoisers: tuple[str, ...] = DENOISER_FAMILIES
 
     def __post_init__(self) -> None:
+        _check_families("ReconstructionConfig", self.denoisers)
         ints = dict(iterations=self.iterations, batch_size=self.batch_size, max_samples=self.max_samples,
                     early_stop_patience=self.early_stop_patience, seed=self.seed)
         for name, value in ints.items():
@@ -291,13 +305,17 @@ class OutputCorrectionConfig:
         gain: correct the per-(timestep, channel) gain of the prediction (its correlated error).
         bias: correct the per-(timestep, channel) offset of the prediction.
         samples_per_step: calibration samples per timestep the estimate uses (None: all of them).
+        denoisers: the denoiser families it runs on (`DENOISER_FAMILIES`); on others the recipe skips it and
+            says so (`QuantizationReport.choices()`).
     """
 
     gain: bool = True
     bias: bool = True
     samples_per_step: Optional[int] = None
+    denoisers: tuple[str, ...] = DENOISER_FAMILIES
 
     def __post_init__(self) -> None:
+        _check_families("OutputCorrectionConfig", self.denoisers)
         if not (self.gain or self.bias):
             raise ValueError("OutputCorrectionConfig: set gain or bias (or use output_correction=None).")
         if self.samples_per_step is not None and self.samples_per_step < 1:

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .calibration import CalibrationData, CalibrationStep, evenly_spaced_rows
-from .calibration_store import prepare_store, stored_data, write_index, write_part
+from .calibration_store import prepare_store, release_store, stored_data, write_index, write_part
 from .distributed import all_gather_objects, gather_lists, shard, world
 from .denoisers import SAMPLE, TIMESTEP, adapter_for, denoiser_role
 from .export import QuantizedDenoiser
@@ -60,7 +60,8 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
             generator; `memory_budget_mib` without `store`.
         TypeError: a denoiser call carries an input the export cannot trace, a batch mixing timesteps, or inputs
             whose names or shapes change between calls.
-        FileExistsError: `store` already holds calibration data.
+        FileExistsError: `store` already holds calibration data, or another capture is writing it (a lock per
+            rank while the capture runs; a capture that fails removes the part files it wrote and its lock).
 
     Example:
         >>> data = capture_calibration_data(pipe, num_inference_steps=20, prompt=["a cat", "a dog"],
@@ -114,49 +115,58 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
         return original(*args, **kwargs)
 
     mine = shard(len(calls), rank, world_size)
-    root = None if store is None else prepare_store(store, [_part_file(i) for i in mine])
-    budget = None if memory_budget_mib is None else memory_budget_mib * 2**20
-    where: dict[float, list] = {}  # with a store: timestep -> [(part file, key prefix, rows)], in call order
-    names: Optional[tuple[list[str], list[str]]] = None  # (batched, shared) input names
-    held_from: Optional[int] = None  # the first call whose recording is held in memory
-    spilled = False  # this rank writes to the store
-
-    def write_held() -> None:  # the calls held since `held_from` go to one part file, named after that call
-        nonlocal names
-        steps = _steps_from_records(recorded, adapter.shared_args)
-        CalibrationData(steps).validate()
-        names = names or ([SAMPLE, *steps[0].conditioning], list(steps[0].shared))
-        for t, parts in write_part(root, _part_file(held_from), steps).items():
-            where.setdefault(t, []).extend(parts)
-        recorded.clear()
-
-    denoiser.forward = recording_forward
+    root = None if store is None else prepare_store(store, [_part_file(i) for i in mine], rank)
+    written: list[str] = []  # this rank's part files: removed again if the capture fails
+    failed = True
     try:
-        for i in mine:
-            held_from = i if held_from is None else held_from
-            pipe(num_inference_steps=num_inference_steps, **{"output_type": "latent", **calls[i]})
-            if root is not None and recorded and (spilled or budget is None or _nbytes(recorded) > budget):
+        budget = None if memory_budget_mib is None else memory_budget_mib * 2**20
+        where: dict[float, list] = {}  # with a store: timestep -> [(part file, key prefix, rows)], in call order
+        names: Optional[tuple[list[str], list[str]]] = None  # (batched, shared) input names
+        held_from: Optional[int] = None  # the first call whose recording is held in memory
+        spilled = False  # this rank writes to the store
+
+        def write_held() -> None:  # the calls held since `held_from` go to one part file, named after that call
+            nonlocal names
+            steps = _steps_from_records(recorded, adapter.shared_args)
+            CalibrationData(steps).validate()
+            names = names or ([SAMPLE, *steps[0].conditioning], list(steps[0].shared))
+            written.append(_part_file(held_from))
+            for t, parts in write_part(root, _part_file(held_from), steps).items():
+                where.setdefault(t, []).extend(parts)
+            recorded.clear()
+
+        denoiser.forward = recording_forward
+        try:
+            for i in mine:
+                held_from = i if held_from is None else held_from
+                pipe(num_inference_steps=num_inference_steps, **{"output_type": "latent", **calls[i]})
+                if root is not None and recorded and (spilled or budget is None or _nbytes(recorded) > budget):
+                    write_held()
+                    held_from, spilled = None, True
+        finally:
+            del denoiser.forward
+        if root is not None and any(all_gather_objects(spilled, "whether a rank spilled to the store")):
+            if recorded:  # a rank still under its budget stores what it holds too: the data lives in one place
                 write_held()
-                held_from, spilled = None, True
-    finally:
-        del denoiser.forward
-    if root is not None and any(all_gather_objects(spilled, "whether a rank spilled to the store")):
-        if recorded:  # a rank still under its budget stores what it holds too: the data lives in one place
-            write_held()
-        where = gather_lists(where, "the stored pipeline calls")  # in call order: the shares are contiguous
-        names = next((n for n in all_gather_objects(names, "the stored inputs' names") if n is not None), None)
-        if names is None:
+            where = gather_lists(where, "the stored pipeline calls")  # in call order: the shares are contiguous
+            names = next((n for n in all_gather_objects(names, "the stored inputs' names") if n is not None), None)
+            if names is None:
+                raise ValueError(f"{type(pipe).__name__} never called its {role} during capture.")
+            data = stored_data(root, where, *names)
+            if rank == 0:
+                write_index(root, data)
+            failed = False
+            return data
+        recorded = gather_lists(recorded, "the captured pipeline calls")  # in call order: the shares are contiguous
+        if not recorded:
             raise ValueError(f"{type(pipe).__name__} never called its {role} during capture.")
-        data = stored_data(root, where, *names)
-        if rank == 0:
-            write_index(root, data)
+        data = CalibrationData(_steps_from_records(recorded, adapter.shared_args))
+        data.validate()
+        failed = False
         return data
-    recorded = gather_lists(recorded, "the captured pipeline calls")  # in call order: the shares are contiguous
-    if not recorded:
-        raise ValueError(f"{type(pipe).__name__} never called its {role} during capture.")
-    data = CalibrationData(_steps_from_records(recorded, adapter.shared_args))
-    data.validate()
-    return data
+    finally:
+        if root is not None:
+            release_store(root, rank, written, failed)
 
 
 def _part_file(call: int) -> str:

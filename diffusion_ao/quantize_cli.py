@@ -55,7 +55,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--prompt-embeds", type=Path, default=None,
                    help="safetensors file of pipeline arguments, one row per prompt (prompt_embeds, "
                         "negative_prompt_embeds, pooled_prompt_embeds, ...): capture through the pipeline's call")
-    p.add_argument("--guidance-scale", type=float, default=None, help="the pipeline call's guidance scale")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="the pipeline call's guidance scale; without a pipeline, the sampler's for a DiT (default 1)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="prompts per pipeline call (the calls are shared out among the ranks)")
     p.add_argument("--calibration-store", type=Path, default=None,
@@ -79,9 +80,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--num-samples counts sampler trajectories; with --prompts / --prompt-embeds every prompt is one")
     if args.calibration_memory_mib is not None and args.calibration_store is None:
         p.error("--calibration-memory-mib needs --calibration-store (the directory to spill to)")
-    if not through_pipeline and (args.guidance_scale, args.height, args.width, args.calibration_store) != (None,) * 4:
-        p.error("--guidance-scale, --height, --width and --calibration-store are for pipeline calls: use them with "
-                "--prompts or --prompt-embeds")
+    if not through_pipeline and (args.height, args.width, args.calibration_store) != (None,) * 3:
+        p.error("--height, --width and --calibration-store are for pipeline calls: use them with --prompts or "
+                "--prompt-embeds")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: give a number of threads >= 1 (or leave it out for torch's default)")
+    model_path = Path(str(args.model)).expanduser()
+    if str(args.model) not in ("default", "dit") and str(args.model).startswith((".", "/", "~")) \
+            and not model_path.exists():
+        p.error(f"--model {args.model}: no such directory (a diffusers model or pipeline saved with "
+                "save_pretrained; or 'default', 'dit', or a hub id in the local cache)")
     try:  # before any work: a save that cannot be written is an error now, not after the quantization
         check_save_target(args.out, args.overwrite)
     except FileExistsError as error:
@@ -116,6 +124,28 @@ def pipeline_calls(args: argparse.Namespace) -> list[dict]:
             for i, start in enumerate(range(0, n, args.batch_size))]
 
 
+def class_conditioning(model: torch.nn.Module, num_samples: int, guidance_scale: Optional[float]) -> dict:
+    """The sampler's class labels for a class-conditional denoiser (every class in turn) and, for a DiT, the
+    guidance with its null label (the label table's last row); {} for an unconditional one."""
+    cfg = model.config
+    is_dit = type(model).__name__ == "DiTTransformer2DModel"
+    classes = getattr(cfg, "num_embeds_ada_norm", None) if is_dit else getattr(cfg, "num_class_embeds", None)
+    guided = guidance_scale is not None and guidance_scale != 1.0
+    if classes is None or (guided and not is_dit):
+        if guided:
+            raise ValueError(f"--guidance-scale {guidance_scale} without --prompts needs a class-conditional DiT; "
+                             f"{type(model).__name__} samples without guidance here.")
+        return {}
+    extra = {"class_labels": torch.arange(num_samples) % int(classes)}
+    if guided:
+        tables = [m.embedding_table.num_embeddings for m in model.modules() if type(m).__name__ == "LabelEmbedding"]
+        if not tables or min(tables) <= int(classes):
+            raise ValueError(f"--guidance-scale {guidance_scale}: this DiT's label table has no null label row "
+                             f"(it was built without class dropout), so it cannot be sampled with guidance.")
+        extra.update(guidance_scale=guidance_scale, null_class_label=int(classes))
+    return extra
+
+
 def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     args = parse_args(argv)
     if args.threads:
@@ -138,7 +168,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
             model, scheduler = load_model(args.model)
             data = collect_calibration_data(model, scheduler, num_samples=args.num_samples,
                                             num_inference_steps=args.steps, seed=args.seed,
-                                            progress=not args.no_progress and rank == 0)
+                                            progress=not args.no_progress and rank == 0,
+                                            **class_conditioning(model, args.num_samples, args.guidance_scale))
         captured = time.perf_counter()
         converted, report = quantize_denoiser(model, data, args.preset, progress=not args.no_progress and rank == 0)
         done = time.perf_counter()

@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
 from . import annotators
-from .annotation_context import AnnotationContext, LayerDecision
+from .annotation_context import AnnotationContext, LayerDecision, check_module_name_overrides
 from .config import LayerQuant, QuantConfig
 from .cpu import LOWERED_KERNELS, int8_attention_kernel_missing, int8_kernel_saturates
 from .graph import require_exported
@@ -102,6 +102,7 @@ class DiffusionQuantizer(Quantizer):
         return done
 
     def _context(self, model: GraphModule) -> AnnotationContext:
+        check_module_name_overrides(model, self.config)
         first, last = first_and_last_layers(model)
         return AnnotationContext(self.config, first | last, time_embedding_nodes(model), shortcut_convs(model),
                                  self.saturating_kernels, self.kernels_probed, self.qat)

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
+from .annotation_context import check_module_name_overrides
 from .calibration import CalibrationData, calibrate
 from .config import QuantConfig
-from .denoisers import denoiser_role
+from .denoisers import CLASS_LABELS, denoiser_role
 from .export import QuantizedDenoiser, as_diffusers_denoiser, export_denoiser
 from .graph import require_exported
 from .lowering import compile_for_cpu
+from .passes.analysis import MODULE_NAMES_META, denoiser_family, module_names
 from .quantizer import DiffusionQuantizer
 from .size import size_mb
 from .threads import calibration_threads
@@ -56,11 +58,33 @@ class QuantizationReport:
     time_groups: Optional["TimeGroups"] = None
     finetune: Optional["FinetuneReport"] = None
     calib_s: float = 0.0
+    skipped: dict[str, str] = field(default_factory=dict)  # step -> why the config's step did not run here
 
     def choices(self) -> dict[str, str]:
         """What the recipe chose from the model and its data, and why (e.g. {"modulation cache": "..."})."""
         label_cache = self.tfmq.label_cache if self.tfmq is not None else None
-        return {"modulation cache": label_cache} if label_cache else {}
+        return {**({"modulation cache": label_cache} if label_cache else {}), **self.skipped}
+
+
+def _for_this_family(step: str, method, family: str, skipped: dict[str, str]):
+    """`method` (a config with `denoisers`) if it runs on this denoiser `family`, else None, noted in `skipped`."""
+    if method is None or family in method.denoisers:
+        return method
+    skipped[step] = f"not run: the config limits it to {', '.join(method.denoisers)} denoisers, this is a {family}"
+    return None
+
+
+def check_config_against_data(config: QuantConfig, data: CalibrationData) -> None:
+    """Raises a ValueError, before any work, where `config` asks for what `data` cannot give."""
+    if config.tfmq is not None and config.tfmq.cache_class_labels is True and \
+            not any(CLASS_LABELS in step.conditioning for step in data.steps):
+        raise ValueError("TFMQConfig(cache_class_labels=True) needs calibration data with class_labels (a "
+                         "class-conditional denoiser, e.g. captured from a DiTPipeline call); use "
+                         "cache_class_labels='auto' or False for this model.")
+    if config.time_groups is not None and config.time_groups.groups > len(data.timesteps):
+        raise ValueError(f"TimeGroupConfig(groups={config.time_groups.groups}) needs at least as many calibration "
+                         f"timesteps; the data has {len(data.timesteps)}: use at most {len(data.timesteps)} groups "
+                         "or calibrate over more sampler steps.")
 
 
 def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Union[QuantConfig, str],
@@ -90,6 +114,7 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
         raise TypeError(f"quantize_denoiser needs CalibrationData, got {type(data).__name__}: capture it with "
                         "capture_calibration_data(pipe, ...) or collect_calibration_data(unet, scheduler, ...).")
     data.validate()
+    check_config_against_data(config, data)
     # one thread when another process keeps a core busy: the learned steps are small (diffusion_ao.threads)
     with calibration_threads():
         start = time.perf_counter()
@@ -97,6 +122,9 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
             pristine = require_exported(model, "quantize_denoiser")
         else:
             pristine = export_denoiser(model, data.steps[0])
+
+        check_module_name_overrides(pristine, config)  # before any work, on the graph with all its modules
+        pristine.meta.setdefault(MODULE_NAMES_META, module_names(pristine))  # passes below remove nodes
 
         def export():  # a fresh FP graph for each pass that changes one or needs an untouched reference
             return copy.deepcopy(pristine)
@@ -128,6 +156,11 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
             report.pts = apply_power_of_two_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
             logger.info("PTS: %d layers scaled: %s", len(report.pts), sorted(report.pts))
         prepared = (prepare_pt2e if config.finetune is None else prepare_qat_pt2e)(graph, quantizer)
+        if not any(d.layer is not None for d in quantizer.decisions):
+            reasons = sorted({d.reason for d in quantizer.decisions})
+            raise ValueError(f"QuantConfig {config.name!r} quantizes no layer of this model: every one is kept in "
+                             f"floating point ({', '.join(reasons) or 'no conv or linear found'}). Narrow "
+                             "module_name_overrides / module_type_overrides, or use the model as it is.")
         calibrate(prepared, data, progress=progress)
         if config.finetune is not None:
             from .qat import finetune
@@ -144,7 +177,9 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
             from .gptq import apply_gptq
             weights = report.timestep_weights if config.gptq.use_timestep_weights else None
             report.gptq = apply_gptq(prepared, data, config.gptq, timestep_weights=weights, progress=progress)
+        family = denoiser_family(pristine)
         recon = config.qdiff.reconstruction if config.qdiff is not None else None
+        recon = _for_this_family("block reconstruction", recon, family, report.skipped)
         if recon is not None and recon.iterations > 0:
             from .qdiff import reconstruct_blocks
             weights = report.timestep_weights if recon.use_timestep_weights else None
@@ -164,10 +199,11 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
         if tfmq is not None:
             for graph in graphs:
                 tfmq_steps.after_convert(graph, reference, tables, tfmq, report.tfmq, quantizer.decisions)
-        if config.output_correction is not None:
+        correction = _for_this_family("output correction", config.output_correction, family, report.skipped)
+        if correction is not None:
             from .output_correction import apply_output_correction, estimate_output_correction
             reference = reference if reference is not None else export()
-            report.output_correction = estimate_output_correction(converted, reference, data, config.output_correction)
+            report.output_correction = estimate_output_correction(converted, reference, data, correction)
             for graph in graphs:
                 apply_output_correction(graph, report.output_correction)
         report.calib_s = time.perf_counter() - start

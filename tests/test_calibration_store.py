@@ -138,3 +138,82 @@ def test_bad_stores_are_refused(data, tmp_path):
     (tmp_path / "calib" / INDEX_FILE).write_text(json.dumps({**index, "format": 99}))
     with pytest.raises(ValueError, match="has format 99"):
         load_calibration_data(tmp_path / "calib")
+
+
+def test_a_second_writer_of_a_store_is_refused_while_the_first_writes(tmp_path):
+    from diffusion_ao.calibration_store import prepare_store, release_store
+
+    root = prepare_store(tmp_path / "store", ["part-00000.safetensors"])
+    with pytest.raises(FileExistsError, match=r"is being written by another capture \(process \d+ on .*still running"):
+        prepare_store(tmp_path / "store", ["part-00000.safetensors"])
+    with pytest.raises(FileNotFoundError, match=r"holds an unfinished capture \(no calibration.json yet"):
+        load_calibration_data(root)
+    prepare_store(root, ["part-00001.safetensors"], rank=1)  # another rank of the same capture has its own lock
+    release_store(root, 1)
+    release_store(root)
+    assert list(root.iterdir()) == []
+
+
+def test_a_lock_left_by_a_process_that_no_longer_runs_says_the_capture_was_interrupted(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from diffusion_ao.calibration_store import LOCK_PREFIX
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f"{LOCK_PREFIX}0").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(),
+                                                          "started": "2026-01-01T00:00:00"}))
+    with pytest.raises(FileExistsError, match=r"which no longer runs: that capture was interrupted.*delete"):
+        save_calibration_data(collect_calibration_data(tiny_unet(), _scheduler(), num_samples=1,
+                                                       num_inference_steps=1, progress=False), tmp_path)
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS
+    return DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_a_save_that_fails_leaves_no_part_file_and_no_lock(data, tmp_path, monkeypatch, fault):
+    from diffusion_ao import calibration_store
+
+    def failing_index(root, stored):
+        raise fault
+    monkeypatch.setattr(calibration_store, "write_index", failing_index)
+    with pytest.raises(type(fault) if isinstance(fault, Exception) else fault):
+        save_calibration_data(data, tmp_path / "store")
+    assert list((tmp_path / "store").iterdir()) == []
+
+
+def test_parts_that_do_not_belong_to_the_store_are_named_at_load(data, tmp_path):
+    save_calibration_data(data, tmp_path / "a")
+    save_calibration_data(data, tmp_path / "b")  # the same data: the same shapes, another store
+    part = "part-00000.safetensors"
+    (tmp_path / "a" / part).write_bytes((tmp_path / "b" / part).read_bytes())
+    with pytest.raises(ValueError, match=rf"{part} does not belong to this store .* capture the store again"):
+        load_calibration_data(tmp_path / "a")
+    (tmp_path / "b" / part).unlink()
+    with pytest.raises(ValueError, match=rf"{part} is missing: the store is incomplete"):
+        load_calibration_data(tmp_path / "b")
+    save_calibration_data(data, tmp_path / "c")
+    index = json.loads((tmp_path / "c" / INDEX_FILE).read_text())
+    index["steps"][0]["parts"][0][2] += 3
+    (tmp_path / "c" / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"claims 8 rows of timestep .* which holds 5"):
+        load_calibration_data(tmp_path / "c")
+    (tmp_path / "c" / INDEX_FILE).write_text('{"format": 2, "ste')
+    with pytest.raises(ValueError, match="is not a calibration store index"):
+        load_calibration_data(tmp_path / "c")
+
+
+def test_a_format_1_store_still_loads(data, tmp_path):
+    save_calibration_data(data, tmp_path / "old")
+    index = json.loads((tmp_path / "old" / INDEX_FILE).read_text())
+    index["format"] = 1
+    del index["parts"]
+    (tmp_path / "old" / INDEX_FILE).write_text(json.dumps(index))
+    loaded = load_calibration_data(tmp_path / "old")
+    assert loaded.timesteps == data.timesteps and torch.equal(loaded.steps[0].sample, data.steps[0].sample)

@@ -102,3 +102,82 @@ def test_module_override_must_be_a_layer_quant_or_none():
     with pytest.raises(ValueError, match=r"module_name_overrides\['conv_in'\] must be a LayerQuant or None"):
         QuantConfig(module_name_overrides={"conv_in": 8})
     QuantConfig(module_name_overrides={"conv_in": LayerQuant(weight_bits=8, act_bits=8)})
+
+
+@pytest.mark.parametrize("key, nearest", [("mid_blocks", "mid_block"), ("down_blocks.9", "down_blocks.0"),
+                                          ("unet.mid_block", "mid_block")])
+def test_an_override_of_a_module_the_model_does_not_have_is_an_error_with_the_nearest_names(unet, key, nearest):
+    graph = export_unet(unet, sample_shape=(1, 1, 8, 8))
+    config = QuantConfig.preset("w8a8").replace(module_name_overrides={key: None, "mid_block": None})
+    with pytest.raises(ValueError, match=rf"names 1 module\(s\) the model does not have \('{key}': nearest "
+                                         rf"\[.*'{nearest}'.*\]\)\. Keys are module paths as in model.named_modules"):
+        prepare_pt2e(graph, DiffusionQuantizer(config))
+
+
+def test_the_override_check_is_made_before_any_work_and_survives_passes_that_remove_modules(unet, data):
+    from diffusion_ao import quantize_denoiser
+    from diffusion_ao.config import TFMQConfig
+
+    bad = QuantConfig.preset("w8a8").replace(module_name_overrides={"mid_blocks": None})
+    with pytest.raises(ValueError, match=r"'mid_blocks': nearest \['mid_block'"):
+        quantize_denoiser(unet, data, bad, progress=False)
+    # the time embedding is cached away before the quantizer sees the graph: an override of it is still a module
+    cached = QuantConfig.preset("w8a8").replace(tfmq=TFMQConfig(cache="all", fsc="none"),
+                                                module_name_overrides={"time_embedding": None, "": None})
+    with pytest.raises(ValueError, match=r"quantizes no layer of this model: every one is kept in floating point "
+                                         r"\(module_name_overrides\[''\]\)"):
+        quantize_denoiser(unet, data, cached, progress=False)
+    partly = cached.replace(module_name_overrides={"time_embedding": LayerQuant(8, 8), "mid_block": None})
+    _, report = quantize_denoiser(unet, data, partly, progress=False)
+    assert not any(d.module.startswith("time_embedding") for d in report.quantizer.decisions)  # cached away
+    assert all(d.layer is None for d in report.quantizer.decisions if d.module.startswith("mid_block"))
+
+
+def test_a_second_calibrate_adds_to_the_statistics_and_says_so_and_reset_starts_over(unet, data):
+    from diffusion_ao.observers import TimestepActivationObserver
+
+    def qparams(prepared):
+        return [tuple(float(v) for v in m.calculate_qparams()) for m in prepared.modules()
+                if isinstance(m, TimestepActivationObserver)]
+
+    def prepared_graph():
+        graph = export_unet(unet, sample_shape=(1, 1, 8, 8))
+        return prepare_pt2e(graph, DiffusionQuantizer(QuantConfig.preset("w8a8")))
+
+    once = prepared_graph()
+    calibrate(once, data, progress=False)
+    retried = prepared_graph()
+    calibrate(retried, data, progress=False)
+    with pytest.warns(UserWarning, match=r"already hold statistics of an earlier calibrate call; this data is added "
+                                         r"to them\. .* pass reset=True"):
+        calibrate(retried, data, progress=False)
+    assert all(obs.stats[t].count == 2 * once_obs.stats[t].count
+               for obs, once_obs in zip((m for m in retried.modules() if isinstance(m, TimestepActivationObserver)),
+                                        (m for m in once.modules() if isinstance(m, TimestepActivationObserver)))
+               for t in obs.stats)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate(retried, data, progress=False, reset=True)
+    assert qparams(retried) == qparams(once)
+
+
+def test_config_conflicts_are_refused_before_any_work(unet, data, monkeypatch):
+    from diffusion_ao import quantize_denoiser
+    from diffusion_ao import recipe
+    from diffusion_ao.config import DMQConfig, TFMQConfig, TimeGroupConfig
+
+    with pytest.raises(ValueError, match=r"timestep_weighting=True\) weights each timestep's .* use "
+                                         r"timestep_aggregation='weighted'"):
+        QuantConfig.preset("w4a8").replace(dmq=DMQConfig(les=False, pts=False), timestep_aggregation="global")
+    QuantConfig.preset("w4a8").replace(dmq=DMQConfig(les=False, pts=False, timestep_weighting=False),
+                                       timestep_aggregation="global")
+    labels = QuantConfig.preset("w8a8").replace(tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels=True))
+    groups = QuantConfig.preset("w8a8").replace(time_groups=TimeGroupConfig(groups=len(data.timesteps) + 1))
+    for config, message in ((labels, r"cache_class_labels=True\) needs calibration data with class_labels"),
+                            (groups, rf"groups={len(data.timesteps) + 1}\) needs at least as many calibration "
+                                     rf"timesteps; the data has {len(data.timesteps)}")):
+        with monkeypatch.context() as m:  # before the export, not after it
+            m.setattr(recipe, "export_denoiser", lambda *a, **k: pytest.fail("exported before the check"))
+            with pytest.raises(ValueError, match=message):
+                quantize_denoiser(unet, data, config, progress=False)

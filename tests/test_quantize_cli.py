@@ -67,7 +67,13 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         parse_args(["--num-samples", "0", "--out", "x"])
     with pytest.raises(SystemExit):  # pipeline call arguments without a pipeline call
-        parse_args(["--guidance-scale", "5", "--out", "x"])
+        parse_args(["--height", "64", "--out", "x"])
+    with pytest.raises(SystemExit):
+        parse_args(["--threads", "0", "--out", "x"])
+    with pytest.raises(SystemExit):  # a path that does not exist is not sent to the hub
+        parse_args(["--model", str(tmp_path / "no-such-model"), "--out", "x"])
+    with pytest.raises(ValueError, match="needs a class-conditional DiT"):  # the default UNet is unconditional
+        main(["--guidance-scale", "5", "--num-samples", "2", "--steps", "2", "--out", str(tmp_path / "g")])
     with pytest.raises(SystemExit):  # a memory budget without a store to spill to
         parse_args(["--prompts", "p.txt", "--calibration-memory-mib", "100", "--out", "x"])
     with pytest.raises(SystemExit):  # sampler trajectories with prompts
@@ -109,3 +115,21 @@ def test_torchrun_two_ranks_share_the_pipeline_calls(tmp_path):
     graph = load_quantized(out)
     x = torch.randn(6, 4, 16, 16)
     assert graph(x, torch.full((6,), 500.0), torch.randn(6, 8, 32)).shape == x.shape
+
+
+def test_the_shipped_dit_quantizes_from_the_sampler_with_every_label_and_guidance(tmp_path, capsys):
+    """`--model dit` without prompts: the sampler gets the class labels in turn (and the null label under
+    guidance), as `collect_calibration_data` needs for a class-conditional denoiser."""
+    from diffusion_ao.models import load_model
+    from diffusion_ao.quantize_cli import class_conditioning
+
+    dit, _ = load_model("dit")
+    extra = class_conditioning(dit, 12, 1.5)
+    assert extra["class_labels"].tolist() == [i % 10 for i in range(12)]
+    assert extra["guidance_scale"] == 1.5 and extra["null_class_label"] == 10
+    assert "guidance_scale" not in class_conditioning(dit, 4, None)
+    out = tmp_path / "q"
+    main(["--model", "dit", "--num-samples", "2", "--steps", "2", "--guidance-scale", "1.5", "--no-progress",
+          "--out", str(out)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rank"] == 0 and (out / "config.json").exists()

@@ -36,6 +36,38 @@ def module_path(node: Node) -> str:
     return path[len(EXPORT_PREFIX):] if path.startswith(EXPORT_PREFIX) else path
 
 
+# graph.meta key under which `export_denoiser` records every module path of the exported model
+MODULE_NAMES_META = "diffusion_ao_module_names"
+
+
+# graph.meta key under which `export_denoiser` records the exported model's class name
+DENOISER_CLASS_META = "diffusion_ao_denoiser_class"
+
+
+def denoiser_family(graph: GraphModule) -> str:
+    """"unet" for a graph exported from a diffusers UNet, else "transformer" (DiT, PixArt, SD3, Flux): from the
+    class `export_denoiser` recorded, or, for a graph exported otherwise, the modules its nodes come from."""
+    name = graph.meta.get(DENOISER_CLASS_META)
+    if name is not None:
+        return "unet" if "UNet" in name else "transformer"
+    classes = {str(cls) for node in graph.graph.nodes for _, cls in (node.meta.get("nn_module_stack") or {}).values()}
+    return "unet" if any("UNet" in c for c in classes) else "transformer"
+
+
+def module_names(graph: GraphModule) -> frozenset[str]:
+    """Every module path of the model `graph` was exported from, as in `model.named_modules()` (recorded by
+    `export_denoiser`, so passes that remove nodes do not change it); for a graph exported otherwise, the paths
+    of its nodes' modules and their parents."""
+    recorded = graph.meta.get(MODULE_NAMES_META)
+    if recorded is not None:
+        return recorded
+    names = set()
+    for node in graph.graph.nodes:
+        parts = module_path(node).split(".") if module_path(node) else []
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return frozenset(names)
+
+
 def layer_name(node: Node) -> str:
     """A report key for a conv/linear node: its module path (the node name if it has none), with the part index
     for a piece of a split concat conv (the pieces share the original's module path)."""

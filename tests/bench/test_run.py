@@ -134,10 +134,21 @@ def test_best_ablation_rows_measure_gptq_alone_and_under_the_preset():
     assert rows["best-w4a8-weights-only+gptq"].gptq is not None
     assert rows["best-w4a6-gptq"].act_bits == 6 and rows["best-w4a6-gptq"].weight_observer == "mse"
     assert rows["best-w4a6-gptq-minmax-grid"].weight_observer == "minmax"
-    # the preset is the ablation's row with the pieces that paid
-    for bits in ("w4a8", "w4a6"):  # finished with the output correction (bench/published/best-finish-3seeds)
-        best = rows[f"best-{bits}-gptq-minmax-grid+cache+tw+mp+oc"]
-        assert best.replace(name=f"best-{bits}") == QuantConfig.preset(f"best-{bits}")
+    # the preset is the ablation's row with the pieces that paid: at W4A8 finished with the output correction
+    # (bench/published/best-finish-3seeds); at W4A6 with it on UNets, with block reconstruction on transformers
+    # (bench/published/dit-w4a6-finish-3seeds)
+    import dataclasses
+
+    from diffusion_ao.config import OutputCorrectionConfig
+    best = rows["best-w4a8-gptq-minmax-grid+cache+tw+mp+oc"]
+    assert best.replace(name="best-w4a8") == QuantConfig.preset("best-w4a8")
+    preset = QuantConfig.preset("best-w4a6")
+    on_unets = preset.replace(qdiff=None, output_correction=OutputCorrectionConfig())
+    recon = dataclasses.replace(preset.qdiff.reconstruction, denoisers=("unet", "transformer"))
+    on_transformers = preset.replace(output_correction=None,
+                                     qdiff=dataclasses.replace(preset.qdiff, reconstruction=recon))
+    assert rows["best-w4a6-gptq-minmax-grid+cache+tw+mp+oc"].replace(name="best-w4a6") == on_unets
+    assert rows["best-w4a6-gptq-minmax-grid+cache+tw+mp+recon"].replace(name="best-w4a6") == on_transformers
     assert rows["best-w4a8-gptq-minmax-grid+cache+tw+mp+oc"].output_correction is not None
     assert rows["best-w4a6-gptq-minmax-grid+cache+tw+mp+recon"].qdiff.reconstruction is not None
 

@@ -1,0 +1,71 @@
+"""The recipe's per-family steps: `denoiser_family` of a graph, methods limited to a family (`denoisers`) skipped
+elsewhere and reported, and best-w4a6's finish: block reconstruction on transformers, the output correction on
+UNets."""
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+from diffusion_ao import QuantConfig, collect_calibration_data, export_denoiser, export_unet, quantize_denoiser
+from diffusion_ao.config import OutputCorrectionConfig, QDiffConfig, ReconstructionConfig
+from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS
+from diffusion_ao.passes.analysis import DENOISER_CLASS_META, denoiser_family
+
+
+@pytest.fixture(scope="module")
+def dit():
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                 num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=4).eval()
+
+
+@pytest.fixture(scope="module")
+def dit_data(dit):
+    return collect_calibration_data(dit, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS), num_samples=4,
+                                    num_inference_steps=2, class_labels=torch.arange(4), progress=False)
+
+
+@pytest.fixture(scope="module")
+def unet_data(unet, scheduler):
+    return collect_calibration_data(unet, scheduler, num_samples=4, num_inference_steps=2, progress=False)
+
+
+def test_the_family_of_a_graph_comes_from_the_export_and_without_it_from_its_modules(unet, dit, dit_data):
+    graphs = {"unet": export_unet(unet, sample_shape=(1, 1, 8, 8)), "transformer": export_denoiser(dit, dit_data.steps[0])}
+    for family, graph in graphs.items():
+        assert denoiser_family(graph) == family
+        del graph.meta[DENOISER_CLASS_META]  # e.g. a graph the user exported with torch.export
+        assert denoiser_family(graph) == family
+
+
+def test_a_denoisers_scope_must_name_known_families():
+    for bad in (("vae",), (), ["unet"]):
+        with pytest.raises(ValueError, match=r"denoisers=.*: use a non-empty tuple of \('unet', 'transformer'\)"):
+            ReconstructionConfig(denoisers=bad)
+        with pytest.raises(ValueError, match=r"OutputCorrectionConfig.denoisers"):
+            OutputCorrectionConfig(denoisers=bad)
+
+
+def test_best_w4a6_finishes_with_reconstruction_on_transformers_and_the_correction_on_unets():
+    best = QuantConfig.preset("best-w4a6")
+    assert best.qdiff.reconstruction.denoisers == ("transformer",) and not best.qdiff.split_shortcut
+    assert best.output_correction.denoisers == ("unet",)
+    assert QuantConfig.preset("best-w4a8").output_correction.denoisers == ("unet", "transformer")
+
+
+@pytest.mark.parametrize("family", ["unet", "transformer"])
+def test_a_step_limited_to_the_other_family_is_skipped_and_reported(family, unet, unet_data, dit, dit_data):
+    model, data = (unet, unet_data) if family == "unet" else (dit, dit_data)
+    config = QuantConfig.preset("w8a8").replace(
+        qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig(iterations=2,
+                                                                                    denoisers=("transformer",))),
+        output_correction=OutputCorrectionConfig(denoisers=("unet",)))
+    _, report = quantize_denoiser(model, data, config, progress=False)
+    choices = report.choices()
+    if family == "unet":
+        assert report.reconstruction is None and report.output_correction is not None
+        assert choices["block reconstruction"] == ("not run: the config limits it to transformer denoisers, "
+                                                   "this is a unet")
+        assert "output correction" not in choices
+    else:
+        assert report.reconstruction is not None and report.output_correction is None
+        assert "this is a transformer" in choices["output correction"] and "block reconstruction" not in choices
