@@ -272,9 +272,10 @@ def best_rows(bits: str) -> list[RowSpec]:
     the whole modulation per (timestep, label) where the calibration labels cover the label table), DMQ's adaptive
     timestep weights (of the activation ranges and of GPTQ's H; no LES / PTS), Q-Diffusion's block
     reconstruction starting from GPTQ's codes (no shortcut split), the per-timestep output correction (gain and
-    bias), sensitivity-driven 8-bit weights within 0.17 x the FP32 size, and the pieces together in turn."""
-    from diffusion_ao.config import (DMQConfig, GPTQConfig, MixedPrecisionConfig, OutputCorrectionConfig,
-                                     QDiffConfig, ReconstructionConfig, TFMQConfig)
+    bias), sensitivity-driven 8-bit weights within 0.17 x the FP32 size, and the pieces together in turn; last,
+    `best-<bits>` with a low-rank branch of rank 16 and 32, in floating point and as 8-bit linears."""
+    from diffusion_ao.config import (DMQConfig, GPTQConfig, LowRankConfig, MixedPrecisionConfig,
+                                     OutputCorrectionConfig, QDiffConfig, ReconstructionConfig, TFMQConfig)
 
     base = QuantConfig.preset(bits)
     gptq = GPTQConfig()
@@ -306,6 +307,10 @@ def best_rows(bits: str) -> list[RowSpec]:
              ("gptq-minmax-grid+cache+tw+recon", grid.replace(
                  tfmq=cache, dmq=DMQConfig(les=False, pts=False),
                  qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig())))]
+    best = QuantConfig.preset(f"best-{bits}")
+    for rank in (16, 32):  # the low-rank branch on the whole recipe, in floating point and on int8 kernels
+        steps.append((f"lowrank{rank}", best.replace(low_rank=LowRankConfig(rank=rank))))
+        steps.append((f"lowrank{rank}-int8", best.replace(low_rank=LowRankConfig(rank=rank, branch_bits=8))))
     if bits == "w4a8":  # the weight-only rows do not depend on the activation width: listed once
         steps = [("weights-only", base.replace(act_bits=None)),
                  ("weights-only+gptq", base.replace(act_bits=None, gptq=gptq))] + steps

@@ -18,7 +18,7 @@ from .config import LayerQuant, QuantConfig
 from .cpu import int16_pair_overflows
 from .observers import TimestepActivationObserver, WeightObserver
 from .observers.fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
-from .passes.analysis import CONV_OPS, module_names, module_path, module_type_name, resolve_type
+from .passes.analysis import CONV_OPS, LOW_RANK_META, module_names, module_path, module_type_name, resolve_type
 from .primitives import int_range
 
 
@@ -79,7 +79,12 @@ class AnnotationContext:
     def layer_for(self, node: Node) -> Optional[LayerQuant]:
         """The bit widths for `node`'s layer, or None to keep it in floating point."""
         found, layer, reason = self._override(node)
-        if not found:
+        if node.meta.get(LOW_RANK_META):  # a branch of a quantized layer (module path) at LowRankConfig.branch_bits
+            layer = layer if found else self.config.default_layer
+            bits = self.config.low_rank.branch_bits if self.config.low_rank is not None else None
+            layer = LayerQuant(bits, layer.act_bits) if bits is not None and layer is not None else None
+            reason = "low-rank branch" + (f" at {bits} bits" if layer is not None else " in floating point")
+        elif not found:
             cfg = self.config
             if node in self.first_last and not cfg.quantize_first_last:
                 layer, reason = None, "first/last layer"

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .method_configs import (DMQConfig, FinetuneConfig, GPTQConfig, MixedPrecisionConfig,  # noqa: F401
+from .method_configs import (DMQConfig, FinetuneConfig, GPTQConfig, LowRankConfig, MixedPrecisionConfig,  # noqa: F401
                              OutputCorrectionConfig, QDiffConfig, ReconstructionConfig, TFMQConfig, TimeGroupConfig, _check_bits,
                              _check_choice)
 
@@ -71,6 +71,8 @@ class QuantConfig:
         tfmq: TFMQ-DM's pieces (`TFMQConfig`: temporal-feature cache, finite-set calibration), or None.
         qdiff: Q-Diffusion's pieces (`QDiffConfig`: shortcut splitting, block reconstruction), or None.
         gptq: round the weights with GPTQ on the calibration inputs (`GPTQConfig`) instead of to nearest, or None.
+        low_rank: keep a low-rank branch of each low-bit linear's weight beside the quantized residual
+            (`LowRankConfig`), or None.
         output_correction: correct the output's per-timestep gain and bias (`OutputCorrectionConfig`), or None.
             The quantized denoiser then accepts only the calibration data's timesteps.
         mixed_precision: promote the most sensitive layers' weights within a size budget
@@ -109,6 +111,7 @@ class QuantConfig:
     tfmq: Optional[TFMQConfig] = None
     qdiff: Optional[QDiffConfig] = None
     gptq: Optional[GPTQConfig] = None
+    low_rank: Optional[LowRankConfig] = None
     output_correction: Optional[OutputCorrectionConfig] = None
     mixed_precision: Optional[MixedPrecisionConfig] = None
     time_groups: Optional[TimeGroupConfig] = None
@@ -157,6 +160,8 @@ class QuantConfig:
             raise ValueError(f"qdiff must be a QDiffConfig or None, got {type(self.qdiff).__name__}.")
         if self.gptq is not None and not isinstance(self.gptq, GPTQConfig):
             raise ValueError(f"gptq must be a GPTQConfig or None, got {type(self.gptq).__name__}.")
+        if self.low_rank is not None and not isinstance(self.low_rank, LowRankConfig):
+            raise ValueError(f"low_rank must be a LowRankConfig or None, got {type(self.low_rank).__name__}.")
         if self.mixed_precision is not None:
             if not isinstance(self.mixed_precision, MixedPrecisionConfig):
                 raise ValueError("mixed_precision must be a MixedPrecisionConfig or None, got "

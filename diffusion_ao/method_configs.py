@@ -1,5 +1,5 @@
 """The method configs that `QuantConfig` composes: one frozen dataclass per method (DMQ, TFMQ-DM, Q-Diffusion,
-GPTQ, output correction, mixed precision, time-grouped ranges, QAT fine-tune), each validated in `__post_init__`.
+GPTQ, the low-rank branch, output correction, mixed precision, time-grouped ranges, QAT fine-tune), each validated in `__post_init__`.
 """
 from __future__ import annotations
 
@@ -294,6 +294,41 @@ class GPTQConfig:
         if self.block_size < 1 or self.samples_per_step < 1:
             raise ValueError(f"GPTQConfig: block_size ({self.block_size}) and samples_per_step "
                              f"({self.samples_per_step}) must be >= 1.")
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """A low-rank branch beside each low-bit linear (SVDQuant's decomposition, `diffusion_ao.low_rank`): the
+    weight becomes W = up @ down + R, the branch up @ down taken from the SVD of W scaled by its input's
+    per-channel RMS (the directions that carry the most output on the calibration inputs), and only the residual
+    R is quantized (to the layer's bits, by GPTQ when `QuantConfig.gptq` is set).
+
+    Args:
+        rank: the branch's rank (SVDQuant: 16-32 on models 10x wider than the shipped DiT). Linears with
+            min(in, out) <= 2 * rank keep no branch (it would cost as much as the layer).
+        branch_bits: None keeps the branch in floating point (FP32 matmuls beside the int8 kernel); 8 quantizes
+            both of its linears to 8-bit weights on int8 kernels, their inputs at the layer's activation bits.
+        samples_per_step: calibration trajectories per timestep whose inputs give the per-channel RMS.
+        denoisers: the denoiser families it runs on (`DENOISER_FAMILIES`); on others the recipe skips it and says
+            so (`QuantizationReport.choices()`).
+
+    Example:
+        >>> LowRankConfig(rank=16, branch_bits=8)
+    """
+
+    rank: int = 16
+    branch_bits: Optional[int] = None
+    samples_per_step: int = 16
+    denoisers: tuple[str, ...] = DENOISER_FAMILIES
+
+    def __post_init__(self) -> None:
+        _check_families("LowRankConfig", self.denoisers)
+        for name, value in (("rank", self.rank), ("samples_per_step", self.samples_per_step)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LowRankConfig.{name}={value!r}: use an int >= 1.")
+        if self.branch_bits not in (None, 8) or isinstance(self.branch_bits, bool):
+            raise ValueError(f"LowRankConfig.branch_bits={self.branch_bits!r}: use None (a floating-point branch) or "
+                             "8 (int8 kernels).")
 
 
 @dataclass(frozen=True)

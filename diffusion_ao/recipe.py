@@ -1,5 +1,5 @@
 """`quantize_denoiser`: the whole PTQ recipe of a `QuantConfig` in one call: export; TFMQ-DM's temporal cache;
-the mixed-precision plan; DMQ's graph passes (LES, PTS); prepare (with Q-Diffusion's shortcut splitting);
+the mixed-precision plan; DMQ's graph passes (LES, PTS); the low-rank branch; prepare (with Q-Diffusion's shortcut splitting);
 timestep-aware calibration; the QAT fine-tune (with `config.finetune` the graph is prepared by `prepare_qat_pt2e`);
 DMQ's timestep weighting; GPTQ rounding; Q-Diffusion's block reconstruction; convert (one graph per group of
 timesteps with time-grouped ranges); TFMQ-DM's finite-set calibration and temporal-feature selection; the
@@ -53,6 +53,7 @@ class QuantizationReport:
     tfmq: Optional["TFMQReport"] = None
     reconstruction: Optional["ReconstructionReport"] = None
     gptq: dict = field(default_factory=dict)
+    low_rank: dict = field(default_factory=dict)  # layer -> `LowRankResult`
     output_correction: Optional["OutputCorrection"] = None
     mixed_precision: Optional["MixedPrecisionPlan"] = None
     time_groups: Optional["TimeGroups"] = None
@@ -155,6 +156,12 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
             from .dmq import apply_power_of_two_scaling
             report.pts = apply_power_of_two_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
             logger.info("PTS: %d layers scaled: %s", len(report.pts), sorted(report.pts))
+        family = denoiser_family(pristine)
+        low_rank = _for_this_family("low-rank branch", config.low_rank, family, report.skipped)
+        if low_rank is not None:  # after the passes that change weights: the branch splits the final ones
+            from .low_rank import apply_low_rank
+            report.low_rank = apply_low_rank(graph, data, quantizer, low_rank, progress=progress)
+            logger.info("low-rank branch (rank %d) on %d linears", low_rank.rank, len(report.low_rank))
         prepared = (prepare_pt2e if config.finetune is None else prepare_qat_pt2e)(graph, quantizer)
         if not any(d.layer is not None for d in quantizer.decisions):
             reasons = sorted({d.reason for d in quantizer.decisions})
@@ -177,7 +184,6 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
             from .gptq import apply_gptq
             weights = report.timestep_weights if config.gptq.use_timestep_weights else None
             report.gptq = apply_gptq(prepared, data, config.gptq, timestep_weights=weights, progress=progress)
-        family = denoiser_family(pristine)
         recon = config.qdiff.reconstruction if config.qdiff is not None else None
         recon = _for_this_family("block reconstruction", recon, family, report.skipped)
         if recon is not None and recon.iterations > 0:

@@ -24,6 +24,8 @@ UNSUPPORTED_WEIGHTED_OPS = {aten.conv1d.default, aten.conv3d.default, aten.conv_
 SCALE_META = "diffusion_ao_input_scale"  # marks a channel-scale multiply inserted in front of a layer
 # Set by `split_concat_convs` on each piece of a split conv: {"of": original node name, "shortcut": bool}.
 SPLIT_META = "diffusion_ao_split_of"
+# Set by `add_low_rank_branch` on the two linears of a low-rank branch: "down" (in -> rank) or "up" (rank -> out).
+LOW_RANK_META = "diffusion_ao_low_rank"
 EXPORT_PREFIX = "denoiser."  # export_denoiser wraps the model in a module whose attribute is `denoiser`
 
 
