@@ -174,6 +174,11 @@ DOC_SECTIONS: list[DocSection] = [
                "`...+recon` ends with block reconstruction instead of the correction, `dit-w4a6-best-fc2-a8` is "
                "`best-w4a6` with the MLPs' post-GELU inputs at 8 bits. `best-w4a6` now finishes with block "
                "reconstruction on transformers. The latency column compares rows of this run only."),
+    DocSection("dit-lowrank-3seeds", "A low-rank branch on the DiT's 4-bit linears (3 calibration seeds)",
+               "`best-w4a8` and `best-w4a6` on the shipped DiT (the ablation rows `...+cache+tw+mp+oc` and "
+               "`...+cache+tw+mp+recon` are exactly those presets) and the same recipes with `LowRankConfig(rank=16)` "
+               "and `rank=32` (the branch in FP32), each calibrated three times, beside the naive rows. The latency "
+               "column is at batch 250 on an AMD EPYC with AVX-512 VNNI (2 threads), nothing else running."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",
