@@ -53,8 +53,11 @@ def _torchao_int8(converted):
 
 
 def _torchao_int4wo(converted):
+    # the tile-packed format runs on torch's own CUDA kernel (the default one needs the separate mslk package) and
+    # takes bf16 activations only
     from torchao.quantization import Int4WeightOnlyConfig
-    return lower_to_int_mm(lower_linears_torchao(converted, Int4WeightOnlyConfig()))
+    config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    return lower_to_int_mm(lower_linears_torchao(converted, config, compute_dtype=torch.bfloat16))
 
 
 # name -> converted W8A8 graph -> lowered graph (on CPU; moved to the GPU by the check)

@@ -181,7 +181,8 @@ def lower_to_int_mm(converted: GraphModule) -> torch.nn.Module:
     return gm
 
 
-def lower_linears_torchao(converted: GraphModule, config: Any) -> torch.nn.Module:
+def lower_linears_torchao(converted: GraphModule, config: Any,
+                          compute_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """A copy of a converted graph whose quantized linears are torchao-quantized `nn.Linear`s.
 
     Each linear gets the dequantized weight of its codes and is then quantized by `torchao.quantization.quantize_`
@@ -189,13 +190,20 @@ def lower_linears_torchao(converted: GraphModule, config: Any) -> torch.nn.Modul
     re-quantizes with its own scheme; its input is the graph's fake-quantized activation. Convs are untouched
     (combine with `lower_to_int_mm` for them).
 
+    Args:
+        converted: a graph from `convert_pt2e` (or a `TimeGroupedGraph` of them).
+        config: a torchao `quantize_` config.
+        compute_dtype: the dtype the torchao linears run in (e.g. `torch.bfloat16` for kernels that take only bf16,
+            such as the tile-packed int4 weight-only one); each one's input is cast to it and its output back to
+            the graph's float32. None keeps float32.
+
     Example:
         >>> gm = lower_linears_torchao(converted, Int8DynamicActivationInt8WeightConfig()).to("cuda")
     """
     from torchao.quantization import quantize_
 
     if isinstance(converted, TimeGroupedGraph):
-        return converted.map_groups(lambda group: lower_linears_torchao(group, config))
+        return converted.map_groups(lambda group: lower_linears_torchao(group, config, compute_dtype))
     gm = copy.deepcopy(converted)
     count = 0
     for node in list(gm.graph.nodes):
@@ -213,9 +221,14 @@ def lower_linears_torchao(converted: GraphModule, config: Any) -> torch.nn.Modul
             if bias is not None:
                 linear.bias.copy_(bias)
         name = f"torchao_linear_{count}"
-        gm.add_module(name, linear)
+        gm.add_module(name, linear.to(compute_dtype) if compute_dtype is not None else linear)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (node.args[0],))
+            x = node.args[0]
+            if compute_dtype is not None:
+                x = gm.graph.call_method("to", (x, compute_dtype))
+            new = gm.graph.call_module(name, (x,))
+            if compute_dtype is not None:
+                new = gm.graph.call_method("to", (new, torch.float32))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

@@ -138,6 +138,25 @@ def test_torchao_linears_on_cuda(converted):
         assert snr_db(converted(x, t), gm(x.cuda(), t.cuda()).cpu()) > 20
 
 
+def test_torchao_linears_in_bf16_take_and_give_the_graphs_float32(converted):
+    """`compute_dtype` (for kernels that take bf16 only, like the tile-packed int4 one) casts each torchao linear's
+    input to it and its output back, so the graph around them stays float32; run here on CPU with int8 dynamic."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    from diffusion_ao.gpu import lower_linears_torchao
+    fp32 = lower_linears_torchao(converted, Int8DynamicActivationInt8WeightConfig())
+    bf16 = lower_linears_torchao(converted, Int8DynamicActivationInt8WeightConfig(), compute_dtype=torch.bfloat16)
+    assert bf16.meta["torchao_linears"] == fp32.meta["torchao_linears"] > 0
+    casts = [n.args[1] for n in bf16.graph.nodes if n.op == "call_method" and n.target == "to"]
+    assert casts.count(torch.bfloat16) == casts.count(torch.float32) == bf16.meta["torchao_linears"]
+    assert all(m.weight.dtype == torch.bfloat16 for name, m in bf16.named_modules() if name.startswith("torchao_"))
+    x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 500.0)
+    with torch.no_grad():
+        out = bf16(x, t)
+        assert out.dtype == torch.float32
+        assert snr_db(fp32(x, t), out) > 20
+
+
 def test_time_vs_bf16_needs_cuda(converted):
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
