@@ -14,6 +14,13 @@ What it runs, each step timed and each failure recorded (with its error) instead
    each timed against the bf16 FP graph (`time_vs_bf16`: both compiled, interleaved, medians) and checked against
    FP32 on the same GPU (relative L2 error of the prediction, next to the q/dq graph's own error).
 
+On a machine without this project's dependencies and no package index (the lent H200 image has torch 2.11, no
+diffusers, no torchao), carry their wheels: here, `pip download --no-deps diffusers==0.42.1 torchao==0.18.0
+importlib_metadata==8.7.0 -d .gpuwheels` (ignored through .git/info/exclude); there,
+`python3 -m pip install -q --no-deps --no-index .gpuwheels/*.whl && python3 bench/gpu_check.py --out $OUT/check.json`
+(the repository root is on the path; no install of the project is needed). Its CPU part (quantize, lower, run)
+was checked under torch 2.11.0 on CPU.
+
 `--budget-s` (default 480) bounds the whole check: a step that would start after it is recorded as skipped.
 The JSON (`--out`, a new file; default bench/results/gpu_check-<date>.json) holds the machine, the arguments and every step.
 """
