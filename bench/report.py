@@ -159,7 +159,8 @@ DOC_SECTIONS: list[DocSection] = [
                "trajectories and method seeds), quality as mean (min–max) over the three, on eager q/dq graphs "
                "(`--no-compile`: quality only, no latency). `...+recon` is `best-*` as shipped before this run; "
                "`...+oc` replaces the reconstruction by the per-timestep output correction."),
-    DocSection("dit-best-3seeds", "The recommended recipes on the shipped DiT (3 calibration seeds)",
+    DocSection("dit-best-3seeds",
+               "The recommended recipes on the shipped DiT before the low-rank branch (3 calibration seeds)",
                "`best-*` against naive quantization on the shipped class-conditional DiT, each calibrated three "
                "times. `best-*` cached the whole (timestep, label) modulation here (the notes below say why); "
                "both ended with the output correction (best-w4a6 on transformers now ends with block "
@@ -175,10 +176,17 @@ DOC_SECTIONS: list[DocSection] = [
                "`best-w4a6` with the MLPs' post-GELU inputs at 8 bits. `best-w4a6` now finishes with block "
                "reconstruction on transformers. The latency column compares rows of this run only."),
     DocSection("dit-lowrank-3seeds", "A low-rank branch on the DiT's 4-bit linears (3 calibration seeds)",
-               "`best-w4a8` and `best-w4a6` on the shipped DiT (the ablation rows `...+cache+tw+mp+oc` and "
-               "`...+cache+tw+mp+recon` are exactly those presets) and the same recipes with `LowRankConfig(rank=16)` "
+               "`best-w4a8` and `best-w4a6` on the shipped DiT as they were before the branch (the ablation rows "
+               "`...+cache+tw+mp+oc` and `...+cache+tw+mp+recon`) and the same recipes with `LowRankConfig(rank=16)` "
                "and `rank=32` (the branch in FP32), each calibrated three times, beside the naive rows. The latency "
                "column is at batch 250 on an AMD EPYC with AVX-512 VNNI (2 threads), nothing else running."),
+    DocSection("dit-best-lowrank-3seeds", "`best-*` with the low-rank branch on the DiT (3 calibration seeds)",
+               "`best-w4a8` and `best-w4a6` as shipped now: on transformers a rank-16 branch beside each 4-bit "
+               "linear, its down-projection an 8-bit linear on int8 kernels and its up-projection in FP32 "
+               "(`LowRankConfig(rank=16, down_bits=8)`); `-no-lowrank` is the same recipe without the branch, "
+               "`-lowrank32-int8down` at rank 32. Each row calibrated three times, beside the naive rows. The "
+               "latency column is at batch 250 on an AMD EPYC with AVX-512 VNNI (2 threads), nothing else "
+               "running."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",

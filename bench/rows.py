@@ -82,7 +82,10 @@ class RowSpec:
         return self.make_quantizer is None and self.config is None
 
     def matches(self, token: str) -> bool:
-        """Whether a `--methods` token selects this row: its name, its method family or its preset."""
+        """Whether a `--methods` token selects this row: its name, its method family or its preset; "=NAME"
+        selects the row named NAME alone (a preset's own row, without the ablation rows built on it)."""
+        if token.startswith("="):
+            return token[1:] == self.name
         return token in (self.name, self.method, self.preset)
 
 
@@ -308,9 +311,12 @@ def best_rows(bits: str) -> list[RowSpec]:
                  tfmq=cache, dmq=DMQConfig(les=False, pts=False),
                  qdiff=QDiffConfig(split_shortcut=False, reconstruction=ReconstructionConfig())))]
     best = QuantConfig.preset(f"best-{bits}")
-    for rank in (16, 32):  # the low-rank branch on the whole recipe, in floating point and on int8 kernels
+    # the low-rank branch: best-* runs rank 16 with its down-projection on int8 kernels (on transformers); these
+    # rows run it in floating point, at rank 32, and without it
+    for rank in (16, 32):
         steps.append((f"lowrank{rank}", best.replace(low_rank=LowRankConfig(rank=rank))))
-        steps.append((f"lowrank{rank}-int8", best.replace(low_rank=LowRankConfig(rank=rank, branch_bits=8))))
+    steps.append(("lowrank32-int8down", best.replace(low_rank=LowRankConfig(rank=32, down_bits=8))))
+    steps.append(("no-lowrank", best.replace(low_rank=None)))
     if bits == "w4a8":  # the weight-only rows do not depend on the activation width: listed once
         steps = [("weights-only", base.replace(act_bits=None)),
                  ("weights-only+gptq", base.replace(act_bits=None, gptq=gptq))] + steps
@@ -402,7 +408,8 @@ def select_rows(rows: list[RowSpec], methods: Optional[str]) -> list[RowSpec]:
 
     Args:
         rows: all rows, in table order.
-        methods: e.g. "fp32,w8a8" or "naive-w4a6,x86-default,dmq-w4a6"; None or "" selects every row.
+        methods: e.g. "fp32,w8a8" or "naive-w4a6,x86-default,dmq-w4a6"; "=best-w4a8" selects that row alone;
+            None or "" selects every row.
 
     Raises:
         ValueError: if a token matches no row and names no preset.

@@ -97,7 +97,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "of the quality columns (samples, latency and per-timestep errors come from the first seed)")
     p.add_argument("--heldout-samples", type=int, default=16, help="held-out trajectories for per-timestep error")
     p.add_argument("--methods", default=None, help="comma-separated row names, method families or presets "
-                   "(the FP32 reference always runs)")
+                   "(a preset selects all its rows; =NAME the row named NAME alone; the FP32 reference always "
+                   "runs)")
     p.add_argument("--ablation", action="append", default=[], choices=sorted(ABLATIONS),
                    help="append a method's ablation rows (repeatable), e.g. --ablation dmq")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")

@@ -79,11 +79,15 @@ class AnnotationContext:
     def layer_for(self, node: Node) -> Optional[LayerQuant]:
         """The bit widths for `node`'s layer, or None to keep it in floating point."""
         found, layer, reason = self._override(node)
-        if node.meta.get(LOW_RANK_META):  # a branch of a quantized layer (module path) at LowRankConfig.branch_bits
+        role = node.meta.get(LOW_RANK_META)  # "down" / "up": a linear of a quantized layer's low-rank branch
+        if role:
             layer = layer if found else self.config.default_layer
-            bits = self.config.low_rank.branch_bits if self.config.low_rank is not None else None
-            layer = LayerQuant(bits, layer.act_bits) if bits is not None and layer is not None else None
-            reason = "low-rank branch" + (f" at {bits} bits" if layer is not None else " in floating point")
+            bits = self.config.low_rank.down_bits if self.config.low_rank is not None else None
+            if role == "down" and bits is not None and layer is not None:
+                layer = LayerQuant(bits, bits if layer.act_bits is not None else None)
+                reason = f"low-rank branch down-projection at {bits} bits"
+            else:
+                layer, reason = None, f"low-rank branch {role}-projection in floating point"
         elif not found:
             cfg = self.config
             if node in self.first_last and not cfg.quantize_first_last:

@@ -301,15 +301,18 @@ PRESETS: dict[str, dict] = {
     # Q-Diffusion's block reconstruction at half the calibration time (bench/published/best-finish-3seeds). On
     # transformers at W4A6 block reconstruction roughly halves the error of the correction over three calibration
     # seeds (bench/published/dit-w4a6-finish-3seeds), so best-w4a6 finishes with it there; W4A8 keeps the
-    # correction on both (not measured otherwise on the DiT).
+    # correction on both (not measured otherwise on the DiT). On transformers a rank-16 low-rank branch beside
+    # each 4-bit linear, its down-projection on int8 kernels (bench/published/dit-best-lowrank-3seeds).
     "best-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="minmax", gptq=GPTQConfig(),
                       tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels="auto"),
                       dmq=DMQConfig(les=False, pts=False),
-                      mixed_precision=MixedPrecisionConfig(), output_correction=OutputCorrectionConfig()),
+                      mixed_precision=MixedPrecisionConfig(), output_correction=OutputCorrectionConfig(),
+                      low_rank=LowRankConfig(rank=16, down_bits=8, denoisers=("transformer",))),
     "best-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="minmax", gptq=GPTQConfig(),
                       tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels="auto"),
                       dmq=DMQConfig(les=False, pts=False), mixed_precision=MixedPrecisionConfig(),
                       qdiff=QDiffConfig(split_shortcut=False,
                                         reconstruction=ReconstructionConfig(denoisers=("transformer",))),
-                      output_correction=OutputCorrectionConfig(denoisers=("unet",))),
+                      output_correction=OutputCorrectionConfig(denoisers=("unet",)),
+                      low_rank=LowRankConfig(rank=16, down_bits=8, denoisers=("transformer",))),
 }

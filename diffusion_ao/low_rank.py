@@ -4,8 +4,8 @@ A linear's weight is split as W = up @ down + R. The branch up @ down is the bes
 the norm that the layer's inputs induce, approximated per channel: the SVD of W diag(s), s the input's
 per-channel RMS over the calibration timesteps, so the branch keeps the directions that carry the most output
 on real inputs (an outlier input channel makes its weight column large in W diag(s)). Only the residual R is
-quantized, with the layer's grid and GPTQ's rounding when the recipe uses it; the branch stays in floating point
-or runs as two 8-bit linears on int8 kernels (`LowRankConfig.branch_bits`).
+quantized, with the layer's grid and GPTQ's rounding when the recipe uses it; the branch stays in floating point,
+or its down-projection runs as an 8-bit linear on an int8 kernel (`LowRankConfig.down_bits`).
 
 Example:
     >>> graph = export_denoiser(model, data.steps[0])

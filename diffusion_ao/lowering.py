@@ -10,6 +10,10 @@ kernel it fuses them into, so two calibrations of one model compile to different
 between them. While `compile_for_cpu` compiles, those two numbers are read from constant buffers instead
 (`scales_in_buffers`): the same arithmetic in the same order, but one source per graph shape, so inductor's
 kernel cache serves every later quantization of that shape (each bench row, each time group, each retry).
+
+Inductor's int8 weight prepack reads a constant weight as if it were contiguous: a transposed int8 weight
+(a low-rank factor taken from an SVD, say) compiled to a qlinear whose outputs were wrong (relative error ~1
+under torch 2.13). `compile_for_cpu` therefore makes every constant of a graph contiguous first.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from torch._dynamo.utils import counters
 from torch._inductor.ir import Pointwise
 from torch._inductor.virtualized import V, ops
 
+from .passes.analysis import get_attr_tensor
+from .passes.channel_scaling import replace_constant
 from .passes.flatten_linear import drop_reshapes_around_activations
 from .time_groups import TimeGroupedGraph
 
@@ -92,6 +98,18 @@ def scales_in_buffers() -> Iterator[None]:
         inductor_lowering.lowerings.update(saved)
 
 
+def make_constants_contiguous(gm: torch.fx.GraphModule) -> int:
+    """Replaces each non-contiguous constant tensor a `get_attr` of `gm` reads by a contiguous copy of it (the
+    same values; see the module docstring for why) and returns how many it replaced."""
+    replaced = 0
+    for node in gm.graph.nodes:
+        value = get_attr_tensor(gm, node)
+        if isinstance(value, torch.Tensor) and not value.is_contiguous():
+            replace_constant(gm, node, lambda old: old.detach().contiguous())
+            replaced += 1
+    return replaced
+
+
 class CompiledForCPU(torch.nn.Module):
     """A `torch.compile`d graph that always runs (and recompiles) with inductor freezing and no autograd."""
 
@@ -99,6 +117,7 @@ class CompiledForCPU(torch.nn.Module):
         super().__init__()
         if isinstance(model, torch.fx.GraphModule):
             drop_reshapes_around_activations(model)  # exact; lets inductor fuse the MLP's GELU into the qlinear
+            make_constants_contiguous(model)  # exact; inductor's int8 weight prepack needs it
         self.model = model
         self._compiled = torch.compile(model, dynamic=dynamic)
 
@@ -111,9 +130,9 @@ def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None) -> torc
     """Compiles a converted graph (or a floating-point one, for comparison) for the CPU.
 
     Args:
-        model: the output of `convert_pt2e`, or any module. A graph gets one exact in-place rewrite first
-            (`passes.flatten_linear.drop_reshapes_around_activations`). A `TimeGroupedGraph` gets each of its
-            groups compiled (one set of int8 kernels per group).
+        model: the output of `convert_pt2e`, or any module. A graph gets two exact in-place rewrites first
+            (`passes.flatten_linear.drop_reshapes_around_activations`, `make_constants_contiguous`). A
+            `TimeGroupedGraph` gets each of its groups compiled (one set of int8 kernels per group).
         dynamic: passed to `torch.compile`; None lets dynamo decide after a batch-size change.
 
     Example:

@@ -306,18 +306,21 @@ class LowRankConfig:
     Args:
         rank: the branch's rank (SVDQuant: 16-32 on models 10x wider than the shipped DiT). Linears with
             min(in, out) <= 2 * rank keep no branch (it would cost as much as the layer).
-        branch_bits: None keeps the branch in floating point (FP32 matmuls beside the int8 kernel); 8 quantizes
-            both of its linears to 8-bit weights on int8 kernels, their inputs at the layer's activation bits.
+        down_bits: None keeps the whole branch in floating point (two FP32 matmuls beside the int8 kernel); 8
+            runs its down-projection (in -> rank, the one that reads the layer's full input) as an 8-bit linear
+            with 8-bit activations on an int8 kernel, even where the layer's activations are narrower, and keeps
+            the small up-projection (rank -> out) in floating point. Quantizing the up-projection too costs more
+            quality than time (measured on the shipped DiT, docs/methods.md).
         samples_per_step: calibration trajectories per timestep whose inputs give the per-channel RMS.
         denoisers: the denoiser families it runs on (`DENOISER_FAMILIES`); on others the recipe skips it and says
             so (`QuantizationReport.choices()`).
 
     Example:
-        >>> LowRankConfig(rank=16, branch_bits=8)
+        >>> LowRankConfig(rank=16, down_bits=8)
     """
 
     rank: int = 16
-    branch_bits: Optional[int] = None
+    down_bits: Optional[int] = None
     samples_per_step: int = 16
     denoisers: tuple[str, ...] = DENOISER_FAMILIES
 
@@ -326,9 +329,9 @@ class LowRankConfig:
         for name, value in (("rank", self.rank), ("samples_per_step", self.samples_per_step)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LowRankConfig.{name}={value!r}: use an int >= 1.")
-        if self.branch_bits not in (None, 8) or isinstance(self.branch_bits, bool):
-            raise ValueError(f"LowRankConfig.branch_bits={self.branch_bits!r}: use None (a floating-point branch) or "
-                             "8 (int8 kernels).")
+        if self.down_bits not in (None, 8) or isinstance(self.down_bits, bool):
+            raise ValueError(f"LowRankConfig.down_bits={self.down_bits!r}: use None (a floating-point branch) or "
+                             "8 (its down-projection on an int8 kernel).")
 
 
 @dataclass(frozen=True)

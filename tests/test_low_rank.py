@@ -67,8 +67,8 @@ def test_the_split_and_the_config_reject_bad_input():
                              (torch.full((6,), float("nan")), 2, "finite and >= 0")):
         with pytest.raises(ValueError, match=match):
             low_rank_split(weight, rms, rank)
-    for kwargs, match in ((dict(rank=0), "rank=0"), (dict(rank=True), "rank=True"), (dict(branch_bits=4), "branch_bits=4"),
-                          (dict(branch_bits=True), "branch_bits=True"), (dict(samples_per_step=0), "samples_per_step"),
+    for kwargs, match in ((dict(rank=0), "rank=0"), (dict(rank=True), "rank=True"), (dict(down_bits=4), "down_bits=4"),
+                          (dict(down_bits=True), "down_bits=True"), (dict(samples_per_step=0), "samples_per_step"),
                           (dict(denoisers=("vae",)), "LowRankConfig.denoisers")):
         with pytest.raises(ValueError, match=match):
             LowRankConfig(**kwargs)
@@ -124,26 +124,32 @@ def test_the_branch_leaves_the_float_model_unchanged_and_goes_only_on_low_bit_li
         add_low_rank_branch(graph, branch[0], torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1))
 
 
-@pytest.mark.parametrize("branch_bits", [None, 8])
-def test_the_recipe_quantizes_the_residual_and_the_branch_at_its_own_bits(dit_graph, dit_data, branch_bits, tmp_path):
-    base_config = QuantConfig.preset("w4a8")
-    config = base_config.replace(low_rank=LowRankConfig(rank=RANK, branch_bits=branch_bits))
+@pytest.mark.parametrize("preset, down_bits", [("w4a8", None), ("w4a8", 8), ("w4a6", 8)])
+def test_the_recipe_quantizes_the_residual_and_the_branch_at_its_own_bits(dit, dit_graph, dit_data, preset, down_bits,
+                                                                          tmp_path):
+    base_config = QuantConfig.preset(preset)
+    config = base_config.replace(low_rank=LowRankConfig(rank=RANK, down_bits=down_bits))
     base, _ = quantize_denoiser(dit_graph, dit_data, base_config, progress=False)
     converted, report = quantize_denoiser(dit_graph, dit_data, config, progress=False)
-    branches = [d for d in report.quantizer.decisions if d.reason.startswith("low-rank branch")]
-    assert len(branches) == 2 * len(report.low_rank) > 0
-    expected = None if branch_bits is None else LayerQuant(8, 8)
-    assert all(d.layer == expected for d in branches)
+    downs = [d for d in report.quantizer.decisions if d.reason.startswith("low-rank branch down")]
+    ups = [d for d in report.quantizer.decisions if d.reason.startswith("low-rank branch up")]
+    assert len(downs) == len(ups) == len(report.low_rank) > 0
+    # the down-projection at 8-bit weights and 8-bit activations, even where the layer's are 6-bit
+    assert all(d.layer == (None if down_bits is None else LayerQuant(8, 8)) for d in downs)
+    assert all(d.layer is None for d in ups)  # the up-projection always in floating point
     bits = sorted(weight_code_bits(converted).values())
     assert bits.count(4) == sorted(weight_code_bits(base).values()).count(4)  # every residual still at 4 bits
-    assert bits.count(8) == (0 if branch_bits is None else 2 * len(report.low_rank))
+    assert bits.count(8) == (0 if down_bits is None else len(report.low_rank))
     branch_params = sum(getattr(converted, n.target).numel() for n in converted.graph.nodes
                         if n.op == "get_attr" and "_low_rank_" in n.target)
     extra = (size_mb(converted) - size_mb(base)) * 2**20
-    if branch_bits is None:  # the branch's two FP32 factors, rank x (in + out)
+    if down_bits is None:  # the branch's two FP32 factors, rank x (in + out)
         assert extra == pytest.approx(4 * branch_params)
-    else:  # 8-bit codes and per-channel scales: more than nothing, less than the FP32 branch would be
-        assert 0 < extra
+    else:  # the FP32 up factors (the only branch constants left) and the down-projections' 8-bit codes and scales
+        assert all("_low_rank_up" in n.target for n in converted.graph.nodes
+                   if n.op == "get_attr" and "_low_rank_" in n.target)
+        down_fp32 = 4 * RANK * sum(dit.get_submodule(key.split(" (")[0]).in_features for key in report.low_rank)
+        assert 0 < extra - 4 * branch_params < down_fp32 / 2
     save_quantized(converted, tmp_path / "lr")
     loaded = load_quantized(tmp_path / "lr")
     for a, b in zip(_outputs(converted, dit_data), _outputs(loaded, dit_data)):  # FP32 GEMMs may differ by an ulp
@@ -160,19 +166,20 @@ def test_a_branch_limited_to_transformers_is_skipped_on_a_unet_and_reported(unet
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("branch_bits", [None, 8])
-def test_the_compiled_model_runs_the_residual_and_an_8_bit_branch_on_int8_kernels(dit_graph, dit_data, branch_bits):
+@pytest.mark.parametrize("down_bits", [None, 8])
+def test_the_compiled_model_runs_the_residual_and_an_8_bit_down_projection_on_int8_kernels(dit_graph, dit_data,
+                                                                                          down_bits):
     from diffusion_ao import compile_for_cpu, count_int8_kernels
 
     base, _ = quantize_denoiser(dit_graph, dit_data, "w4a8", progress=False)
-    config = QuantConfig.preset("w4a8").replace(low_rank=LowRankConfig(rank=RANK, branch_bits=branch_bits))
+    config = QuantConfig.preset("w4a8").replace(low_rank=LowRankConfig(rank=RANK, down_bits=down_bits))
     converted, report = quantize_denoiser(dit_graph, dit_data, config, progress=False)
     step = dit_data.steps[0]
     names = graph_input_names(converted)
     inputs = step.graph_inputs(0, len(step))
     counts = [count_int8_kernels(lambda g=g: call_graph(compile_for_cpu(g), inputs, names))
               for g in (base, converted)]
-    added = 0 if branch_bits is None else 2 * len(report.low_rank)
+    added = 0 if down_bits is None else len(report.low_rank)
     assert counts[1]["qlinear"] == counts[0]["qlinear"] + added
     fast = compile_for_cpu(converted)
     with torch.no_grad():

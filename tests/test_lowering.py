@@ -1,5 +1,6 @@
 """compile_for_cpu reads per-tensor scales from buffers: one kernel source per graph shape, the same results."""
 import contextlib
+import copy
 import re
 
 import pytest
@@ -12,6 +13,8 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 import torch._inductor.lowering as inductor_lowering
 from diffusion_ao import QuantConfig, collect_calibration_data, compile_for_cpu
 from diffusion_ao import lowering
+from diffusion_ao.passes.analysis import get_attr_tensor
+from diffusion_ao.passes.channel_scaling import replace_constant
 from tests.conftest import calibrated_tiny_unet
 
 qd = torch.ops.quantized_decomposed
@@ -96,3 +99,30 @@ def test_quantize_dequantize_with_scales_in_buffers_equal_the_eager_ops(scale, z
     eager_codes, eager_values = module(x)
     assert torch.equal(codes, eager_codes)  # integer codes: the same float32 arithmetic, exact
     torch.testing.assert_close(values, eager_values, rtol=0, atol=0)
+
+
+def _strided_like_a_transpose(t: torch.Tensor) -> torch.Tensor:
+    """The same values with the strides of a transposed (2-D) or channels-last (4-D) tensor."""
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
+def test_non_contiguous_int8_weights_compile_to_the_eager_results(two_calibrations):
+    (converted, _), x, t = two_calibrations
+    graph = copy.deepcopy(converted)
+    strided = 0
+    for node in graph.graph.nodes:
+        value = get_attr_tensor(graph, node)
+        if value is not None and value.dtype == torch.int8 and value.dim() in (2, 4):
+            replace_constant(graph, node, _strided_like_a_transpose)
+            strided += not get_attr_tensor(graph, node).is_contiguous()  # a 1x1 or 1-row weight stays contiguous
+    assert strided > 0
+    with torch.no_grad():
+        eager = graph(x, t)
+    assert lowering.make_constants_contiguous(copy.deepcopy(graph)) == strided
+    torch._dynamo.reset()
+    compiled = compile_for_cpu(graph)(x, t)
+    assert all(get_attr_tensor(graph, n).is_contiguous() for n in graph.graph.nodes
+               if get_attr_tensor(graph, n) is not None)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))

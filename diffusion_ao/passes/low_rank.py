@@ -2,7 +2,7 @@
 
 The rewrite keeps the linear's node (it now reads the residual R) and adds two linears on the same input, whose
 sum with the linear's output replaces it for every user. The branch's linears carry `LOW_RANK_META`, so that the
-quantizer gives them the branch's bit widths (`LowRankConfig.branch_bits`) instead of the layer's, and the
+quantizer gives them the branch's bit widths (`LowRankConfig.down_bits`) instead of the layer's, and the
 module path of the layer they belong to, so that reports and block-wise methods see them as part of it.
 """
 from __future__ import annotations

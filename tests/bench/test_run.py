@@ -85,6 +85,10 @@ def test_methods_filter_keeps_fp32_and_rejects_unknown_rows():
     with_dmq = default_rows(("dmq",))
     assert [r.name for r in select_rows(with_dmq, "dmq-w4a8")] == [
         "fp32", "dmq-w4a8", "dmq-w4a8-les", "dmq-w4a8-les+tw", "dmq-w4a8-les+tw+pts-mse", "dmq-w4a8-les+tw+pts-vote"]
+    # "=NAME" picks the preset's own row without the ablation rows built on it
+    assert [r.name for r in select_rows(with_dmq, "=dmq-w4a8,dmq-w4a8-les")] == ["fp32", "dmq-w4a8", "dmq-w4a8-les"]
+    with pytest.raises(ValueError, match="match no row"):
+        select_rows(with_dmq, "=dmq")  # a family is no row's name
     with_tfmq = default_rows(("tfmq",))
     assert [r.name for r in select_rows(with_tfmq, "tfmq-w4a6")] == [  # the W4A6 preset row is --ablation seeds
         "fp32", "tfmq-w4a6-baseline", "tfmq-w4a6-cache", "tfmq-w4a6-cache+fsc", "tfmq-w4a6-fsc-temporal",
@@ -136,13 +140,19 @@ def test_best_ablation_rows_measure_gptq_alone_and_under_the_preset():
     assert rows["best-w4a6-gptq-minmax-grid"].weight_observer == "minmax"
     # the preset is the ablation's row with the pieces that paid: at W4A8 finished with the output correction
     # (bench/published/best-finish-3seeds); at W4A6 with it on UNets, with block reconstruction on transformers
-    # (bench/published/dit-w4a6-finish-3seeds)
+    # (bench/published/dit-w4a6-finish-3seeds); then, on transformers, the low-rank branch
     import dataclasses
 
     from diffusion_ao.config import OutputCorrectionConfig
+    for bits in ("w4a8", "w4a6"):
+        preset = QuantConfig.preset(f"best-{bits}")
+        assert preset.low_rank.denoisers == ("transformer",) and preset.low_rank.down_bits == 8
+        assert rows[f"best-{bits}-no-lowrank"] == preset.replace(name=f"best-{bits}-no-lowrank", low_rank=None)
+        assert rows[f"best-{bits}-lowrank32-int8down"].low_rank.rank == 32
+        assert rows[f"best-{bits}-lowrank16"].low_rank.down_bits is None
     best = rows["best-w4a8-gptq-minmax-grid+cache+tw+mp+oc"]
-    assert best.replace(name="best-w4a8") == QuantConfig.preset("best-w4a8")
-    preset = QuantConfig.preset("best-w4a6")
+    assert best.replace(name="best-w4a8") == QuantConfig.preset("best-w4a8").replace(low_rank=None)
+    preset = QuantConfig.preset("best-w4a6").replace(low_rank=None)
     on_unets = preset.replace(qdiff=None, output_correction=OutputCorrectionConfig())
     recon = dataclasses.replace(preset.qdiff.reconstruction, denoisers=("unet", "transformer"))
     on_transformers = preset.replace(output_correction=None,
