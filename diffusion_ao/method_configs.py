@@ -309,8 +309,8 @@ class LowRankConfig:
         down_bits: None keeps the whole branch in floating point (two FP32 matmuls beside the int8 kernel); 8
             runs its down-projection (in -> rank, the one that reads the layer's full input) as an 8-bit linear
             with 8-bit activations on an int8 kernel, even where the layer's activations are narrower, and keeps
-            the small up-projection (rank -> out) in floating point. Quantizing the up-projection too costs more
-            quality than time (measured on the shipped DiT, docs/methods.md).
+            the small up-projection (rank -> out) in floating point (docs/methods.md#low-rank-branch says why
+            the up-projection is not offered at 8 bits).
         samples_per_step: calibration trajectories per timestep whose inputs give the per-channel RMS.
         denoisers: the denoiser families it runs on (`DENOISER_FAMILIES`); on others the recipe skips it and says
             so (`QuantizationReport.choices()`).
