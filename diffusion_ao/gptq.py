@@ -145,7 +145,7 @@ def apply_gptq(prepared: GraphModule, data: CalibrationData, config: GPTQConfig,
     from .observers import WeightObserver, diffusion_observers
     from .passes.analysis import WEIGHTED_OPS, get_attr_tensor, module_path
     from .passes.capture import run_with_input_callbacks
-    from .passes.channel_scaling import replace_constant
+    from .graph import replace_constant
 
     users: dict[str, list[Node]] = {}  # weight observer target -> the conv/linear nodes that read its output
     weight_nodes: dict[str, Node] = {}  # weight observer target -> the get_attr node of its weight

@@ -69,6 +69,21 @@ def register_constant(gm: GraphModule, base: str, value: torch.Tensor, before: N
     return node
 
 
+def replace_constant(gm: GraphModule, attr_node: Node, make_new, requires_grad: bool | None = None) -> None:
+    """Replaces the constant behind a `get_attr` node by `make_new(old)` (cast to the old dtype), out of place:
+    exported graphs share their parameters with the eager model, which must not change. A parameter stays a
+    parameter, with `requires_grad` (default: the old one's)."""
+    *path, leaf = attr_node.target.split(".")
+    owner = gm.get_submodule(".".join(path)) if path else gm
+    old = getattr(owner, leaf)
+    new = make_new(old).to(old.dtype)
+    if isinstance(old, torch.nn.Parameter):
+        grad = old.requires_grad if requires_grad is None else requires_grad
+        setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=grad))
+    else:
+        setattr(owner, leaf, new)
+
+
 def _ancestors(nodes: Iterable[Node]) -> set[Node]:
     needed: set[Node] = set()
     stack = list(nodes)

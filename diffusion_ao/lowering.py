@@ -27,8 +27,8 @@ from torch._dynamo.utils import counters
 from torch._inductor.ir import Pointwise
 from torch._inductor.virtualized import V, ops
 
+from .graph import replace_constant
 from .passes.analysis import get_attr_tensor
-from .passes.channel_scaling import replace_constant
 from .passes.flatten_linear import drop_reshapes_around_activations
 from .time_groups import TimeGroupedGraph
 

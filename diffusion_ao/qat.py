@@ -27,12 +27,11 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationData
 from .dmq.les import per_sample_relative_error, per_timestep_mean
 from .dmq.timestep_weights import AdaptiveTimestepWeights
-from .graph import call_graph, graph_input_names, require_exported
+from .graph import call_graph, graph_input_names, replace_constant, require_exported
 from .method_configs import FinetuneConfig
 from .observers import TimestepFakeQuantize, WeightFakeQuantize
 from .observers.adaround import annealed_beta
 from .passes.analysis import get_attr_tensor
-from .passes.channel_scaling import replace_constant
 from .threads import ThreadChoice
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import torch._inductor.lowering as inductor_lowering
 from diffusion_ao import QuantConfig, collect_calibration_data, compile_for_cpu
 from diffusion_ao import lowering
 from diffusion_ao.passes.analysis import get_attr_tensor
-from diffusion_ao.passes.channel_scaling import replace_constant
+from diffusion_ao.graph import replace_constant
 from tests.conftest import calibrated_tiny_unet
 
 qd = torch.ops.quantized_decomposed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..graph import register_constant
+from ..graph import register_constant, replace_constant
 from .analysis import CONV_OPS, LINEAR_OPS, SCALE_META, conv_groups, get_attr_tensor
 
 aten = torch.ops.aten
@@ -21,21 +21,6 @@ GROUP_NORM_OPS = {aten.group_norm.default}
 def _input_channel_view(node: Node, s: torch.Tensor, ndim: int) -> torch.Tensor:
     # conv activations are (N, C, H, W): channels on dim 1; linear activations carry channels last.
     return s.view(-1, *([1] * (ndim - 2))) if node.target in CONV_OPS else s
-
-
-def replace_constant(gm: GraphModule, attr_node: Node, make_new, requires_grad: bool | None = None) -> None:
-    """Replaces the constant behind a `get_attr` node by `make_new(old)` (cast to the old dtype), out of place:
-    exported graphs share their parameters with the eager model, which must not change. A parameter stays a
-    parameter, with `requires_grad` (default: the old one's)."""
-    *path, leaf = attr_node.target.split(".")
-    owner = gm.get_submodule(".".join(path)) if path else gm
-    old = getattr(owner, leaf)
-    new = make_new(old).to(old.dtype)
-    if isinstance(old, torch.nn.Parameter):
-        grad = old.requires_grad if requires_grad is None else requires_grad
-        setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=grad))
-    else:
-        setattr(owner, leaf, new)
 
 
 def _rescale_constant(gm: GraphModule, attr_node: Node, factor: torch.Tensor) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..graph import register_constant
+from ..graph import register_constant, replace_constant
 from .analysis import LINEAR_OPS, LOW_RANK_META, get_attr_tensor
-from .channel_scaling import replace_constant
 
 aten = torch.ops.aten
 _COPIED_META = ("nn_module_stack", "stack_trace")
