@@ -7,6 +7,7 @@ a UNet without a pipeline.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -14,9 +15,9 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP
+from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP, require_loaded_weights
 from .distributed import gather_lists, reduce_observers, shard, world
-from .graph import call_graph, graph_input_names, require_exported
+from .graph import call_graph, check_graph_inputs, graph_input_names, input_specs, require_exported
 from .observers import TimestepActivationObserver, WeightObserver, timestep_context
 from .observers.fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
 from .sampling import run_sampler, sample_shape
@@ -73,6 +74,26 @@ class CalibrationStep:
                                dict(self.shared))
 
 
+def _check_same_inputs(first: CalibrationStep, step: CalibrationStep) -> None:
+    """Raises ValueError unless `step` has the inputs of `first`: names, shapes (the batch aside), dtypes."""
+    def spec(s: CalibrationStep) -> dict[str, tuple]:
+        batched = {SAMPLE: s.sample, **s.conditioning}
+        return {**{k: (tuple(v.shape[1:]), v.dtype) for k, v in batched.items()},
+                **{k: (tuple(v.shape), v.dtype) for k, v in s.shared.items()}}
+
+    want, got = spec(first), spec(step)
+    if want == got:
+        return
+    if set(want) != set(got):
+        raise ValueError(f"The calibration step at timestep {step.timestep} has the inputs {sorted(got)}; the first "
+                         f"step has {sorted(want)}. Every step of one calibration set must come from the same "
+                         "pipeline call.")
+    name = next(k for k in want if want[k] != got[k])
+    raise ValueError(f"The calibration step at timestep {step.timestep} has '{name}' of shape {got[name][0]} "
+                     f"({got[name][1]}) per sample; the first step has {want[name][0]} ({want[name][1]}). Every step "
+                     "of one calibration set must have the same resolution, channels and prompt length.")
+
+
 @dataclass
 class CalibrationData:
     """UNet inputs along FP sampling trajectories, one `CalibrationStep` per kept sampler step."""
@@ -91,11 +112,15 @@ class CalibrationData:
         return sum(len(s) for s in self.steps)
 
     def validate(self) -> None:
-        """Raises ValueError if the data is empty or holds NaN/Inf."""
+        """Raises ValueError if the data is empty, holds NaN/Inf, or its steps do not have the same inputs (names,
+        shapes but for the batch, dtypes): one graph is exported for all of them."""
         if not self.steps:
             raise ValueError("The calibration data is empty: collect it with collect_calibration_data(...).")
+        first = self.steps[0]
         for s in self.steps:
             tensors = {"sample": s.sample, **s.conditioning, **s.shared}
+            if s is not first:
+                _check_same_inputs(first, s)
             for name, t in tensors.items():
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise ValueError(f"The calibration data has NaN/Inf in '{name}' at timestep {s.timestep}: "
@@ -189,6 +214,14 @@ def collect_calibration_data(unet: torch.nn.Module, scheduler, num_samples: int 
             if len(t) != num_samples:
                 raise ValueError(f"{name} has {len(t)} rows; it needs one per sample ({num_samples}).")
             conditioning[name] = t
+    require_loaded_weights(unet, "collect_calibration_data")
+    required = [p.name for p in list(inspect.signature(unet.forward).parameters.values())[2:]
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [name for name in required if name not in conditioning]
+    if missing:
+        raise ValueError(f"collect_calibration_data: {type(unet).__name__} needs {missing} at every call, which this "
+                         f"sampler is not given (pass {missing[0]}=... with one row per sample), or record the "
+                         "pipeline's own call with capture_calibration_data(pipe, prompt=...).")
     guided = guidance_scale != 1.0
     if guided and (class_labels is None or null_class_label is None):
         raise ValueError("collect_calibration_data with guidance needs class_labels and null_class_label (the "
@@ -310,6 +343,11 @@ def calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, batch_size:
     if not isinstance(data, CalibrationData):
         raise TypeError(f"calibrate needs CalibrationData from collect_calibration_data, got {type(data).__name__}.")
     data.validate()
+    specs = input_specs(prepared)
+    max_batch = min((s.max_batch for s in specs.values() if s.max_batch is not None), default=None)
+    if batch_size < 1 or (max_batch is not None and batch_size > max_batch):
+        raise ValueError(f"calibrate: batch_size must be in 1..{max_batch or 'inf'} (the largest batch the graph was "
+                         f"exported for), got {batch_size}.")
     seen = [obs for obs in observers if isinstance(obs, TimestepActivationObserver) and obs.stats]
     if seen and reset:
         for obs in seen:
@@ -329,6 +367,7 @@ def calibrate(prepared: torch.fx.GraphModule, data: CalibrationData, batch_size:
         for start in range(share.start, share.stop, batch_size):
             stop = min(start + batch_size, share.stop)
             inputs = step.graph_inputs(start, stop)
+            check_graph_inputs(specs, inputs, "calibrate")  # a clear error where torch's guards would assert
             with timestep_context(step.timestep, rows=(start, stop)):  # rows: the observers' subsample
                 call_graph(prepared, inputs, names)
             bar.update(len(inputs[SAMPLE]))

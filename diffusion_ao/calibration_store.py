@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from .calibration import CalibrationData, CalibrationStep
 from .denoisers import SAMPLE, TIMESTEP
+from .file_io import save_tensors_file
 
 INDEX_FILE = "calibration.json"
 FORMAT_VERSION = 2  # 2: the index binds every part file (its size and the token in its header)
@@ -126,7 +126,7 @@ def write_part(root: Path, file: str, steps: list[CalibrationStep]) -> dict[floa
         for name, value in {SAMPLE: step.sample, **step.conditioning, **step.shared}.items():
             tensors[f"{n}/{name}"] = value.detach().cpu().contiguous()
         where[step.timestep] = [(file, str(n), len(step))]
-    save_file(tensors, root / file, metadata={PART_TOKEN: uuid.uuid4().hex})
+    save_tensors_file(tensors, root / file, metadata={PART_TOKEN: uuid.uuid4().hex})
     return where
 
 
@@ -246,8 +246,9 @@ def save_calibration_data(data: CalibrationData, path: Union[str, Path]) -> Cali
 
 
 def _check_parts(root: Path, index: dict) -> None:
-    """Every part file the index names is there, unchanged (size and token), and holds the rows it claims."""
-    for file, expected in index["parts"].items():
+    """Every part file the index names is there, unchanged (size and token; format 2), readable, and holds the
+    rows it claims."""
+    for file, expected in (index["parts"].items() if index["format"] >= 2 else ()):
         path = root / file
         if not path.is_file():
             raise ValueError(f"{path} is missing: the store is incomplete; capture it again.")
@@ -256,8 +257,12 @@ def _check_parts(root: Path, index: dict) -> None:
                              f"{root / INDEX_FILE}'s): it was replaced or rewritten; capture the store again.")
     for step in index["steps"]:
         for file, prefix, rows in step["parts"]:
-            with safe_open(root / file, framework="pt") as f:
-                held = f.get_slice(f"{prefix}/{SAMPLE}").get_shape()[0]
+            try:
+                with safe_open(root / file, framework="pt") as f:
+                    held = f.get_slice(f"{prefix}/{SAMPLE}").get_shape()[0]
+            except (OSError, SafetensorError) as err:
+                raise ValueError(f"{root / file} cannot be read ({type(err).__name__}: {err}): it is missing, "
+                                 "truncated or corrupt; capture the store again.") from None
             if held != rows:
                 raise ValueError(f"{root / INDEX_FILE} claims {rows} rows of timestep {step['timestep']} in {file}, "
                                  f"which holds {held}: the store is inconsistent; capture it again.")
@@ -289,7 +294,6 @@ def load_calibration_data(path: Union[str, Path]) -> CalibrationData:
     if index.get("format") not in READABLE_VERSIONS:
         raise ValueError(f"{root / INDEX_FILE} has format {index.get('format')}; this diffusion-ao reads formats "
                          f"{READABLE_VERSIONS}.")
-    if index["format"] >= 2:
-        _check_parts(root, index)
+    _check_parts(root, index)
     return CalibrationData([StoredCalibrationStep(root, s["timestep"], s["parts"], s["batched"], s["shared"])
                             for s in steps])

@@ -9,8 +9,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import torch
-
 from .method_configs import (DMQConfig, FinetuneConfig, GPTQConfig, LowRankConfig, MixedPrecisionConfig,  # noqa: F401
                              OutputCorrectionConfig, QDiffConfig, ReconstructionConfig, TFMQConfig, TimeGroupConfig, _check_bits,
                              _check_choice)
@@ -133,6 +131,8 @@ class QuantConfig:
                 raise ValueError(f"module_name_overrides keys must be module paths (str), got {key!r}.")
             if value is not None and not isinstance(value, LayerQuant):
                 raise ValueError(f"module_name_overrides[{key!r}] must be a LayerQuant or None, got {value!r}.")
+        if self.module_type_overrides:
+            import torch  # here only: the command line reads the presets before it imports torch
         for key, value in self.module_type_overrides.items():
             if not (isinstance(key, type) and issubclass(key, torch.nn.Module)):
                 raise ValueError(f"module_type_overrides keys must be nn.Module classes, got {key!r}.")

@@ -19,8 +19,8 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.upsampling import Upsample2D
 
 from .calibration import ENCODER_HIDDEN_STATES, CalibrationStep
-from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP, DenoiserAdapter, adapter_for
-from .graph import MAX_BATCH, call_graph, graph_input_names
+from .denoisers import CLASS_LABELS, SAMPLE, TIMESTEP, DenoiserAdapter, adapter_for, require_loaded_weights
+from .graph import MAX_BATCH, call_graph, check_graph_inputs, graph_input_names, input_specs
 from .passes.analysis import DENOISER_CLASS_META, MODULE_NAMES_META
 from .passes.shared_weights import unshare_weights
 from .passes.timestep_guard import timestep_guard
@@ -116,6 +116,19 @@ def example_inputs(model: torch.nn.Module, example: Union[CalibrationStep, dict[
     return out
 
 
+def _check_sample_channels(model: torch.nn.Module, sample: torch.Tensor) -> None:
+    """The example's latent channels against the model's `in_channels` (the channel dimension of an image
+    latent, the feature dimension of a packed sequence as Flux takes it)."""
+    want = getattr(model.config, "in_channels", None)
+    if not isinstance(want, int) or sample.dim() not in (3, 4):
+        return
+    got = sample.shape[1] if sample.dim() == 4 else sample.shape[-1]
+    if got != want:
+        raise ValueError(f"export_denoiser: the example's '{SAMPLE}' has shape {tuple(sample.shape)}, i.e. {got} "
+                         f"channels, but this {type(model).__name__} takes {want} (config.in_channels). Capture the "
+                         "calibration data from this model's own pipeline.")
+
+
 def export_denoiser(model: torch.nn.Module, example: Union[CalibrationStep, dict[str, Any]],
                     max_batch: int = MAX_BATCH) -> torch.fx.GraphModule:
     """Exports a diffusers denoiser with `torch.export` for `prepare_pt2e`, with a dynamic batch dimension.
@@ -137,7 +150,9 @@ def export_denoiser(model: torch.nn.Module, example: Union[CalibrationStep, dict
         >>> prepared = prepare_pt2e(graph, DiffusionQuantizer(QuantConfig.preset("w8a8")))
     """
     adapter = adapter_for(model)
+    require_loaded_weights(model, "export_denoiser")
     inputs = example_inputs(model, example)
+    _check_sample_channels(model, inputs[SAMPLE])
     model.eval()
     names = list(inputs)
     names = [SAMPLE, TIMESTEP] + [n for n in names if n not in (SAMPLE, TIMESTEP)]
@@ -229,7 +244,7 @@ class QuantizedDenoiser(torch.nn.Module):
         self.adapter = adapter_for(like)
         self._signature = inspect.signature(like.forward)
         self._input_names = graph_input_names(_graph_module(graph))
-        self._input_shapes = _static_shapes(_graph_module(graph))
+        self._input_specs = input_specs(_graph_module(graph))
         param = next(like.parameters())
         self.register_buffer("_device_anchor", torch.zeros((), dtype=param.dtype, device=param.device),
                              persistent=False)
@@ -241,6 +256,16 @@ class QuantizedDenoiser(torch.nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self._device_anchor.dtype
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` / `.half()` (e.g. from `pipe.to(torch.float16)`) would cast the graph's scales and biases
+        # and leave a graph traced for another dtype; moving between devices is fine.
+        moved = fn(self._device_anchor)
+        if moved.dtype != self._device_anchor.dtype:
+            raise TypeError(f"This quantized {self.adapter.name} runs a graph exported in {self.dtype} (its int8 "
+                            f"layers dequantize to it) and cannot be cast to {moved.dtype}. Cast the other pipeline "
+                            f"components only (e.g. pipe.vae.to({moved.dtype})).")
+        return super()._apply(fn, recurse)
 
     @property
     def device(self) -> torch.device:
@@ -260,13 +285,13 @@ class QuantizedDenoiser(torch.nn.Module):
                             f"this call {'lacks ' + str(missing) if missing else ''}"
                             f"{' and ' if missing and extra else ''}{'adds ' + str(extra) if extra else ''}. Call it "
                             "as the pipeline was called when the calibration data was captured, or export again.")
-        for name, shape in self._input_shapes.items():
+        for name, spec in self._input_specs.items():
             got = tuple(inputs[name].shape)
-            if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+            if len(got) != len(spec.shape) or any(s is not None and s != g for s, g in zip(spec.shape, got)):
                 raise TypeError(f"Input '{name}' has shape {got}; the quantized graph was exported for "
-                                f"({', '.join('batch' if s is None else str(s) for s in shape)}). Call the pipeline with the "
-                                "resolution, prompt length and options of the captured call, or capture and quantize "
-                                "again for these.")
+                                f"{spec.describe()}. Call the pipeline with the resolution, prompt length and options "
+                                "of the captured call, or capture and quantize again for these.")
+        check_graph_inputs(self._input_specs, inputs, f"This quantized {self.adapter.name}")  # dtype, batch bound
         if self._timestep_guard is not None:
             self._timestep_guard(inputs[TIMESTEP], inputs.get(CLASS_LABELS))
         out = call_graph(self.graph, inputs, self._input_names)
@@ -279,16 +304,6 @@ def _graph_module(graph: torch.nn.Module) -> torch.fx.GraphModule:
         raise TypeError(f"QuantizedDenoiser needs an exported graph (or compile_for_cpu of one), got "
                         f"{type(graph).__name__}.")
     return inner
-
-
-def _static_shapes(gm: torch.fx.GraphModule) -> dict[str, tuple]:
-    """Each graph input's shape from the export metadata, None for a dynamic (batch) dimension."""
-    shapes = {}
-    for node in gm.graph.nodes:
-        val = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(val, torch.Tensor):
-            shapes[node.name] = tuple(d if isinstance(d, int) else None for d in val.shape)
-    return shapes
 
 
 def _copy_attribute(wrapper: torch.nn.Module, like: torch.nn.Module, path: str) -> None:

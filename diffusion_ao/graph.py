@@ -8,6 +8,7 @@ simulation of block reconstruction, and the evaluation of temporal features for 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -32,6 +33,63 @@ def require_exported(model: torch.nn.Module, what: str) -> GraphModule:
         raise ValueError(f"{what} needs a graph with inputs named '{SAMPLE}' and '{TIMESTEP}' (as export_denoiser "
                          f"produces); this graph's inputs are {names}.")
     return model
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one graph input accepts, from the export metadata: its shape with None for the (dynamic) batch
+    dimension, its dtype, and the largest batch the export allows (None where the input has no batch)."""
+
+    shape: tuple[Optional[int], ...]
+    dtype: torch.dtype
+    max_batch: Optional[int]
+
+    def describe(self) -> str:
+        return f"({', '.join('batch' if s is None else str(s) for s in self.shape)}) {str(self.dtype).split('.')[-1]}"
+
+
+def input_specs(gm: GraphModule) -> dict[str, InputSpec]:
+    """Each tensor input of an exported (prepared, converted or reloaded) graph: shape, dtype and batch bound."""
+    specs = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        shape = tuple(d if isinstance(d, int) else None for d in val.shape)
+        max_batch = None
+        if val.dim() and isinstance(val.shape[0], torch.SymInt):
+            upper = val.shape[0].node.shape_env.var_to_range.get(val.shape[0].node.expr)
+            max_batch = int(upper.upper) if upper is not None and upper.upper.is_finite else None
+        specs[node.name] = InputSpec(shape, val.dtype, max_batch)
+    return specs
+
+
+def check_graph_inputs(specs: dict[str, InputSpec], inputs: dict[str, torch.Tensor], what: str) -> None:
+    """Raises a clear error where `inputs` do not fit the graph's `input_specs`: a shape other than the exported
+    one (the batch aside), another dtype, or a batch over the export's bound. Torch's own guards would raise an
+    `AssertionError` naming a symbolic size instead.
+
+    Args:
+        specs: `input_specs(graph)`.
+        inputs: graph inputs by name.
+        what: who is calling, for the message (e.g. "calibrate (timestep 981)").
+    """
+    for name, spec in specs.items():
+        value = inputs.get(name)
+        if not isinstance(value, torch.Tensor):
+            continue
+        got = tuple(value.shape)
+        if len(got) != len(spec.shape) or any(s is not None and s != g for s, g in zip(spec.shape, got)):
+            raise ValueError(f"{what}: input '{name}' has shape {got}; the graph was exported for {spec.describe()}. "
+                             "Use data captured from the same pipeline call (resolution, channels, prompt length) as "
+                             "the export example, or export again for these inputs.")
+        if value.dtype != spec.dtype:
+            raise TypeError(f"{what}: input '{name}' is {value.dtype}; the graph was exported for {spec.dtype}. "
+                            f"Cast the inputs (or the pipeline: pipe.to({spec.dtype})) to {spec.dtype}.")
+        if spec.max_batch is not None and got and got[0] > spec.max_batch:
+            raise ValueError(f"{what}: input '{name}' has a batch of {got[0]}; the graph accepts at most "
+                             f"{spec.max_batch}. Call it in batches of <= {spec.max_batch}, or export (and save) "
+                             "with a larger max_batch.")
 
 
 def call_graph(graph: torch.nn.Module, inputs: dict[str, torch.Tensor], names: Sequence[str]):

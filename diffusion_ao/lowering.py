@@ -27,9 +27,11 @@ from torch._dynamo.utils import counters
 from torch._inductor.ir import Pointwise
 from torch._inductor.virtualized import V, ops
 
-from .graph import replace_constant
+from .denoisers import SAMPLE
+from .graph import input_specs, replace_constant
 from .passes.analysis import get_attr_tensor
 from .passes.flatten_linear import drop_reshapes_around_activations
+from .size import QUANTIZE_OPS
 from .time_groups import TimeGroupedGraph
 
 # The inductor counters that count int8 oneDNN kernels in the compiled graph.
@@ -110,12 +112,24 @@ def make_constants_contiguous(gm: torch.fx.GraphModule) -> int:
     return replaced
 
 
+def _require_float32_if_quantized(gm: torch.fx.GraphModule) -> None:
+    """oneDNN's int8 kernels take float32 around them; a quantized graph traced in another dtype fails deep in
+    inductor, so it is refused here."""
+    sample = input_specs(gm).get(SAMPLE)
+    quantized = any(n.op == "call_function" and n.target in QUANTIZE_OPS for n in gm.graph.nodes)
+    if quantized and sample is not None and sample.dtype != torch.float32:
+        raise ValueError(f"compile_for_cpu lowers to int8 kernels that take float32, but this graph was exported in "
+                         f"{sample.dtype}: quantize the float32 model (load the pipeline with "
+                         "torch_dtype=torch.float32), or run the converted graph without compiling it.")
+
+
 class CompiledForCPU(torch.nn.Module):
     """A `torch.compile`d graph that always runs (and recompiles) with inductor freezing and no autograd."""
 
     def __init__(self, model: torch.nn.Module, dynamic: bool | None = None) -> None:
         super().__init__()
         if isinstance(model, torch.fx.GraphModule):
+            _require_float32_if_quantized(model)
             drop_reshapes_around_activations(model)  # exact; lets inductor fuse the MLP's GELU into the qlinear
             make_constants_contiguous(model)  # exact; inductor's int8 weight prepack needs it
         self.model = model

@@ -9,6 +9,7 @@ conditional halves) is recorded as it is, so both halves' activation statistics 
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -17,7 +18,7 @@ import torch
 from .calibration import CalibrationData, CalibrationStep, evenly_spaced_rows
 from .calibration_store import prepare_store, release_store, stored_data, write_index, write_part
 from .distributed import all_gather_objects, gather_lists, shard, world
-from .denoisers import SAMPLE, TIMESTEP, adapter_for, denoiser_role
+from .denoisers import SAMPLE, TIMESTEP, adapter_for, denoiser_role, require_loaded_weights
 from .export import QuantizedDenoiser
 
 
@@ -96,10 +97,12 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
     if isinstance(denoiser, QuantizedDenoiser):
         raise ValueError(f"pipe.{role} is already quantized: capture calibration data from the floating-point pipeline.")
     adapter = adapter_for(denoiser)
+    require_loaded_weights(denoiser, "capture_calibration_data")
     signature = inspect.signature(denoiser.forward)
     original = denoiser.forward
     recorded: dict[float, list[dict[str, torch.Tensor]]] = {}
     layout: dict[str, tuple] = {}  # input name -> (non-batch shape, dtype) of the first call
+    seen_in_call: set[float] = set()  # the timesteps the denoiser saw during the current pipeline call
 
     def recording_forward(*args, **kwargs):
         inputs, _ = adapter.flatten_call(signature, args, kwargs)
@@ -112,6 +115,7 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
         kept = {k: (v if k in adapter.shared_args else v[rows.to(v.device)]).detach().to("cpu", copy=True)
                 for k, v in inputs.items() if k != TIMESTEP}
         recorded.setdefault(float(values.item()), []).append(kept)
+        seen_in_call.add(float(values.item()))
         return original(*args, **kwargs)
 
     mine = shard(len(calls), rank, world_size)
@@ -139,7 +143,9 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
         try:
             for i in mine:
                 held_from = i if held_from is None else held_from
-                pipe(num_inference_steps=num_inference_steps, **{"output_type": "latent", **calls[i]})
+                seen_in_call.clear()
+                _call_for_denoiser_inputs(pipe, seen_in_call, num_inference_steps=num_inference_steps,
+                                          **{"output_type": "latent", **calls[i]})
                 if root is not None and recorded and (spilled or budget is None or _nbytes(recorded) > budget):
                     write_held()
                     held_from, spilled = None, True
@@ -167,6 +173,24 @@ def capture_calibration_data(pipe, num_inference_steps: int = 20, samples_per_st
     finally:
         if root is not None:
             release_store(root, rank, written, failed)
+
+
+def _call_for_denoiser_inputs(pipe, seen: set[float], **kwargs) -> None:
+    """Calls the pipeline for what its denoiser receives. A failure after the denoiser has seen every timestep
+    the scheduler set is in the output conversion, which the capture does not need (diffusers' DDPM / DDIM
+    pipelines turn bfloat16 images into numpy, which has no bfloat16, whatever the output type): it is reported
+    as a warning and the recording kept. Any other failure is raised."""
+    try:
+        pipe(**kwargs)
+    except Exception as error:  # noqa: BLE001 (re-raised unless the denoising had finished)
+        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+        scheduled = {float(t) for t in timesteps} if timesteps is not None and len(timesteps) else None
+        if not scheduled or not scheduled <= seen:
+            raise
+        first = str(error).splitlines()[0] if str(error) else ""
+        warnings.warn(f"{type(pipe).__name__} failed after its last denoiser call ({type(error).__name__}: {first}), "
+                      "in turning its result into the output type; the capture does not need that part and keeps "
+                      "the recorded calls.", UserWarning, stacklevel=3)
 
 
 def _part_file(call: int) -> str:

@@ -22,23 +22,22 @@ import resource
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 if __name__ == "__main__":  # the command line: quiet before torch, torchao and diffusers print their notes
     from .quiet import quiet_third_party
 
     quiet_third_party()
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+# No torch at import: `parse_args` answers a bad argument in a fraction of a second; `main` imports the rest.
+from .config import PRESETS  # noqa: E402
+from .save_target import check_save_target  # noqa: E402
 
-from .calibration import collect_calibration_data
-from .config import PRESETS
-from .denoisers import denoiser_role
-from .pipeline_calibration import capture_calibration_data
-from .distributed import world
-from .recipe import quantize_denoiser
-from .serialization import check_save_target, save_quantized
+if TYPE_CHECKING:
+    import torch
+
+SHIPPED_MODELS = ("default", "dit")
+TEXT_COMPONENTS = ("tokenizer", "text_encoder")  # a pipeline saved without these cannot encode --prompts
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -85,11 +84,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                 "--prompt-embeds")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: give a number of threads >= 1 (or leave it out for torch's default)")
-    model_path = Path(str(args.model)).expanduser()
-    if str(args.model) not in ("default", "dit") and str(args.model).startswith((".", "/", "~")) \
-            and not model_path.exists():
-        p.error(f"--model {args.model}: no such directory (a diffusers model or pipeline saved with "
-                "save_pretrained; or 'default', 'dit', or a hub id in the local cache)")
+    problem = _model_problem(str(args.model), through_pipeline, args.prompts is not None)
+    if problem:
+        p.error(f"--model {args.model}: {problem}")
     try:  # before any work: a save that cannot be written is an error now, not after the quantization
         check_save_target(args.out, args.overwrite)
     except FileExistsError as error:
@@ -101,9 +98,61 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _model_problem(model: str, through_pipeline: bool, with_prompts: bool) -> Optional[str]:
+    """What is wrong with `--model` for this run, read from the files alone (no torch, no network); None if
+    nothing is."""
+    if model in SHIPPED_MODELS:
+        return "the shipped models run the sampler: leave out --prompts / --prompt-embeds" if through_pipeline \
+            else None
+    path = Path(model).expanduser()
+    if not path.exists():
+        if _in_hub_cache(model):
+            return None
+        return ("no such directory, and no model of that id in the local Hugging Face cache. Give a diffusers model "
+                "or pipeline saved with save_pretrained, 'default' or 'dit', or download the hub model first "
+                f"(huggingface-cli download {model}).")
+    if not path.is_dir():
+        return "is a file; give a directory saved with save_pretrained"
+    index = path / "model_index.json"
+    if through_pipeline and not index.is_file():
+        return "--prompts / --prompt-embeds need a whole pipeline saved with save_pretrained (no model_index.json here)"
+    if not index.is_file():
+        return None
+    try:
+        components = json.loads(index.read_text())
+    except (ValueError, OSError) as error:
+        return f"its model_index.json cannot be read ({error})"
+    text = {k: v for k, v in components.items() if k.startswith(TEXT_COMPONENTS) and isinstance(v, list)}
+    absent = sorted(k for k, v in text.items() if v[0] is None)
+    if with_prompts and absent:
+        return (f"this pipeline was saved without {absent}, so it cannot encode --prompts; give --prompt-embeds (a "
+                "safetensors file of prompt_embeds, ... one row per prompt) instead")
+    if not through_pipeline and len(absent) < len(text):
+        return ("a text-conditioned pipeline: its denoiser needs the text embeddings of real prompts; give --prompts "
+                "(a text file, one per line) or --prompt-embeds")
+    return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds a model or pipeline of this id (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for file in ("model_index.json", "config.json", "unet/config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, file), str):
+                return True
+        except ValueError:  # not a valid repo id
+            return False
+    return False
+
+
 def pipeline_calls(args: argparse.Namespace) -> list[dict]:
     """The pipeline calls of `--prompts` / `--prompt-embeds`: `--batch-size` prompts each, call i seeded with
     `--seed` + i, so that the captured data does not depend on the number of ranks."""
+    import torch
+
     if args.prompts is not None:
         prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
         rows = {"prompt": prompts}
@@ -127,6 +176,8 @@ def pipeline_calls(args: argparse.Namespace) -> list[dict]:
 def class_conditioning(model: torch.nn.Module, num_samples: int, guidance_scale: Optional[float]) -> dict:
     """The sampler's class labels for a class-conditional denoiser (every class in turn) and, for a DiT, the
     guidance with its null label (the label table's last row); {} for an unconditional one."""
+    import torch
+
     cfg = model.config
     is_dit = type(model).__name__ == "DiTTransformer2DModel"
     classes = getattr(cfg, "num_embeds_ada_norm", None) if is_dit else getattr(cfg, "num_class_embeds", None)
@@ -148,6 +199,16 @@ def class_conditioning(model: torch.nn.Module, num_samples: int, guidance_scale:
 
 def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     args = parse_args(argv)
+    import torch
+    import torch.distributed as dist
+
+    from .calibration import collect_calibration_data
+    from .denoisers import denoiser_role
+    from .distributed import world
+    from .pipeline_calibration import capture_calibration_data
+    from .recipe import quantize_denoiser
+    from .serialization import save_quantized
+
     if args.threads:
         torch.set_num_threads(args.threads)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -140,9 +140,25 @@ class DiffusionQuantizer(Quantizer):
                 if annotate(node, ctx):
                     break
         self.decisions = ctx.decisions
+        if not any(d.layer is not None for d in self.decisions):
+            reasons = sorted({d.reason for d in self.decisions})
+            raise ValueError(f"QuantConfig {self.config.name!r} quantizes no layer of this model: every one is kept in "
+                             f"floating point ({', '.join(reasons) or 'no conv or linear found'}). Narrow "
+                             "module_name_overrides / module_type_overrides, or use the model as it is.")
+        self._warn_unused_type_overrides()
         self._log_summary()
         self._warn_simulated_attention(model)
         return model
+
+    def _warn_unused_type_overrides(self) -> None:
+        """A `module_type_overrides` key that no layer of this model matched is a warning, not an error: one
+        config may serve several denoiser families (a UNet's convs, a transformer's linears)."""
+        reasons = {d.reason for d in self.decisions}
+        unused = [key.__name__ for key in self.config.module_type_overrides
+                  if f"module_type_overrides[{key.__name__}]" not in reasons]
+        if unused:
+            warnings.warn(f"QuantConfig.module_type_overrides {unused} decided no layer of this model (none is of "
+                          "those types, or module_name_overrides decided them first): they change nothing here.", UserWarning, stacklevel=3)
 
     def _warn_simulated_attention(self, model: GraphModule) -> None:
         attention = [n for n in model.graph.nodes if n.op == "call_function"

@@ -163,11 +163,6 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
             report.low_rank = apply_low_rank(graph, data, quantizer, low_rank, progress=progress)
             logger.info("low-rank branch (rank %d) on %d linears", low_rank.rank, len(report.low_rank))
         prepared = (prepare_pt2e if config.finetune is None else prepare_qat_pt2e)(graph, quantizer)
-        if not any(d.layer is not None for d in quantizer.decisions):
-            reasons = sorted({d.reason for d in quantizer.decisions})
-            raise ValueError(f"QuantConfig {config.name!r} quantizes no layer of this model: every one is kept in "
-                             f"floating point ({', '.join(reasons) or 'no conv or linear found'}). Narrow "
-                             "module_name_overrides / module_type_overrides, or use the model as it is.")
         calibrate(prepared, data, progress=progress)
         if config.finetune is not None:
             from .qat import finetune
@@ -250,6 +245,10 @@ def quantize_pipeline(pipe, config: Union[QuantConfig, str], data: CalibrationDa
     model = getattr(pipe, role)
     if isinstance(model, QuantizedDenoiser):
         raise ValueError(f"pipe.{role} is already quantized; quantize the floating-point pipeline.")
+    if compile and next(model.parameters()).dtype != torch.float32:
+        raise ValueError(f"quantize_pipeline(compile=True) lowers to the CPU's int8 kernels, which take a float32 "
+                         f"graph, but pipe.{role} is {next(model.parameters()).dtype}: load the pipeline in float32 "
+                         "(torch_dtype=torch.float32) and capture again, or pass compile=False.")
     if compile and next(model.parameters()).device.type != "cpu":
         raise ValueError(f"quantize_pipeline(compile=True) compiles for the CPU's int8 kernels, but pipe.{role} is on "
                          f"{next(model.parameters()).device}: move it to the CPU, or pass compile=False and lower the "

@@ -21,6 +21,7 @@ graph: it runs eagerly, `compile_for_cpu` lowers it to the same int8 kernels, an
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,14 +30,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch.fx import GraphModule
 
+from .file_io import save_tensors_file
 from .graph import MAX_BATCH, graph_input_names
 from .packing import pack_int, unpack_int
+from .save_target import CONFIG_FILE, GRAPH_FILE, TENSORS_FILE, check_save_target  # noqa: F401 (public)
 from .passes.temporal_cache import TIMESTEPS_BUFFER
 from .size import DEQUANTIZE_OPS, QUANTIZE_OPS, graph_tensor_targets, weight_code_bits
 from .time_groups import GROUP_INDEX_BUFFER, TimeGroupedGraph
@@ -44,7 +48,6 @@ from .time_groups import GROUP_INDEX_BUFFER, TimeGroupedGraph
 FORMAT = "diffusion-ao-quantized"
 VERSION = 2  # 2: config.json holds a manifest (size, SHA-256 of every file) and its own digest
 READABLE_VERSIONS = (1, 2)  # version 1 saves load without the checks
-GRAPH_FILE, TENSORS_FILE, CONFIG_FILE = "graph.pt2.xz", "tensors.safetensors", "config.json"
 INPUTS_META = "diffusion_ao_inputs"
 GUARDS_MODULE = "_guards_fn"  # torch.export's input-shape check; dynamo guards the compiled graph itself
 _EXAMPLE_BATCH = 2  # torch.export specialises dimensions of size 1
@@ -196,31 +199,6 @@ def save_quantized(graph: GraphModule, path: Union[str, Path], metadata: Optiona
     return path
 
 
-def _is_save_file(name: str) -> bool:
-    return name in (GRAPH_FILE, TENSORS_FILE, CONFIG_FILE) or (name.startswith("graph.group") and
-                                                               name.endswith(".pt2.xz"))
-
-
-def check_save_target(path: Path, overwrite: bool) -> bool:
-    """Whether saving to `path` replaces an earlier save; a FileExistsError where saving would lose or mix
-    anything (a file, someone else's files, an earlier save without `overwrite`). `save_quantized` calls it
-    first; a command line can call it before the work."""
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"save_quantized: '{path}' is a file; give a new or empty directory.")
-    if not path.is_dir() or not any(path.iterdir()):
-        return False
-    names = sorted(p.name for p in path.iterdir())
-    foreign = [n for n in names if not _is_save_file(n)]
-    if foreign or CONFIG_FILE not in names:
-        raise FileExistsError(f"save_quantized: '{path}' holds other files ({', '.join((foreign or names)[:5])}"
-                              f"{' ...' if len(foreign or names) > 5 else ''}) and is not a diffusion-ao save; "
-                              "choose a new or empty directory (nothing was written).")
-    if not overwrite:
-        raise FileExistsError(f"save_quantized: '{path}' already holds a saved model; pass overwrite=True "
-                              "(CLI: --overwrite) to replace it, or choose another directory.")
-    return True
-
-
 def _move_into_place(staging: Path, path: Path, replaces: bool) -> None:
     """Renames the complete `staging` directory to `path`; an earlier save there is renamed aside first and
     removed only once the new one is in place."""
@@ -261,7 +239,7 @@ def _save_graph(graph: GraphModule, path: Path, metadata: Optional[dict[str, Any
                            "shape": list(tensor.shape)}
         else:
             stored[key] = tensor.detach().contiguous().clone()
-    save_file(stored, str(path / TENSORS_FILE))
+    save_tensors_file(stored, path / TENSORS_FILE)
     # `tensors` is in the order of the graph's extra inputs; `packed` says how to unpack the low-bit codes.
     return {"format": FORMAT, "version": VERSION, "inputs": inputs, "tensors": list(keys.values()),
             "packed": packed, "graph_meta_inputs": graph.meta.get(INPUTS_META, inputs), "metadata": metadata or {}}
@@ -370,7 +348,8 @@ def load_quantized(path: Union[str, Path]) -> torch.nn.Module:
     """
     path = Path(path)
     config = _read_config(path)
-    stored = load_file(str(path / TENSORS_FILE))
+    with _unreadable_as_value_error(path / TENSORS_FILE):
+        stored = load_file(str(path / TENSORS_FILE))
     root = torch.nn.Module()
     for key in config["tensors"]:
         if key not in stored:
@@ -391,8 +370,23 @@ def load_quantized(path: Union[str, Path]) -> torch.nn.Module:
     return TimeGroupedGraph(graphs, grouped["timesteps"], torch.tensor(grouped["group_of"]), grouped["batch_inputs"])
 
 
+@contextlib.contextmanager
+def _unreadable_as_value_error(file: Path) -> Iterator[None]:
+    """A file the manifest cannot vouch for (a version 1 save has none) may be truncated or corrupt: the reader's
+    own error becomes one that names the file."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, EOFError, lzma.LZMAError, SafetensorError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"'{file}' cannot be read ({type(error).__name__}: {first[:200]}): it is truncated or "
+                         "corrupt; save the model again.") from error
+
+
 def _load_graph(path: Path, archive: Path, config: dict, root: torch.nn.Module) -> GraphModule:
-    program = torch.export.load(io.BytesIO(lzma.decompress(archive.read_bytes())))
+    with _unreadable_as_value_error(archive):
+        program = torch.export.load(io.BytesIO(lzma.decompress(archive.read_bytes())))
     flat = program.module()
     new = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}

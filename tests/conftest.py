@@ -1,5 +1,9 @@
 """Tiny diffusers UNets for tests: the structure that matters (ResBlocks with time projections, skip concats,
 attention / cross-attention) at a size that exports and compiles in seconds."""
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
@@ -96,3 +100,25 @@ def cifar_size_unet(seed: int = 0) -> UNet2DModel:
     """The DDPM CIFAR-10 UNet (~35.7 M parameters, random weights): for kernel coverage and speed only."""
     from diffusion_ao.models.cifar import cifar10_unet
     return cifar10_unet(seed)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(bytes)` mounts a real tmpfs of that size (where this process may: root on Linux) and returns
+    its directory, for disk-full faults; skips elsewhere (patched writers cover the same steps there)."""
+    if sys.platform != "linux" or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+
+    def mount_with(size_bytes: int):
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount)],
+                              capture_output=True, timeout=30)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()[:100]}")
+        return mount
+
+    yield mount_with
+    if mount.is_mount():  # lazily: a loaded model may still map a file there until it is collected
+        done = subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+        assert done.returncode == 0, done.stderr.decode()

@@ -10,7 +10,7 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
 from diffusion_ao import (DiffusionQuantizer, QuantConfig, calibrate, capture_calibration_data, collect_calibration_data,
                           export_unet, load_calibration_data, save_calibration_data)
-from diffusion_ao.calibration import CalibrationStep
+from diffusion_ao.calibration import CalibrationData, CalibrationStep
 from diffusion_ao.calibration_store import INDEX_FILE, StoredCalibrationStep, write_part
 from diffusion_ao.observers import TimestepActivationObserver
 from tests.conftest import tiny_unet
@@ -188,6 +188,40 @@ def test_a_save_that_fails_leaves_no_part_file_and_no_lock(data, tmp_path, monke
     assert list((tmp_path / "store").iterdir()) == []
 
 
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError(28, "No space left on device")])
+@pytest.mark.parametrize("failing_call", [0, 2])
+def test_a_capture_failing_while_it_writes_a_part_leaves_nothing(tmp_path, monkeypatch, fault, failing_call):
+    from diffusion_ao import calibration_store
+
+    pipe, kw = tiny_pipeline("dit")
+    steps = kw.pop("num_inference_steps")
+    real_write, written = calibration_store.save_tensors_file, []
+
+    def writer(tensors, path, metadata=None):
+        if len(written) == failing_call:
+            path.write_bytes(b"\0" * 64)  # a partial part file, as an interrupted write leaves it
+            raise fault
+        written.append(path)
+        return real_write(tensors, path, metadata)
+
+    monkeypatch.setattr(calibration_store, "save_tensors_file", writer)
+    calls = [dict(kw, class_labels=[i], generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with pytest.raises(type(fault) if isinstance(fault, Exception) else fault):
+        capture_calibration_data(pipe, steps, calls=calls, store=tmp_path / "store")
+    assert list((tmp_path / "store").iterdir()) == []  # no part file, no lock: a new capture can start there
+    monkeypatch.setattr(calibration_store, "save_tensors_file", real_write)
+    assert len(capture_calibration_data(pipe, steps, calls=calls, store=tmp_path / "store").steps) == steps
+
+
+def test_a_disk_that_fills_up_during_a_store_write_leaves_nothing(data, small_disk):
+    disk = small_disk(16 * 1024)  # far less than the data (5 samples x 3 steps of 8x8 floats, and the index)
+    big = CalibrationData([CalibrationStep(s.timestep, s.sample.repeat(40, 1, 1, 1)) for s in data.steps])
+    with pytest.raises(OSError) as error:
+        save_calibration_data(big, disk / "store")
+    assert error.value.errno == 28
+    assert list((disk / "store").iterdir()) == []
+
+
 def test_parts_that_do_not_belong_to_the_store_are_named_at_load(data, tmp_path):
     save_calibration_data(data, tmp_path / "a")
     save_calibration_data(data, tmp_path / "b")  # the same data: the same shapes, another store
@@ -207,6 +241,18 @@ def test_parts_that_do_not_belong_to_the_store_are_named_at_load(data, tmp_path)
     (tmp_path / "c" / INDEX_FILE).write_text('{"format": 2, "ste')
     with pytest.raises(ValueError, match="is not a calibration store index"):
         load_calibration_data(tmp_path / "c")
+
+
+def test_a_truncated_part_of_a_format_1_store_is_named_at_load(data, tmp_path):
+    save_calibration_data(data, tmp_path / "old")
+    index = json.loads((tmp_path / "old" / INDEX_FILE).read_text())
+    index["format"] = 1
+    del index["parts"]
+    (tmp_path / "old" / INDEX_FILE).write_text(json.dumps(index))
+    part = tmp_path / "old" / "part-00000.safetensors"
+    part.write_bytes(part.read_bytes()[:100])
+    with pytest.raises(ValueError, match="part-00000.safetensors cannot be read .* truncated or corrupt"):
+        load_calibration_data(tmp_path / "old")
 
 
 def test_a_format_1_store_still_loads(data, tmp_path):

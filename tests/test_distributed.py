@@ -4,6 +4,7 @@ subsample; block reconstruction follows one process's gradients; LES, split by l
 scales; a failing rank makes the others fail with a clear
 error instead of hanging."""
 import multiprocessing
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -175,13 +176,36 @@ def _worker(rank: int, init_file: str, out_dir: str, task: str) -> None:
                       # rank 0 (6 rows a step) passes 2.5 rows' budget and spills, rank 1 (2 rows) stays under it
                       "spilled": _pipeline_capture(store=Path(out_dir) / "spill",
                                                    memory_budget_mib=_budget_mib(capture[2], 2.5))}
-        else:  # "fail": rank 1 dies before the first collective
+        elif task == "fail":  # rank 1 dies before the first collective
             if rank == 1:
                 raise SystemExit(3)
             result = {"capture": _capture()}
+        else:  # "killed" / "stopped" / "raises": rank 1's fault strikes inside calibrate, at its second forward
+            data = torch.load(Path(out_dir) / "data.pt", weights_only=False)
+            if rank == 1:
+                _fault_at_second_forward(task)
+            result = {"qparams": _qparams(data)}
     except Exception:
         result = {"error": traceback.format_exc()}
     torch.save(result, Path(out_dir) / f"{task}-{rank}.pt")
+
+
+def _fault_at_second_forward(task: str) -> None:
+    import os
+    import signal
+
+    import diffusion_ao.calibration as calibration
+    real, calls = calibration.call_graph, []
+
+    def faulty(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            if task == "raises":
+                raise RuntimeError("rank 1 failed mid-calibration")
+            os.kill(os.getpid(), signal.SIGKILL if task == "killed" else signal.SIGSTOP)
+        return real(*args, **kwargs)
+
+    calibration.call_graph = faulty
 
 
 def _run_ranks(tmp_path: Path, task: str) -> list[dict]:
@@ -190,9 +214,12 @@ def _run_ranks(tmp_path: Path, task: str) -> list[dict]:
              for rank in range(WORLD)]
     for p in procs:
         p.start()
-    for p in procs:
+    procs[0].join(timeout=300)
+    for p in procs[1:]:
+        if task == "stopped":
+            p.kill()  # SIGKILL ends a stopped process too
         p.join(timeout=300)
-        assert p.exitcode is not None, "a rank hung"
+    assert all(p.exitcode is not None for p in procs), "a rank hung"
     return [torch.load(tmp_path / f"{task}-{r}.pt", weights_only=False) if (tmp_path / f"{task}-{r}.pt").exists()
             else None for r in range(WORLD)]
 
@@ -269,6 +296,20 @@ def test_a_failing_rank_fails_the_others_with_a_clear_error(tmp_path):
     assert results[1] is None  # it died
     assert "error" in results[0] and "DistributedCalibrationError" in results[0]["error"], results[0]
     assert "the calibration trajectories" in results[0]["error"]
+
+
+@pytest.mark.parametrize("fault", ["killed", "raises", pytest.param("stopped", marks=pytest.mark.slow)])
+def test_a_rank_failing_mid_calibration_fails_the_others_within_the_timeout(tmp_path, fault):
+    from diffusion_ao.calibration import CalibrationData
+    torch.save(CalibrationData(_capture()[0].steps[:2]), tmp_path / "data.pt")
+    start = time.perf_counter()
+    results = _run_ranks(tmp_path, fault)
+    assert time.perf_counter() - start < 120  # the group's timeout is 20 s: nothing hangs
+    assert results[0] is not None and "DistributedCalibrationError" in results[0].get("error", ""), results[0]
+    if fault == "raises":
+        assert "rank 1 failed mid-calibration" in results[1]["error"]
+    else:
+        assert results[1] is None  # it never got to write a result
 
 
 @settings(max_examples=30, deadline=None)

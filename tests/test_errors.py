@@ -181,3 +181,111 @@ def test_config_conflicts_are_refused_before_any_work(unet, data, monkeypatch):
             m.setattr(recipe, "export_denoiser", lambda *a, **k: pytest.fail("exported before the check"))
             with pytest.raises(ValueError, match=message):
                 quantize_denoiser(unet, data, config, progress=False)
+
+
+def test_calibration_data_that_does_not_fit_the_graph_is_named_before_any_forward(unet, data):
+    prepared = prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), DiffusionQuantizer())
+    three = CalibrationData([CalibrationStep(s.timestep, s.sample.repeat(1, 3, 1, 1)) for s in data.steps])
+    with pytest.raises(ValueError, match=r"calibrate: input 'sample' has shape \(4, 3, 8, 8\); the graph was "
+                                         r"exported for \(batch, 1, 8, 8\) float32"):
+        calibrate(prepared, three, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size must be in 1..4096 .* got 5000"):
+        calibrate(prepared, data, batch_size=5000, progress=False)
+    mixed = CalibrationData([data.steps[0], CalibrationStep(data.steps[1].timestep, three.steps[1].sample)])
+    with pytest.raises(ValueError, match=r"has 'sample' of shape \(3, 8, 8\) .* the first step has \(1, 8, 8\)"):
+        mixed.validate()
+    from diffusion_ao import quantize_denoiser
+    with pytest.raises(ValueError, match=r"3 channels, but this UNet2DModel takes 1 \(config.in_channels\)"):
+        quantize_denoiser(unet, three, "w8a8", progress=False)
+
+
+def test_weights_that_were_never_loaded_are_named(unet, scheduler):
+    from diffusion_ao import export_denoiser
+    with torch.device("meta"):
+        from tests.conftest import tiny_unet
+        empty = tiny_unet()
+    with pytest.raises(ValueError, match=r"export_denoiser: \d+ weights of this UNet2DModel are on the meta device"):
+        export_denoiser(empty, {"sample": torch.randn(2, 1, 8, 8), "timestep": torch.full((2,), 10.0)})
+    with pytest.raises(ValueError, match=r"collect_calibration_data: \d+ weights .* meta device"):
+        collect_calibration_data(empty, scheduler, num_samples=2, num_inference_steps=2, progress=False)
+
+
+def test_the_sampler_names_a_conditioning_the_denoiser_requires(scheduler):
+    from tests.conftest import tiny_conditional_unet
+    with pytest.raises(ValueError, match=r"UNet2DConditionModel needs \['encoder_hidden_states'\].*"
+                                         r"capture_calibration_data"):
+        collect_calibration_data(tiny_conditional_unet(), scheduler, num_samples=2, num_inference_steps=2,
+                                 progress=False)
+
+
+def test_a_config_that_quantizes_nothing_is_refused_at_prepare(unet):
+    config = QuantConfig.preset("w8a8").replace(module_name_overrides={"": None})
+    with pytest.raises(ValueError, match=r"quantizes no layer of this model: .*\(module_name_overrides\[''\]\)"):
+        prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), DiffusionQuantizer(config))
+
+
+def test_a_type_override_that_decides_no_layer_warns(unet):
+    config = QuantConfig.preset("w8a8").replace(module_type_overrides={torch.nn.GRU: None})
+    with pytest.warns(UserWarning, match=r"module_type_overrides \['GRU'\] decided no layer of this model"):
+        prepare_pt2e(export_unet(unet, sample_shape=(1, 1, 8, 8)), DiffusionQuantizer(config))
+
+
+def test_a_quantized_denoiser_refuses_another_dtype_and_an_oversized_batch(unet, data):
+    from diffusion_ao import as_diffusers_denoiser
+
+    graph = export_unet(unet, sample_shape=(1, 1, 8, 8), max_batch=4)
+    prepared = prepare_pt2e(graph, DiffusionQuantizer())
+    calibrate(prepared, data, batch_size=4, progress=False)
+    wrapper = as_diffusers_denoiser(convert_pt2e(prepared), like=unet)
+    wrapper.to("cpu")  # moving is fine
+    for cast in (lambda m: m.to(torch.float16), lambda m: m.half(), lambda m: m.to("cpu", torch.bfloat16)):
+        with pytest.raises(TypeError, match=r"runs a graph exported in torch.float32 .* cannot be cast to"):
+            cast(wrapper)
+        assert wrapper.dtype == torch.float32
+    x = data.steps[0].sample
+    with pytest.raises(TypeError, match=r"input 'sample' is torch.float16; the graph was exported for torch.float32"):
+        wrapper(x.half()[:2], 10)
+    with pytest.raises(ValueError, match=r"input 'sample' has a batch of 5; the graph accepts at most 4"):
+        wrapper(x.repeat(2, 1, 1, 1)[:5], 10)
+    assert wrapper(x[:4], 10).sample.shape == x[:4].shape
+
+
+def test_a_bfloat16_pipeline_is_refused_for_int8_kernels_before_any_work(monkeypatch):
+    from diffusion_ao import capture_calibration_data, compile_for_cpu, quantize_pipeline
+    from diffusion_ao import recipe
+    from tests.pipelines import tiny_pipeline
+
+    pipe, kw = tiny_pipeline("ddpm")
+    pipe.unet.to(torch.bfloat16)
+    steps = kw.pop("num_inference_steps")
+    # diffusers' DDIM pipeline cannot turn bfloat16 images into numpy (whatever the output type); the capture
+    # needs only the denoiser calls before that, keeps them and says so
+    with pytest.warns(UserWarning, match=r"DDIMPipeline failed after its last denoiser call .* keeps the recorded"):
+        data = capture_calibration_data(pipe, steps, generator=torch.Generator().manual_seed(0), **kw)
+    assert len(data.steps) == steps and data.steps[0].sample.dtype == torch.bfloat16
+    monkeypatch.setattr(recipe, "quantize_denoiser", lambda *a, **k: pytest.fail("worked before the check"))
+    with pytest.raises(ValueError, match=r"take a float32 graph, but pipe.unet is torch.bfloat16"):
+        quantize_pipeline(pipe, "w8a8", data, progress=False)
+    monkeypatch.undo()
+    converted, _ = recipe.quantize_denoiser(pipe.unet, data, "w8a8", progress=False)
+    with pytest.raises(ValueError, match=r"compile_for_cpu lowers to int8 kernels that take float32"):
+        compile_for_cpu(converted)
+
+
+def test_a_pipeline_failing_before_its_last_denoiser_call_is_not_hidden(monkeypatch):
+    from diffusion_ao import capture_calibration_data
+    from tests.pipelines import tiny_pipeline
+
+    pipe, kw = tiny_pipeline("ddpm")
+    steps = kw.pop("num_inference_steps")
+    real_step, calls = pipe.scheduler.step, []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("scheduler broke")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.scheduler, "step", failing_step)
+    with pytest.raises(RuntimeError, match="scheduler broke"):
+        capture_calibration_data(pipe, steps, generator=torch.Generator().manual_seed(0), **kw)

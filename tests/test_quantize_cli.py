@@ -79,10 +79,15 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit):  # sampler trajectories with prompts
         parse_args(["--prompts", "p.txt", "--num-samples", "4", "--out", "x"])
     (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
     with pytest.raises(ValueError, match="needs the same number"):
-        pipeline_calls(parse_args(["--prompts", str(tmp_path / "empty.txt"), "--out", "x"]))
-    with pytest.raises(FileNotFoundError, match="not a saved diffusers pipeline"):
-        main(["--model", str(tmp_path), "--prompts", "p.txt", "--out", str(tmp_path / "q")])
+        pipeline_calls(parse_args(["--model", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "empty.txt"),
+                                   "--out", "x"]))
+    with pytest.raises(SystemExit):  # prompts need a saved pipeline, not the shipped sampler models
+        parse_args(["--prompts", "p.txt", "--out", "x"])
+    with pytest.raises(SystemExit):  # a directory without model_index.json is no pipeline
+        parse_args(["--model", str(tmp_path), "--prompts", "p.txt", "--out", str(tmp_path / "q")])
 
 
 @pytest.mark.slow  # two processes import torch and quantize the default model
@@ -133,3 +138,31 @@ def test_the_shipped_dit_quantizes_from_the_sampler_with_every_label_and_guidanc
           "--out", str(out)])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rank"] == 0 and (out / "config.json").exists()
+
+
+def test_a_model_that_cannot_serve_the_run_is_refused_from_its_files_alone(tmp_path):
+    for missing in ("no-such-dir/model", "no_such_model_dir"):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", missing, "--out", str(tmp_path / "q")])
+    text = tmp_path / "text-pipe"
+    text.mkdir()
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "tokenizer": [None, None], "text_encoder": [None, None]}
+    (text / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "p.txt").write_text("a cat\n")
+    with pytest.raises(SystemExit):  # saved without its text encoder: it cannot encode prompts
+        parse_args(["--model", str(text), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "q")])
+    parse_args(["--model", str(text), "--prompt-embeds", "e.safetensors", "--out", str(tmp_path / "q")])
+    index.update(tokenizer=["transformers", "CLIPTokenizer"], text_encoder=["transformers", "CLIPTextModel"])
+    (text / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit):  # a text-conditioned pipeline needs prompts; the sampler has none
+        parse_args(["--model", str(text), "--out", str(tmp_path / "q")])
+
+
+def test_bad_arguments_are_answered_before_torch_is_imported(tmp_path):
+    code = ("import sys; from diffusion_ao.quantize_cli import parse_args\n"
+            "try:\n    parse_args(['--preset', 'w3a3', '--out', 'x'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "invalid choice: 'w3a3'" in done.stderr

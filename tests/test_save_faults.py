@@ -92,7 +92,7 @@ ENOSPC = OSError(errno.ENOSPC, "No space left on device")
                                          ("tensors", ENOSPC), ("config", ENOSPC), ("rename", KeyboardInterrupt())])
 def test_a_save_failing_at_any_step_leaves_the_earlier_one_intact(graphs, earlier, monkeypatch, step, fault):
     path, before = earlier
-    writers = {"graph": "_graph_archive", "tensors": "save_file", "config": "_write_config",
+    writers = {"graph": "_graph_archive", "tensors": "save_tensors_file", "config": "_write_config",
                "rename": "_move_into_place"}
 
     def failing(*args, **kwargs):
@@ -161,4 +161,32 @@ def test_a_version_1_save_without_a_manifest_still_loads(graphs, earlier):
     for key in ("files", "digest"):
         del config[key]
     (path / CONFIG_FILE).write_text(json.dumps({**config, "version": 1}))
+    assert load_quantized(path).meta["diffusion_ao_metadata"] == {"preset": "w8a8"}
+
+
+def test_a_truncated_file_of_a_version_1_save_is_named_at_load(graphs, earlier, tmp_path):
+    path, _ = earlier
+    config = json.loads((path / CONFIG_FILE).read_text())
+    for key in ("files", "digest"):
+        del config[key]
+    for name in (TENSORS_FILE, GRAPH_FILE):  # no manifest to catch it: the reader's own error is translated
+        old = tmp_path / f"v1-{name}"
+        shutil.copytree(path, old)
+        (old / CONFIG_FILE).write_text(json.dumps({**config, "version": 1}))
+        data = (old / name).read_bytes()
+        (old / name).write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=rf"'{old / name}' cannot be read .* truncated or corrupt"):
+            load_quantized(old)
+
+
+def test_a_disk_that_fills_up_during_a_save_leaves_the_earlier_one_intact(graphs, earlier, small_disk):
+    source, _ = earlier
+    size = sum(f.stat().st_size for f in source.iterdir())
+    disk = small_disk(int(size * 1.6) // 4096 * 4096 + 4096)
+    path = save_quantized(graphs[0], disk / "model", metadata={"preset": "w8a8"})
+    before = _snapshot(path)
+    with pytest.raises(OSError) as error:
+        save_quantized(graphs[0], path, metadata={"preset": "again"}, overwrite=True)
+    assert error.value.errno == errno.ENOSPC
+    assert _snapshot(path) == before and _leftovers(path) == []
     assert load_quantized(path).meta["diffusion_ao_metadata"] == {"preset": "w8a8"}

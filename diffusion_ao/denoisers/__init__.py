@@ -31,6 +31,15 @@ def adapter_for(model: torch.nn.Module) -> DenoiserAdapter:
                     "with diffusion_ao.denoisers.register_adapter(DenoiserAdapter(...)).")
 
 
+def require_loaded_weights(model: torch.nn.Module, what: str) -> None:
+    """Raises a clear error where `model` has weights on the meta device (created without loading them)."""
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(f"{what}: {len(meta)} weights of this {type(model).__name__} are on the meta device (e.g. "
+                         f"'{meta[0]}'): they were never loaded. Load the model with its weights (from_pretrained "
+                         "without device_map='meta' / init_empty_weights) before quantizing it.")
+
+
 def denoiser_role(pipe) -> str:
     """'unet' or 'transformer': the pipeline attribute holding its denoiser; a ValueError if it has neither."""
     for role in DENOISER_ROLES:
@@ -42,4 +51,4 @@ def denoiser_role(pipe) -> str:
 
 
 __all__ = ["ADAPTERS", "CLASS_LABELS", "DENOISER_ROLES", "DenoiserAdapter", "SAMPLE", "SEPARATOR", "TIMESTEP", "adapter_for",
-           "denoiser_role", "register_adapter", "timestep_batch"]
+           "denoiser_role", "register_adapter", "require_loaded_weights", "timestep_batch"]
