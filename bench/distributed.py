@@ -38,12 +38,12 @@ def _steps(args: argparse.Namespace, given_data=None) -> dict:
 
     from diffusion_ao import DiffusionQuantizer, QuantConfig, calibrate, collect_calibration_data, export_denoiser
     from diffusion_ao.config import DMQConfig, GPTQConfig, ReconstructionConfig
-    from diffusion_ao.gptq import apply_gptq
-    from diffusion_ao.dmq import apply_learned_scaling
+    from diffusion_ao.methods.gptq import apply_gptq
+    from diffusion_ao.methods.dmq import apply_learned_scaling
     from diffusion_ao.models import load_default_model
     from diffusion_ao.observers import TimestepActivationObserver
     from diffusion_ao.passes.analysis import get_attr_tensor
-    from diffusion_ao.qdiff import find_blocks, reconstruct_blocks
+    from diffusion_ao.methods.qdiff import find_blocks, reconstruct_blocks
 
     unet, scheduler = load_default_model()
     times, out = {}, {}

@@ -5,7 +5,7 @@
 
 What it runs, each step timed and each failure recorded (with its error) instead of stopping the check:
 
-1. the CUDA tests (`tests/test_gpu.py`, which skip on a CPU-only machine), in a subprocess;
+1. the CUDA tests (`tests/backends/test_cuda.py`, which skip on a CPU-only machine), in a subprocess;
 2. per model of `bench/speed.py` (default: DiT-S/2 and the SD-1.5-shaped UNet), W8A8 calibrated on 2 sampler
    steps, then lowered three ways:
    - `int_mm`: every quantized conv (groups 1) and linear on `torch._int_mm` (`lower_to_int_mm`);
@@ -46,9 +46,9 @@ quiet_third_party()
 import torch  # noqa: E402
 from bench.speed import MODELS, extra_inputs, short_calibration  # noqa: E402
 from diffusion_ao import export_denoiser  # noqa: E402
-from diffusion_ao.gpu import lower_linears_torchao, lower_to_int_mm, time_vs_bf16  # noqa: E402
+from diffusion_ao.backends.cuda import lower_linears_torchao, lower_to_int_mm, time_vs_bf16  # noqa: E402
 from diffusion_ao.recipe import quantize_denoiser  # noqa: E402
-from diffusion_ao.sampling import sample_shape  # noqa: E402
+from diffusion_ao.calibration.sampling import sample_shape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = "dit-s,sd15-quarter"
@@ -110,7 +110,7 @@ def plan(args: argparse.Namespace) -> list[str]:
 
 
 def run_cuda_tests(timeout_s: float) -> dict[str, Any]:
-    """`pytest tests/test_gpu.py` in a subprocess; its summary counts and the tail of its output."""
+    """`pytest tests/backends/test_cuda.py` in a subprocess; its summary counts and the tail of its output."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py")]
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)

@@ -31,7 +31,7 @@ def vnni_warning() -> str | None:
     There the int8 kernels add pairs of products in int16, so they gain less over FP32 than on a VNNI CPU, and the
     layers whose kernel overflows at full range run 7-bit activations.
     """
-    from diffusion_ao.cpu import LOWERED_KERNELS, cpu_has_vnni, int8_kernel_saturates
+    from diffusion_ao.backends.x86_features import LOWERED_KERNELS, cpu_has_vnni, int8_kernel_saturates
     if cpu_has_vnni():
         return None
     reduced = [k for k in LOWERED_KERNELS if int8_kernel_saturates(k)]  # as the quantizer decides
@@ -140,7 +140,7 @@ def git_commit() -> Optional[str]:
 
 def machine_meta() -> dict:
     """What a reader needs to reproduce a figure: CPU flags of note, the CPU-capability environment, commit."""
-    from diffusion_ao.cpu import read_cpu_flags
+    from diffusion_ao.backends.x86_features import read_cpu_flags
 
     flags = read_cpu_flags() or set()
     return {"cpu_flags": [f for f in CPU_FLAGS_OF_NOTE if f in flags],

@@ -22,7 +22,7 @@ quiet_third_party()  # before torch, torchao and diffusers print their import-ti
 import torch  # noqa: E402
 from bench.latency import default_threads  # noqa: E402
 from diffusion_ao import QuantConfig, collect_calibration_data, export_denoiser  # noqa: E402
-from diffusion_ao.dmq.les import apply_learned_scaling  # noqa: E402
+from diffusion_ao.methods.dmq.les import apply_learned_scaling  # noqa: E402
 from diffusion_ao.models import load_default_model  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """Sampling, image-quality metrics and per-timestep noise-prediction error for the benchmark (model size:
-`diffusion_ao.size`).
+`diffusion_ao.serialization.size`).
 
 Every model is called in batches of exactly `batch` samples (the last batch is padded), so that a model
 compiled at its first call is never recompiled for another batch size.
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from diffusion_ao import CalibrationData
 from diffusion_ao.metrics import (class_coverage, classifier_features, epsilon_gain, frechet_distance,
                                   label_agreement, psnr_paired, relative_mse, ssim_paired)
-from diffusion_ao.sampling import run_sampler
+from diffusion_ao.calibration.sampling import run_sampler
 
 # diffusers-like UNet: unet(x, t, return_dict=False)[0]
 DiffusersUNet = Callable[..., tuple]

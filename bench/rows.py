@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from torchao.quantization.pt2e.quantizer import Quantizer
 
+from bench.peers import Peer, available_peers
 from diffusion_ao import CalibrationData, QuantConfig
 from diffusion_ao.graph import call_graph, graph_input_names
 
@@ -56,6 +57,7 @@ class RowSpec:
         peer_config: for peers, the configuration that ran, in words (e.g. "default" or "reduce_range=True, ...").
         trap: a configuration a user might run but should not (a peer's default where its docs say to change it):
             measured like any row, but reported once as a note, never as the peer's quality.
+        eager_peer: for the peers that quantize the eager diffusers model (`bench.peers`), the peer.
     """
 
     name: str
@@ -70,6 +72,7 @@ class RowSpec:
     calibration: str = "sampler"
     peer_config: Optional[str] = None
     trap: bool = False
+    eager_peer: Optional[Peer] = None
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_SOURCES:
@@ -79,7 +82,7 @@ class RowSpec:
     @property
     def is_reference(self) -> bool:
         """True for the floating-point row that every other row is compared with."""
-        return self.make_quantizer is None and self.config is None
+        return self.make_quantizer is None and self.config is None and self.eager_peer is None
 
     def matches(self, token: str) -> bool:
         """Whether a `--methods` token selects this row: its name, its method family or its preset; "=NAME"
@@ -154,9 +157,9 @@ def x86_rows(has_vnni: Optional[bool] = None) -> list[RowSpec]:
     is what a user gets who does not read the docs, reported once as a note.
 
     Args:
-        has_vnni: whether the CPU has VNNI (default: `diffusion_ao.cpu.cpu_has_vnni()`).
+        has_vnni: whether the CPU has VNNI (default: `diffusion_ao.backends.x86_features.cpu_has_vnni()`).
     """
-    from diffusion_ao.cpu import cpu_has_vnni
+    from diffusion_ao.backends.x86_features import cpu_has_vnni
 
     has_vnni = cpu_has_vnni() if has_vnni is None else has_vnni
     common = dict(method="x86-inductor", preset=None, weight_bits=8, act_bits=8, scope=X86_SCOPE,
@@ -374,6 +377,15 @@ ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "timegroups": lambda: time_group_rows("w4a8") + time_group_rows("w4a6"),
     "qat": lambda: qat_rows("w4a8") + qat_rows("w4a6"),
 }
+
+
+def peer_rows(names: Optional[list[str]] = None, default_only: bool = False) -> tuple[list[RowSpec], list[str]]:
+    """The rows of the installed peers that quantize the eager model (`bench.peers`), and a line per package left
+    out because it is not installed."""
+    peers, notes = available_peers(names, default_only)
+    return [RowSpec(name=p.name, method=f"peer-{p.family}", preset=None, weight_bits=p.weight_bits,
+                    act_bits=p.act_bits, scope=f"{p.family}'s own (see the layers column)",
+                    peer_config=f"{p.package} {p.version()}: {p.config}", eager_peer=p) for p in peers], notes
 
 
 def default_rows(ablations: tuple[str, ...] = (), has_vnni: Optional[bool] = None) -> list[RowSpec]:

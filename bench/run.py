@@ -37,6 +37,7 @@ from diffusion_ao.quiet import quiet_third_party  # noqa: E402
 quiet_third_party()  # before torch, torchao and diffusers print their import-time notes
 
 import torch  # noqa: E402
+import torch._inductor.config as inductor_config  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
 
 from bench.latency import (cpu_name, default_threads, machine_meta, measure_interleaved,  # noqa: E402
@@ -46,12 +47,13 @@ from bench.plots import save_per_timestep_plot, save_sample_grid  # noqa: E402
 from bench.quality import (make_noise, noise_predictions, per_timestep_gain,  # noqa: E402
                            per_timestep_relative_mse, quality_metrics, sample_images)
 from bench.report import write_report  # noqa: E402
-from bench.rows import ABLATIONS, RowSpec, default_rows, select_rows  # noqa: E402
+from bench.peers import PEER_NOTES, PeerModel, SamplerDenoiser, TensorDenoiser, build as build_peer_model  # noqa: E402
+from bench.rows import ABLATIONS, RowSpec, default_rows, peer_rows, select_rows  # noqa: E402
 from diffusion_ao import (CalibrationData, as_diffusers_denoiser, collect_calibration_data,  # noqa: E402
                           compile_for_cpu, count_int8_kernels, export_denoiser)
-from diffusion_ao.lowering import expected_int8_kernels  # noqa: E402
+from diffusion_ao.backends.x86 import expected_int8_kernels  # noqa: E402
 from diffusion_ao.passes.finite_set import has_per_timestep_qparams  # noqa: E402
-from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
+from diffusion_ao.backends.x86_features import cpu_has_vnni  # noqa: E402
 from diffusion_ao.denoisers import CLASS_LABELS  # noqa: E402
 from diffusion_ao.metrics import classifier_features, frechet_distance  # noqa: E402
 from diffusion_ao.models import load_model  # noqa: E402
@@ -59,10 +61,10 @@ from diffusion_ao.models.classifier import load_classifier  # noqa: E402
 from diffusion_ao.models.digits import load_digits_tensor  # noqa: E402
 from diffusion_ao.models.dit_config import NULL_LABEL, NUM_CLASSES  # noqa: E402
 from diffusion_ao.recipe import quantize_denoiser  # noqa: E402
-from diffusion_ao.size import size_mb  # noqa: E402
-from diffusion_ao.time_groups import TimeGroupedGraph  # noqa: E402
+from diffusion_ao.serialization.size import size_mb  # noqa: E402
+from diffusion_ao.grouped_graph import TimeGroupedGraph  # noqa: E402
 from diffusers import DiTTransformer2DModel  # noqa: E402
-from diffusion_ao.sampling import sample_shape  # noqa: E402
+from diffusion_ao.calibration.sampling import sample_shape  # noqa: E402
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -101,6 +103,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "runs)")
     p.add_argument("--ablation", action="append", default=[], choices=sorted(ABLATIONS),
                    help="append a method's ablation rows (repeatable), e.g. --ablation dmq")
+    p.add_argument("--peers", nargs="?", const="all", default=None, choices=("all", "default"),
+                   help="add the rows of torchao quantize_, optimum-quanto and NVIDIA ModelOpt (bench/peers.py) that "
+                        "are installed: all of them, or 'default' (one W8A8 and one 4-bit-weight row per tool)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
     p.add_argument("--latency-rounds", type=int, default=10, help="interleaved timed calls per model")
     p.add_argument("--no-compile", action="store_true", help="eager q/dq graphs only (no latency, no kernels)")
@@ -169,6 +174,13 @@ def compile_and_count(converted: torch.nn.Module, probe_x: torch.Tensor, probe_t
     if any(c != per_group[0] for c in per_group):
         raise RuntimeError(f"The time groups lowered to different int8 kernels: {per_group}.")
     return model, per_group[0]
+
+
+def build_peer(spec: RowSpec, unet: torch.nn.Module, calib) -> tuple[TensorDenoiser, float, PeerModel]:
+    """The peer's quantized copy of the eager denoiser, as the bench calls graphs, with its calibration seconds."""
+    start = time.perf_counter()
+    peer = build_peer_model(spec.eager_peer, copy.deepcopy(unet).eval(), calib)
+    return TensorDenoiser(peer.module), time.perf_counter() - start, peer
 
 
 def calibration_seed(base_seed: int, k: int) -> int:
@@ -247,7 +259,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
     unet, base_scheduler = load_model(args.model)
     scheduler = make_scheduler(args.scheduler, base_scheduler)
     shape = sample_shape(unet)
-    rows = select_rows(default_rows(tuple(args.ablation)), args.methods)
+    peers, peer_notes = peer_rows(default_only=args.peers == "default") if args.peers else ([], [])
+    rows = select_rows(default_rows(tuple(args.ablation)) + peers, args.methods)
+    for note in peer_notes:
+        print(f"[bench] {note}", flush=True)
     classifier = load_classifier()
     real_features = real_digit_features(classifier)
     print(f"[bench] {len(rows)} rows, {args.num_samples} samples x {args.steps} {args.scheduler} steps, "
@@ -363,33 +378,45 @@ def main(argv: Optional[list[str]] = None) -> Path:
                 now = time.perf_counter()
                 phases[name], mark = round(now - mark, 1), now
 
-            converted, calib_s, decisions, choices = build_quantized(spec, pristine, calibration_for(spec, 0),
-                                                                     progress)
+            peer = None
+            if spec.eager_peer is not None:
+                converted, calib_s, peer = build_peer(spec, unet, calibration_for(spec, 0))
+                decisions, choices = [], {}
+                row.update(layers_quantized=peer.quantized, layers_present=peer.present)
+            else:
+                converted, calib_s, decisions, choices = build_quantized(spec, pristine, calibration_for(spec, 0),
+                                                                         progress)
             if choices:
                 row["choices"] = choices
             phase("quantize")
-            per_timestep_ranges = has_per_timestep_qparams(converted)
+            per_timestep_ranges = peer is None and has_per_timestep_qparams(converted)
             predictions = noise_predictions(converted, heldout, args.batch, mixed_timesteps=not per_timestep_ranges)
             errors[spec.name] = per_timestep_relative_mse(predictions, fp_reference)
             row["timestep_gain"] = per_timestep_gain(predictions, fp_reference)
             phase("heldout")
             counts = None
             model = converted
-            if not args.no_compile:
+            if not args.no_compile and (peer is None or peer.compile):
                 release_freed_memory()  # the quantization's freed temporaries, so that the compile's growth shows
                 before = rss_mib()
-                model, counts = compile_and_count(converted, probe_x, probe_t, probe_kw)
+                with inductor_config.patch(peer.inductor_options if peer is not None else {}):
+                    model, counts = compile_and_count(converted, probe_x, probe_t, probe_kw)
                 release_freed_memory()
                 row["compile_rss_mib"] = round(rss_mib() - before, 1)  # compiled (packed) weights and code, roughly
+            if not args.no_compile and (peer is None or peer.timed):
                 timed[spec.name] = probe(model)
             phase("compile")
             row["compile_s"] = phases["compile"] if not args.no_compile else None
             if isinstance(converted, TimeGroupedGraph):
                 row["time_groups"] = converted.group_timesteps()
-            row.update(kernels=kernel_kind(counts, expected_int8_kernels(decisions)), kernel_counts=counts,
-                       expected_kernels=expected_int8_kernels(decisions), size_mb=size_mb(converted),
-                       calib_s=round(calib_s, 2), timestep_rel_mse=errors[spec.name])
-            sampled = sample_images(as_diffusers_denoiser(model, like=unet), scheduler, noise, args.num_samples,
+            if peer is None:
+                row.update(kernels=kernel_kind(counts, expected_int8_kernels(decisions)),
+                           expected_kernels=expected_int8_kernels(decisions), size_mb=size_mb(converted))
+            else:  # the peer says what runs; the counts show which of inductor's int8 patterns its graph hit
+                row.update(kernels=peer.kernels, expected_kernels=None,
+                           size_mb=None if peer.size_bytes is None else peer.size_bytes / 2**20)
+            row.update(kernel_counts=counts, calib_s=round(calib_s, 2), timestep_rel_mse=errors[spec.name])
+            sampled = sample_images(_sampler_denoiser(model, unet, peer), scheduler, noise, args.num_samples,
                                     args.steps, args.batch, args.seed, f"{spec.name} samples", progress, **sampling)
             phase("sampling")
             row["phase_s"] = phases
@@ -400,12 +427,18 @@ def main(argv: Optional[list[str]] = None) -> Path:
                          **asdict(metrics))]
             for k in range(1, len(calibs)):
                 print(f"[bench]   calibration seed {k}", flush=True)
-                converted_k, calib_s_k, _, _ = build_quantized(spec, pristine, calibration_for(spec, k), progress,
-                                                               seed=k)
-                model_k = converted_k if args.no_compile else compile_for_cpu(converted_k)
-                sampled_k = sample_images(as_diffusers_denoiser(model_k, like=unet), scheduler, noise,
-                                          args.num_samples, args.steps, args.batch, args.seed, f"{spec.name} seed {k}",
-                                          progress, **sampling)
+                if spec.eager_peer is not None:
+                    converted_k, calib_s_k, peer_k = build_peer(spec, unet, calibration_for(spec, k))
+                else:
+                    converted_k, calib_s_k, _, _ = build_quantized(spec, pristine, calibration_for(spec, k), progress,
+                                                                   seed=k)
+                    peer_k = None
+                compiled = not args.no_compile and (peer_k is None or peer_k.compile)
+                with inductor_config.patch(peer_k.inductor_options if peer_k is not None else {}):  # compiles here
+                    model_k = compile_for_cpu(converted_k) if compiled else converted_k
+                    sampled_k = sample_images(_sampler_denoiser(model_k, unet, peer_k), scheduler, noise,
+                                              args.num_samples, args.steps, args.batch, args.seed,
+                                              f"{spec.name} seed {k}", progress, **sampling)
                 runs.append(dict(seed=k, calib_seed=calibration_seed(args.seed, k), calib_s=round(calib_s_k, 2),
                                  **asdict(quality_metrics(sampled_k, fp_images, fp_features, real_features,
                                                           classifier, labels))))
@@ -460,6 +493,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
             "timesteps": heldout.timesteps, "latency_fp32_eager_ms": latency.get("fp32-eager", {}).get("median_ms"),
             "latency": latency, "latency_rounds": args.latency_rounds, "wall_s": None,
             "command": "python bench/run.py " + " ".join(argv), "run_name": run_name,
+            "peer_notes": peer_notes + [PEER_NOTES[f] for f in sorted({r.eager_peer.family for r in rows
+                                                                        if r.eager_peer is not None})],
             "date": started_at, **machine}
     setup_phase("latency")
     meta["setup_s"] = setup_s
@@ -467,10 +502,15 @@ def main(argv: Optional[list[str]] = None) -> Path:
     (run_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
     save_sample_grid(images, run_dir / "samples.png")
     save_per_timestep_plot(heldout.timesteps, errors, run_dir / "per_timestep_error.png")
-    write_report(meta, results, run_dir / "report.md")
+    write_report(meta, results, run_dir / "report.md", notes=meta["peer_notes"])
     (run_dir / "results.partial.json").unlink()
     print(f"[bench] done in {meta['wall_s']:.0f}s -> {run_dir}", flush=True)
     return run_dir
+
+
+def _sampler_denoiser(model: torch.nn.Module, unet: torch.nn.Module, peer: Optional[PeerModel]):
+    """What the sampler calls: the quantized graph as a diffusers denoiser, or an eager peer's model."""
+    return as_diffusers_denoiser(model, like=unet) if peer is None else SamplerDenoiser(model)
 
 
 def warn_budget(estimate_s: Optional[float], budget_s: Optional[float]) -> bool:

@@ -34,14 +34,14 @@ from bench.latency import (cpu_name, default_threads, machine_meta, measure_inte
 from bench.report import speed_table  # noqa: E402
 from diffusion_ao import collect_calibration_data, compile_for_cpu, count_int8_kernels, export_denoiser  # noqa: E402
 from diffusion_ao.config import QuantConfig, TFMQConfig  # noqa: E402
-from diffusion_ao.lowering import expected_int8_kernels  # noqa: E402
-from diffusion_ao.cpu import cpu_has_vnni  # noqa: E402
+from diffusion_ao.backends.x86 import expected_int8_kernels  # noqa: E402
+from diffusion_ao.backends.x86_features import cpu_has_vnni  # noqa: E402
 from diffusion_ao.models import load_default_model  # noqa: E402
 from diffusion_ao.models.cifar import cifar10_unet  # noqa: E402
 from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS  # noqa: E402
 from diffusion_ao.recipe import quantize_denoiser  # noqa: E402
-from diffusion_ao.sampling import sample_shape  # noqa: E402
-from diffusion_ao.size import size_mb  # noqa: E402
+from diffusion_ao.calibration.sampling import sample_shape  # noqa: E402
+from diffusion_ao.serialization.size import size_mb  # noqa: E402
 
 QUANTIZED = ("w8a8", "w4a8")
 REFERENCE = "fp32-compiled"

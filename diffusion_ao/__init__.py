@@ -21,16 +21,18 @@ from typing import TYPE_CHECKING
 # public name -> the submodule that defines it. Submodules are imported on first use, so that `import diffusion_ao`
 # (and `diffusion_ao.quiet`, which entry points call before torch is imported) stays cheap.
 _EXPORTS = {
-    "calibration": ("CalibrationData", "CalibrationStep", "calibrate", "collect_calibration_data"),
-    "calibration_store": ("load_calibration_data", "save_calibration_data"),
+    "calibration.data": ("CalibrationData", "CalibrationStep"),
+    "calibration.loop": ("calibrate",),
+    "calibration.collect": ("collect_calibration_data",),
+    "calibration.capture": ("capture_calibration_data",),
+    "calibration.store": ("load_calibration_data", "save_calibration_data"),
     "config": ("PRESETS", "LayerQuant", "QuantConfig"),
-    "export": ("QuantizedDenoiser", "QuantizedUNet", "as_diffusers_denoiser", "as_diffusers_unet", "export_denoiser",
-               "export_unet"),
-    "lowering": ("compile_for_cpu", "count_int8_kernels"),
-    "pipeline_calibration": ("capture_calibration_data",),
-    "quantizer": ("DiffusionQuantizer",),
+    "export": ("export_denoiser", "export_unet"),
+    "wrapper": ("QuantizedDenoiser", "QuantizedUNet", "as_diffusers_denoiser", "as_diffusers_unet"),
+    "backends.x86": ("compile_for_cpu", "count_int8_kernels"),
+    "quantizer.quantizer": ("DiffusionQuantizer",),
     "recipe": ("QuantizationReport", "quantize_denoiser", "quantize_pipeline", "quantize_unet"),
-    "serialization": ("load_quantized", "save_quantized"),
+    "serialization.format": ("load_quantized", "save_quantized"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
@@ -38,7 +40,7 @@ __all__ = sorted(_MODULE_OF)
 
 def __getattr__(name: str):
     module = _MODULE_OF.get(name)
-    if module is None:  # a submodule, e.g. `diffusion_ao.cpu` after a bare `import diffusion_ao`
+    if module is None:  # a submodule, e.g. `diffusion_ao.backends.x86_features` after a bare `import diffusion_ao`
         if name.startswith("_"):
             raise AttributeError(f"module 'diffusion_ao' has no attribute {name!r}")
         try:
@@ -57,13 +59,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .calibration import CalibrationData, CalibrationStep, calibrate, collect_calibration_data
-    from .calibration_store import load_calibration_data, save_calibration_data
-    from .config import PRESETS, LayerQuant, QuantConfig
-    from .export import (QuantizedDenoiser, QuantizedUNet, as_diffusers_denoiser, as_diffusers_unet,
-                         export_denoiser, export_unet)
-    from .lowering import compile_for_cpu, count_int8_kernels
-    from .pipeline_calibration import capture_calibration_data
-    from .quantizer import DiffusionQuantizer
-    from .recipe import QuantizationReport, quantize_denoiser, quantize_pipeline, quantize_unet
-    from .serialization import load_quantized, save_quantized
+    from diffusion_ao.backends.x86 import compile_for_cpu, count_int8_kernels
+    from diffusion_ao.calibration.loop import calibrate
+    from diffusion_ao.calibration.capture import capture_calibration_data
+    from diffusion_ao.calibration.collect import collect_calibration_data
+    from diffusion_ao.calibration.data import CalibrationData, CalibrationStep
+    from diffusion_ao.calibration.store import load_calibration_data, save_calibration_data
+    from diffusion_ao.config import PRESETS, LayerQuant, QuantConfig
+    from diffusion_ao.export import export_denoiser, export_unet
+    from diffusion_ao.quantizer.quantizer import DiffusionQuantizer
+    from diffusion_ao.recipe import QuantizationReport, quantize_denoiser, quantize_pipeline, quantize_unet
+    from diffusion_ao.serialization.format import load_quantized, save_quantized
+    from diffusion_ao.wrapper import QuantizedDenoiser, QuantizedUNet, as_diffusers_denoiser, as_diffusers_unet

@@ -9,16 +9,43 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from .method_configs import (DMQConfig, FinetuneConfig, GPTQConfig, LowRankConfig, MixedPrecisionConfig,  # noqa: F401
-                             OutputCorrectionConfig, QDiffConfig, ReconstructionConfig, TFMQConfig, TimeGroupConfig, _check_bits,
-                             _check_choice)
+from diffusion_ao.method_configs import (  # noqa: F401
+    DMQConfig,
+    FinetuneConfig,
+    GPTQConfig,
+    LowRankConfig,
+    MixedPrecisionConfig,
+    OutputCorrectionConfig,
+    QDiffConfig,
+    ReconstructionConfig,
+    TFMQConfig,
+    TimeGroupConfig,
+    _check_bits,
+    _check_choice,
+)
 
+# The method sub-configs of `QuantConfig`, by field: each is None (off) or an instance of its class.
+METHOD_CONFIGS = {"dmq": DMQConfig, "tfmq": TFMQConfig, "qdiff": QDiffConfig, "gptq": GPTQConfig,
+                  "low_rank": LowRankConfig, "output_correction": OutputCorrectionConfig,
+                  "mixed_precision": MixedPrecisionConfig, "time_groups": TimeGroupConfig,
+                  "finetune": FinetuneConfig}
 WEIGHT_BITS = range(2, 9)
 ACT_BITS = range(4, 9)
 OBSERVERS = ("minmax", "mse")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 ACT_SCHEMES = ("affine", "symmetric")
 TIMESTEP_AGGREGATIONS = ("global", "weighted")
+
+
+def _reseeded(config, seed: int):
+    """`config` with every `seed` field in it set to `seed`, nested method configs (e.g. `QDiffConfig.reconstruction`)
+    included: a new method's config with a `seed` field needs no change here."""
+    changes = {f.name: seed for f in dataclasses.fields(config) if f.name == "seed"}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name] = _reseeded(value, seed)
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 @dataclass(frozen=True)
@@ -64,7 +91,8 @@ class QuantConfig:
             (the AVX2 int8 kernels overflow otherwise); True / False force it.
         module_name_overrides: module path (as in `unet.named_modules()`, prefix match) -> `LayerQuant`, or
             None to keep that module in floating point. Longest matching prefix wins.
-        module_type_overrides: module class (e.g. `torch.nn.Linear`) -> `LayerQuant` or None.
+        module_type_overrides: module class (e.g. `torch.nn.Linear`) -> `LayerQuant` or None; a layer takes the
+            first key (in insertion order) it is an instance of, after `module_name_overrides`.
         dmq: DMQ's calibration pieces (`DMQConfig`), or None; `quantize_unet` applies them.
         tfmq: TFMQ-DM's pieces (`TFMQConfig`: temporal-feature cache, finite-set calibration), or None.
         qdiff: Q-Diffusion's pieces (`QDiffConfig`: shortcut splitting, block reconstruction), or None.
@@ -79,7 +107,7 @@ class QuantConfig:
             graph (`TimeGroupConfig`), or None. The quantized denoiser then accepts only the calibration data's
             timesteps.
         finetune: prepare with FakeQuantize modules (`prepare_qat_pt2e`) and train the quantization parameters
-            to reproduce the FP model on the calibration trajectories (`FinetuneConfig`, `diffusion_ao.qat`), or
+            to reproduce the FP model on the calibration trajectories (`FinetuneConfig`, `diffusion_ao.methods.qat`), or
             None. It replaces the PTQ learners that work on observers (GPTQ, block reconstruction, TIAR,
             finite-set calibration, time groups, DMQ's timestep weighting) and composes with the graph passes
             (LES, PTS, TFMQ-DM's cache, mixed precision) and the output correction.
@@ -126,20 +154,23 @@ class QuantConfig:
         _check_choice("timestep_aggregation", self.timestep_aggregation, TIMESTEP_AGGREGATIONS)
         if self.reduce_range not in (True, False, "auto"):
             raise ValueError(f"reduce_range={self.reduce_range!r} is not supported: use 'auto', True or False.")
+        for name, cls in METHOD_CONFIGS.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, cls):
+                article = "an" if cls.__name__[0] in "AEIOU" else "a"
+                raise TypeError(f"{name} must be {article} {cls.__name__} or None, got {type(value).__name__}.")
         for key, value in self.module_name_overrides.items():
             if not isinstance(key, str):
-                raise ValueError(f"module_name_overrides keys must be module paths (str), got {key!r}.")
+                raise TypeError(f"module_name_overrides keys must be module paths (str), got {key!r}.")
             if value is not None and not isinstance(value, LayerQuant):
-                raise ValueError(f"module_name_overrides[{key!r}] must be a LayerQuant or None, got {value!r}.")
+                raise TypeError(f"module_name_overrides[{key!r}] must be a LayerQuant or None, got {value!r}.")
         if self.module_type_overrides:
             import torch  # here only: the command line reads the presets before it imports torch
         for key, value in self.module_type_overrides.items():
             if not (isinstance(key, type) and issubclass(key, torch.nn.Module)):
-                raise ValueError(f"module_type_overrides keys must be nn.Module classes, got {key!r}.")
+                raise TypeError(f"module_type_overrides keys must be nn.Module classes, got {key!r}.")
             if value is not None and not isinstance(value, LayerQuant):
-                raise ValueError(f"module_type_overrides[{key!r}] must be a LayerQuant or None, got {value!r}.")
-        if self.dmq is not None and not isinstance(self.dmq, DMQConfig):
-            raise ValueError(f"dmq must be a DMQConfig or None, got {type(self.dmq).__name__}.")
+                raise TypeError(f"module_type_overrides[{key!r}] must be a LayerQuant or None, got {value!r}.")
         if self.dmq is not None and self.act_bits is None and (self.dmq.pts or self.dmq.les):
             raise ValueError("dmq.pts and dmq.les scale activations: they need act_bits (or DMQConfig(pts=False, "
                              "les=False)).")
@@ -149,29 +180,16 @@ class QuantConfig:
                              "which timestep_aggregation='global' (one union range) ignores: use "
                              "timestep_aggregation='weighted', or DMQConfig(timestep_weighting=False).")
         if self.tfmq is not None:
-            if not isinstance(self.tfmq, TFMQConfig):
-                raise ValueError(f"tfmq must be a TFMQConfig or None, got {type(self.tfmq).__name__}.")
             if self.tfmq.fsc != "none" and self.act_bits is None:
                 raise ValueError("tfmq.fsc sets activation ranges: it needs act_bits (or TFMQConfig(fsc='none')).")
             if self.tfmq.cache == "select" and not self.quantize_time_embedding:
                 raise ValueError("TFMQConfig(cache='select') chooses between caching and quantizing the time "
                                  "path, which quantize_time_embedding=False keeps in FP: use cache='all'.")
-        if self.qdiff is not None and not isinstance(self.qdiff, QDiffConfig):
-            raise ValueError(f"qdiff must be a QDiffConfig or None, got {type(self.qdiff).__name__}.")
-        if self.gptq is not None and not isinstance(self.gptq, GPTQConfig):
-            raise ValueError(f"gptq must be a GPTQConfig or None, got {type(self.gptq).__name__}.")
-        if self.low_rank is not None and not isinstance(self.low_rank, LowRankConfig):
-            raise ValueError(f"low_rank must be a LowRankConfig or None, got {type(self.low_rank).__name__}.")
         if self.mixed_precision is not None:
-            if not isinstance(self.mixed_precision, MixedPrecisionConfig):
-                raise ValueError("mixed_precision must be a MixedPrecisionConfig or None, got "
-                                 f"{type(self.mixed_precision).__name__}.")
             if self.mixed_precision.weight_bits <= self.weight_bits:
                 raise ValueError(f"MixedPrecisionConfig.weight_bits={self.mixed_precision.weight_bits} must be above "
                                  f"the config's weight_bits={self.weight_bits}.")
         if self.time_groups is not None:
-            if not isinstance(self.time_groups, TimeGroupConfig):
-                raise ValueError(f"time_groups must be a TimeGroupConfig or None, got {type(self.time_groups).__name__}.")
             if self.act_bits is None:
                 raise ValueError("time_groups sets activation ranges: it needs act_bits (or time_groups=None).")
             if self.tfmq is not None and (self.tfmq.fsc != "none" or self.tfmq.cache == "select"):
@@ -180,13 +198,8 @@ class QuantConfig:
                                  "fsc='none') with time_groups).")
         if self.finetune is not None:
             self._check_finetune()
-        if self.output_correction is not None and not isinstance(self.output_correction, OutputCorrectionConfig):
-            raise ValueError("output_correction must be an OutputCorrectionConfig or None, got "
-                             f"{type(self.output_correction).__name__}.")
 
     def _check_finetune(self) -> None:
-        if not isinstance(self.finetune, FinetuneConfig):
-            raise ValueError(f"finetune must be a FinetuneConfig or None, got {type(self.finetune).__name__}.")
         clashes = []
         if self.gptq is not None:
             clashes.append("gptq")
@@ -239,17 +252,8 @@ class QuantConfig:
             >>> QuantConfig.preset("dmq-w4a8").with_seed(2).dmq.seed
             2
         """
-        changes = {}
-        if self.dmq is not None:
-            changes["dmq"] = dataclasses.replace(self.dmq, seed=seed)
-        if self.tfmq is not None:
-            changes["tfmq"] = dataclasses.replace(self.tfmq, seed=seed)
-        if self.qdiff is not None and self.qdiff.reconstruction is not None:
-            changes["qdiff"] = dataclasses.replace(
-                self.qdiff, reconstruction=dataclasses.replace(self.qdiff.reconstruction, seed=seed))
-        if self.finetune is not None:
-            changes["finetune"] = dataclasses.replace(self.finetune, seed=seed)
-        return self.replace(**changes)
+        return self.replace(**{name: _reseeded(getattr(self, name), seed) for name in METHOD_CONFIGS
+                               if getattr(self, name) is not None})
 
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":

@@ -14,9 +14,37 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from .denoisers import SAMPLE, TIMESTEP
+from diffusion_ao.denoisers import SAMPLE, TIMESTEP
 
 MAX_BATCH = 4096  # the largest batch an exported graph accepts
+qd = torch.ops.quantized_decomposed
+DEQUANTIZE_OPS = {qd.dequantize_per_channel.default, qd.dequantize_per_tensor.default,
+                  qd.dequantize_per_tensor.tensor}
+QUANTIZE_OPS = {qd.quantize_per_channel.default, qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor}
+
+
+def resolve_attr(module: torch.nn.Module, target: str):
+    """The object at dotted path `target` of `module` (a get_attr target)."""
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def graph_tensor_targets(graph: GraphModule) -> dict[str, torch.Tensor]:
+    """get_attr target -> tensor, for every tensor constant the graph reads (in graph order).
+
+    Raises:
+        TypeError: if a get_attr reads something that is not a tensor (e.g. a submodule).
+    """
+    found = {}
+    for node in graph.graph.nodes:
+        if node.op == "get_attr" and node.target not in found:
+            obj = resolve_attr(graph, node.target)
+            if not isinstance(obj, torch.Tensor):
+                raise TypeError(f"get_attr '{node.target}' reads a {type(obj).__name__}, not a tensor.")
+            found[node.target] = obj
+    return found
 
 
 def graph_input_names(graph: GraphModule) -> list[str]:

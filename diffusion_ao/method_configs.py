@@ -6,12 +6,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-def _check_bits(name: str, value: Optional[int], allowed: range, allow_none: bool) -> None:
+
+def _check_int(name: str, value, minimum: int, maximum: Optional[int] = None, allow_none: bool = False,
+               hint: str = "") -> None:
+    """The one integer check of the configs: a TypeError for a value that is no int (a bool included), a
+    ValueError for an int outside [minimum, maximum]; `hint` says what a special value means."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-        extra = " or None (weight-only)" if allow_none else ""
-        raise ValueError(f"{name}={value!r} is not supported: use an int in {allowed.start}..{allowed.stop - 1}{extra}.")
+    wanted = f"an int in {minimum}..{maximum}" if maximum is not None else f"an int >= {minimum}"
+    wanted += " or None" if allow_none else ""
+    wanted += f" ({hint})" if hint else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} is not supported: use {wanted}.")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name}={value!r} is not supported: use {wanted}.")
+
+
+def _check_bits(name: str, value: Optional[int], allowed: range, allow_none: bool) -> None:
+    _check_int(name, value, allowed.start, allowed.stop - 1, allow_none, "weight-only" if allow_none else "")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -20,8 +32,7 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _check_seed(owner: str, seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"{owner}.seed={seed!r}: use an int >= 0.")
+    _check_int(f"{owner}.seed", seed, 0)
 
 
 def _check_rounding_schedule(owner: str, beta_start: float, beta_end: float, warmup: float) -> None:
@@ -102,8 +113,12 @@ class DMQConfig:
         _check_seed("DMQConfig", self.seed)
         _check_choice("pts_selection", self.pts_selection, PTS_SELECTIONS)
         _check_choice("les_init", self.les_init, LES_INITS)
-        if (not 0 <= self.les_alpha <= 1 or self.les_iterations < 0 or self.les_lr <= 0
-                or self.les_samples_per_step < 1 or not 0 <= self.les_min_gain < 1 or self.les_max_capture_mib < 1):
+        _check_int("DMQConfig.les_iterations", self.les_iterations, 0)
+        _check_int("DMQConfig.les_samples_per_step", self.les_samples_per_step, 1)
+        _check_int("DMQConfig.weighting_iterations", self.weighting_iterations, 0)
+        _check_int("DMQConfig.pts_max_k", self.pts_max_k, 0, 7)
+        if (not 0 <= self.les_alpha <= 1 or self.les_lr <= 0 or not 0 <= self.les_min_gain < 1
+                or self.les_max_capture_mib < 1):
             raise ValueError("les_alpha must be in [0, 1], les_iterations >= 0, les_lr > 0, les_samples_per_step "
                              f">= 1, les_min_gain in [0, 1) and les_max_capture_mib >= 1; got {self.les_alpha}, "
                              f"{self.les_iterations}, {self.les_lr}, {self.les_samples_per_step}, "
@@ -147,7 +162,7 @@ class TFMQConfig:
             timestep. `QuantizationReport.tfmq.label_cache` says which it chose and why.
         max_feature_error: relative MSE (over the finite set) below which "select" keeps a feature quantized.
         tiar: reconstruct the quantized TIB's temporal features jointly (TIAR: AdaRound + LSQ on the whole time
-            path as one block, `diffusion_ao.tfmq.tiar`), before finite-set calibration and selection.
+            path as one block, `diffusion_ao.methods.tfmq.tiar`), before finite-set calibration and selection.
         tiar_iterations: TIAR's optimisation steps.
         seed: seeds TIAR's sample choice and minibatches.
     """
@@ -165,9 +180,7 @@ class TFMQConfig:
         _check_seed("TFMQConfig", self.seed)
         _check_choice("cache", self.cache, TFMQ_CACHE)
         _check_choice("fsc", self.fsc, TFMQ_FSC)
-        if self.cache_budget_bytes is not None and (isinstance(self.cache_budget_bytes, bool) or not isinstance(
-                self.cache_budget_bytes, int) or self.cache_budget_bytes < 0):
-            raise ValueError(f"cache_budget_bytes must be an int >= 0 or None, got {self.cache_budget_bytes!r}.")
+        _check_int("TFMQConfig.cache_budget_bytes", self.cache_budget_bytes, 0, allow_none=True)
         if not self.max_feature_error >= 0:
             raise ValueError(f"max_feature_error must be >= 0, got {self.max_feature_error!r}.")
         if not isinstance(self.cache_class_labels, bool) and self.cache_class_labels != "auto":
@@ -178,8 +191,7 @@ class TFMQConfig:
                              "per timestep only.")
         if self.cache_budget_bytes is not None and self.cache != "select" and not self.cache_class_labels:
             raise ValueError("cache_budget_bytes only applies to cache='select' or to cache_class_labels=True / 'auto'.")
-        if isinstance(self.tiar_iterations, bool) or not isinstance(self.tiar_iterations, int) or self.tiar_iterations < 0:
-            raise ValueError(f"tiar_iterations must be an int >= 0, got {self.tiar_iterations!r}.")
+        _check_int("TFMQConfig.tiar_iterations", self.tiar_iterations, 0)
 
 
 @dataclass(frozen=True)
@@ -227,14 +239,9 @@ class ReconstructionConfig:
 
     def __post_init__(self) -> None:
         _check_families("ReconstructionConfig", self.denoisers)
-        ints = dict(iterations=self.iterations, batch_size=self.batch_size, max_samples=self.max_samples,
-                    early_stop_patience=self.early_stop_patience, seed=self.seed)
-        for name, value in ints.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"ReconstructionConfig.{name}={value!r}: use an int >= 0.")
-        if self.batch_size < 1 or self.max_samples < 1:
-            raise ValueError(f"ReconstructionConfig: batch_size and max_samples must be >= 1, got "
-                             f"{self.batch_size}, {self.max_samples}.")
+        minimum = dict(iterations=0, batch_size=1, max_samples=1, early_stop_patience=0, seed=0)
+        for name, low in minimum.items():
+            _check_int(f"ReconstructionConfig.{name}", getattr(self, name), low)
         if self.weight_lr <= 0 or self.act_lr <= 0 or self.round_weight < 0:
             raise ValueError("ReconstructionConfig: weight_lr and act_lr must be > 0 and round_weight >= 0; got "
                              f"{self.weight_lr}, {self.act_lr}, {self.round_weight}.")
@@ -259,15 +266,15 @@ class QDiffConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.split_shortcut, bool):
-            raise ValueError(f"QDiffConfig.split_shortcut must be a bool, got {self.split_shortcut!r}.")
+            raise TypeError(f"QDiffConfig.split_shortcut must be a bool, got {self.split_shortcut!r}.")
         if self.reconstruction is not None and not isinstance(self.reconstruction, ReconstructionConfig):
-            raise ValueError("QDiffConfig.reconstruction must be a ReconstructionConfig or None, got "
+            raise TypeError("QDiffConfig.reconstruction must be a ReconstructionConfig or None, got "
                              f"{type(self.reconstruction).__name__}.")
 
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    """GPTQ's Hessian-aware rounding of the quantized weights (`diffusion_ao.gptq`), after calibration and
+    """GPTQ's Hessian-aware rounding of the quantized weights (`diffusion_ao.methods.gptq`), after calibration and
     before block reconstruction (which then starts from GPTQ's codes).
 
     Args:
@@ -291,14 +298,13 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
             raise ValueError(f"GPTQConfig.damp={self.damp}: use a small positive fraction such as 0.01.")
-        if self.block_size < 1 or self.samples_per_step < 1:
-            raise ValueError(f"GPTQConfig: block_size ({self.block_size}) and samples_per_step "
-                             f"({self.samples_per_step}) must be >= 1.")
+        _check_int("GPTQConfig.block_size", self.block_size, 1)
+        _check_int("GPTQConfig.samples_per_step", self.samples_per_step, 1)
 
 
 @dataclass(frozen=True)
 class LowRankConfig:
-    """A low-rank branch beside each low-bit linear (SVDQuant's decomposition, `diffusion_ao.low_rank`): the
+    """A low-rank branch beside each low-bit linear (SVDQuant's decomposition, `diffusion_ao.methods.low_rank`): the
     weight becomes W = up @ down + R, the branch up @ down taken from the SVD of W scaled by its input's
     per-channel RMS (the directions that carry the most output on the calibration inputs), and only the residual
     R is quantized (to the layer's bits, by GPTQ when `QuantConfig.gptq` is set).
@@ -327,8 +333,7 @@ class LowRankConfig:
     def __post_init__(self) -> None:
         _check_families("LowRankConfig", self.denoisers)
         for name, value in (("rank", self.rank), ("samples_per_step", self.samples_per_step)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LowRankConfig.{name}={value!r}: use an int >= 1.")
+            _check_int(f"LowRankConfig.{name}", value, 1)
         if self.down_bits not in (None, 8) or isinstance(self.down_bits, bool):
             raise ValueError(f"LowRankConfig.down_bits={self.down_bits!r}: use None (a floating-point branch) or "
                              "8 (its down-projection on an int8 kernel).")
@@ -336,7 +341,7 @@ class LowRankConfig:
 
 @dataclass(frozen=True)
 class OutputCorrectionConfig:
-    """Per-timestep correction of the quantized denoiser's output (`diffusion_ao.output_correction`): the gain and
+    """Per-timestep correction of the quantized denoiser's output (`diffusion_ao.methods.output_correction`): the gain and
     bias of each output channel's prediction, estimated on the calibration data and divided out in the graph.
 
     Args:
@@ -356,13 +361,12 @@ class OutputCorrectionConfig:
         _check_families("OutputCorrectionConfig", self.denoisers)
         if not (self.gain or self.bias):
             raise ValueError("OutputCorrectionConfig: set gain or bias (or use output_correction=None).")
-        if self.samples_per_step is not None and self.samples_per_step < 1:
-            raise ValueError(f"OutputCorrectionConfig.samples_per_step={self.samples_per_step} must be >= 1 or None.")
+        _check_int("OutputCorrectionConfig.samples_per_step", self.samples_per_step, 1, allow_none=True)
 
 
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
-    """Sensitivity-driven mixed precision (`diffusion_ao.mixed_precision`): the layers whose low-bit weights hurt
+    """Sensitivity-driven mixed precision (`diffusion_ao.methods.mixed_precision`): the layers whose low-bit weights hurt
     the prediction most get `weight_bits`, within a size budget.
 
     Args:
@@ -381,8 +385,7 @@ class MixedPrecisionConfig:
             raise ValueError(f"MixedPrecisionConfig.size_budget={self.size_budget}: a fraction of the FP32 size in "
                              "(0, 1], e.g. 0.17.")
         _check_bits("MixedPrecisionConfig.weight_bits", self.weight_bits, range(2, 9), allow_none=False)
-        if self.samples_per_step < 1:
-            raise ValueError(f"MixedPrecisionConfig.samples_per_step={self.samples_per_step} must be >= 1.")
+        _check_int("MixedPrecisionConfig.samples_per_step", self.samples_per_step, 1)
 
 
 TIME_GROUP_SPLITS = ("ranges", "uniform")
@@ -390,7 +393,7 @@ TIME_GROUP_SPLITS = ("ranges", "uniform")
 
 @dataclass(frozen=True)
 class TimeGroupConfig:
-    """Time-grouped activation ranges (`diffusion_ao.time_groups`): the sampler's timesteps split into `groups`
+    """Time-grouped activation ranges (`diffusion_ao.methods.time_groups`): the sampler's timesteps split into `groups`
     runs of consecutive steps, each with its own static activation qparams and its own converted (and compiled)
     graph; the drop-in wrapper picks the graph by timestep.
 
@@ -405,15 +408,14 @@ class TimeGroupConfig:
     split: Literal["ranges", "uniform"] = "ranges"
 
     def __post_init__(self) -> None:
-        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 2:
-            raise ValueError(f"TimeGroupConfig.groups={self.groups!r}: use an int >= 2 (one group is the plain static "
-                             "ranges: QuantConfig(time_groups=None)).")
+        _check_int("TimeGroupConfig.groups", self.groups, 2,
+                   hint="one group is the plain static ranges: QuantConfig(time_groups=None)")
         _check_choice("TimeGroupConfig.split", self.split, TIME_GROUP_SPLITS)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """A short quantization-aware fine-tune (`diffusion_ao.qat.finetune`): the denoiser is prepared with
+    """A short quantization-aware fine-tune (`diffusion_ao.methods.qat.finetune`): the denoiser is prepared with
     FakeQuantize modules (`prepare_qat_pt2e`), calibrated, and then only the quantization parameters (activation
     step sizes, and AdaRound's rounding or the weight step sizes) are trained to reproduce the FP model's noise
     prediction on the calibration trajectories (distillation: no training data), with DMQ's adaptive timestep
@@ -464,8 +466,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_per_step"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FinetuneConfig.{name}={value!r}: use an int >= 1.")
+            _check_int(f"FinetuneConfig.{name}", value, 1)
         _check_seed("FinetuneConfig", self.seed)
         if min(self.weight_lr, self.weight_step_lr, self.act_lr) <= 0 or self.round_weight < 0 or self.weighting_r < 0:
             raise ValueError("FinetuneConfig: weight_lr, weight_step_lr and act_lr must be > 0, round_weight and "
@@ -474,8 +475,7 @@ class FinetuneConfig:
         _check_rounding_schedule("FinetuneConfig", self.beta_start, self.beta_end, self.warmup)
         if not 0 <= self.weighting_ema < 1:
             raise ValueError(f"FinetuneConfig.weighting_ema={self.weighting_ema}: use a value in [0, 1).")
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"FinetuneConfig.lora_rank={self.lora_rank!r}: use an int >= 0 (0: no correction).")
+        _check_int("FinetuneConfig.lora_rank", self.lora_rank, 0, hint="0: no correction")
         if self.lora_rank and self.adaround:
             raise ValueError("FinetuneConfig: lora_rank > 0 changes the weights, but AdaRound learns the rounding of "
                              "fixed weights; use adaround=False (learned weight steps) with the correction.")

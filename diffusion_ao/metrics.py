@@ -82,7 +82,7 @@ def _classifier_device(classifier: nn.Module) -> torch.device:
 def _default_classifier(classifier: nn.Module | None) -> nn.Module:
     if classifier is not None:
         return classifier
-    from .models.classifier import load_classifier
+    from diffusion_ao.models.classifier import load_classifier
 
     return load_classifier()
 

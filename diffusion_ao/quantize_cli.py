@@ -11,7 +11,7 @@ or, with `--prompts` (one per line) or `--prompt-embeds` (a safetensors file of 
 arguments, one row per prompt), the saved pipeline's own call on batches of `--batch-size` prompts, each batch
 with its own seed (`capture_calibration_data(pipe, calls=...)`). Under torchrun (the
 WORLD_SIZE / RANK environment variables) it joins a gloo process group, and the capture and the recipe's steps
-are split between the ranks as `diffusion_ao.distributed` describes; rank 0 writes the files.
+are split between the ranks as `diffusion_ao.calibration.distributed` describes; rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 if __name__ == "__main__":  # the command line: quiet before torch, torchao and diffusers print their notes
-    from .quiet import quiet_third_party
+    from diffusion_ao.quiet import quiet_third_party
 
     quiet_third_party()
 
 # No torch at import: `parse_args` answers a bad argument in a fraction of a second; `main` imports the rest.
-from .config import PRESETS  # noqa: E402
-from .save_target import check_save_target  # noqa: E402
+from diffusion_ao.config import PRESETS  # noqa: E402
+from diffusion_ao.serialization.target import check_save_target  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -202,12 +202,12 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     import torch
     import torch.distributed as dist
 
-    from .calibration import collect_calibration_data
-    from .denoisers import denoiser_role
-    from .distributed import world
-    from .pipeline_calibration import capture_calibration_data
-    from .recipe import quantize_denoiser
-    from .serialization import save_quantized
+    from diffusion_ao.calibration.capture import capture_calibration_data
+    from diffusion_ao.calibration.collect import collect_calibration_data
+    from diffusion_ao.calibration.distributed import world
+    from diffusion_ao.denoisers import denoiser_role
+    from diffusion_ao.recipe import quantize_denoiser
+    from diffusion_ao.serialization.format import save_quantized
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -216,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
     rank, world_size = world()
     try:
-        from .models import load_model, load_pipeline
+        from diffusion_ao.models import load_model, load_pipeline
 
         start = time.perf_counter()
         if args.prompts is not None or args.prompt_embeds is not None:

@@ -10,69 +10,53 @@ The PT2E steps stay available one by one (see the README); this is the path the 
 """
 from __future__ import annotations
 
-import copy
+import importlib
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
-from .annotation_context import check_module_name_overrides
-from .calibration import CalibrationData, calibrate
-from .config import QuantConfig
-from .denoisers import CLASS_LABELS, denoiser_role
-from .export import QuantizedDenoiser, as_diffusers_denoiser, export_denoiser
-from .graph import require_exported
-from .lowering import compile_for_cpu
-from .passes.analysis import MODULE_NAMES_META, denoiser_family, module_names
-from .quantizer import DiffusionQuantizer
-from .size import size_mb
-from .threads import calibration_threads
-
-if TYPE_CHECKING:
-    from .mixed_precision import MixedPrecisionPlan
-    from .output_correction import OutputCorrection
-    from .qat import FinetuneReport
-    from .qdiff import ReconstructionReport
-    from .tfmq import TFMQReport
-    from .time_groups import TimeGroups
+from diffusion_ao.backends.x86 import compile_for_cpu
+from diffusion_ao.calibration.loop import calibrate
+from diffusion_ao.calibration.data import CalibrationData
+from diffusion_ao.calibration.threads import calibration_threads
+from diffusion_ao.config import QuantConfig
+from diffusion_ao.denoisers import CLASS_LABELS, denoiser_role
+from diffusion_ao.export import export_denoiser
+from diffusion_ao.graph import require_exported
+from diffusion_ao.methods.state import QuantizationReport, RecipeState
+from diffusion_ao.passes.analysis import MODULE_NAMES_META, denoiser_family, module_names
+from diffusion_ao.quantizer.context import check_module_name_overrides
+from diffusion_ao.serialization.size import size_mb
+from diffusion_ao.wrapper import QuantizedDenoiser, as_diffusers_denoiser
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class QuantizationReport:
-    """What the recipe did: the quantizer's per-layer decisions, each method's choices and the time taken."""
-
-    quantizer: DiffusionQuantizer
-    les: dict = field(default_factory=dict)
-    pts: dict = field(default_factory=dict)
-    timestep_weights: Optional[dict[float, float]] = None
-    tfmq: Optional["TFMQReport"] = None
-    reconstruction: Optional["ReconstructionReport"] = None
-    gptq: dict = field(default_factory=dict)
-    low_rank: dict = field(default_factory=dict)  # layer -> `LowRankResult`
-    output_correction: Optional["OutputCorrection"] = None
-    mixed_precision: Optional["MixedPrecisionPlan"] = None
-    time_groups: Optional["TimeGroups"] = None
-    finetune: Optional["FinetuneReport"] = None
-    calib_s: float = 0.0
-    skipped: dict[str, str] = field(default_factory=dict)  # step -> why the config's step did not run here
-
-    def choices(self) -> dict[str, str]:
-        """What the recipe chose from the model and its data, and why (e.g. {"modulation cache": "..."})."""
-        label_cache = self.tfmq.label_cache if self.tfmq is not None else None
-        return {**({"modulation cache": label_cache} if label_cache else {}), **self.skipped}
+# The methods' steps in the order they run, phase by phase: (QuantConfig field, module). A step runs when its
+# field is set; the module's function named after the phase gets the `RecipeState` (`methods.state`).
+STEPS = {
+    "before_prepare": (("tfmq", "methods.tfmq.apply"),  # the cache, then the plan on the layers that stay
+                       ("mixed_precision", "methods.mixed_precision"),
+                       ("dmq", "methods.dmq.apply"),  # LES, PTS
+                       ("low_rank", "methods.low_rank")),  # splits the weights the passes above left
+    "before_convert": (("finetune", "methods.qat"),
+                       ("dmq", "methods.dmq.apply"),  # the timestep weights GPTQ and reconstruction may use
+                       ("gptq", "methods.gptq"),
+                       ("qdiff", "methods.qdiff.apply"),
+                       ("tfmq", "methods.tfmq.apply")),  # TIAR and finite-set tables on the final graph
+    "after_convert": (("tfmq", "methods.tfmq.apply"),
+                      ("output_correction", "methods.output_correction")),
+}
 
 
-def _for_this_family(step: str, method, family: str, skipped: dict[str, str]):
-    """`method` (a config with `denoisers`) if it runs on this denoiser `family`, else None, noted in `skipped`."""
-    if method is None or family in method.denoisers:
-        return method
-    skipped[step] = f"not run: the config limits it to {', '.join(method.denoisers)} denoisers, this is a {family}"
-    return None
+def run_steps(phase: str, state: RecipeState) -> None:
+    """Runs every method step of `phase` whose config field is set, in `STEPS` order."""
+    for name, module in STEPS[phase]:
+        if getattr(state.config, name) is not None:
+            getattr(importlib.import_module(f"diffusion_ao.{module}"), phase)(state)
 
 
 def check_config_against_data(config: QuantConfig, data: CalibrationData) -> None:
@@ -116,99 +100,32 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
                         "capture_calibration_data(pipe, ...) or collect_calibration_data(unet, scheduler, ...).")
     data.validate()
     check_config_against_data(config, data)
-    # one thread when another process keeps a core busy: the learned steps are small (diffusion_ao.threads)
+    # one thread when another process keeps a core busy: the learned steps are small (diffusion_ao.calibration.threads)
     with calibration_threads():
         start = time.perf_counter()
         if isinstance(model, torch.fx.GraphModule):  # exported already (e.g. once for several configs)
             pristine = require_exported(model, "quantize_denoiser")
         else:
             pristine = export_denoiser(model, data.steps[0])
-
         check_module_name_overrides(pristine, config)  # before any work, on the graph with all its modules
         pristine.meta.setdefault(MODULE_NAMES_META, module_names(pristine))  # passes below remove nodes
 
-        def export():  # a fresh FP graph for each pass that changes one or needs an untouched reference
-            return copy.deepcopy(pristine)
-
-        graph = export()
-        fp32_bytes = int(size_mb(graph) * 2**20)
-        dmq, tfmq = config.dmq, config.tfmq
-        tfmq_report = None
-        if tfmq is not None:  # the cache needs the sampler's timesteps: those of the calibration data
-            from .tfmq import apply as tfmq_steps
-            tfmq_report = tfmq_steps.before_prepare(graph, data, tfmq)
-        plan = None
-        if config.mixed_precision is not None:  # on the graph left after the cache: the budget goes to layers that stay
-            from .mixed_precision import plan_mixed_precision
-            plan = plan_mixed_precision(graph, data, config, config.mixed_precision, has_vnni=has_vnni,
-                                        fp32_bytes=fp32_bytes)
-            config = config.replace(module_name_overrides={**plan.overrides, **config.module_name_overrides})
-        quantizer = DiffusionQuantizer(config, has_vnni=has_vnni, qat=config.finetune is not None)
-        report = QuantizationReport(quantizer, tfmq=tfmq_report, mixed_precision=plan)
-        if dmq is not None and (dmq.les or dmq.pts):  # plan the channel scales on the convs prepare_pt2e quantizes
-            quantizer.split_shortcuts(graph)
-        if dmq is not None and dmq.les:
-            from .dmq import apply_learned_scaling
-            report.les = apply_learned_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
-            logger.info("LES: %d of %d layers scaled", sum(r.fold is not None for r in report.les.values()),
-                        len(report.les))
-        if dmq is not None and dmq.pts:
-            from .dmq import apply_power_of_two_scaling
-            report.pts = apply_power_of_two_scaling(graph, data, config, progress=progress, has_vnni=has_vnni)
-            logger.info("PTS: %d layers scaled: %s", len(report.pts), sorted(report.pts))
-        family = denoiser_family(pristine)
-        low_rank = _for_this_family("low-rank branch", config.low_rank, family, report.skipped)
-        if low_rank is not None:  # after the passes that change weights: the branch splits the final ones
-            from .low_rank import apply_low_rank
-            report.low_rank = apply_low_rank(graph, data, quantizer, low_rank, progress=progress)
-            logger.info("low-rank branch (rank %d) on %d linears", low_rank.rank, len(report.low_rank))
-        prepared = (prepare_pt2e if config.finetune is None else prepare_qat_pt2e)(graph, quantizer)
-        calibrate(prepared, data, progress=progress)
-        if config.finetune is not None:
-            from .qat import finetune
-            report.finetune = finetune(prepared, export(), data, config.finetune, progress=progress)
-        if dmq is not None and dmq.timestep_weighting and dmq.weighting_iterations > 0:
-            if config.timestep_aggregation != "weighted":
-                raise ValueError("DMQConfig(timestep_weighting=True) needs "
-                                 "QuantConfig(timestep_aggregation='weighted').")
-            from .dmq import adapt_timestep_weights
-            reference = export()
-            report.timestep_weights = adapt_timestep_weights(prepared, reference, data, r=dmq.weighting_r,
-                                                             ema=dmq.weighting_ema, iterations=dmq.weighting_iterations)
-        if config.gptq is not None:
-            from .gptq import apply_gptq
-            weights = report.timestep_weights if config.gptq.use_timestep_weights else None
-            report.gptq = apply_gptq(prepared, data, config.gptq, timestep_weights=weights, progress=progress)
-        recon = config.qdiff.reconstruction if config.qdiff is not None else None
-        recon = _for_this_family("block reconstruction", recon, family, report.skipped)
-        if recon is not None and recon.iterations > 0:
-            from .qdiff import reconstruct_blocks
-            weights = report.timestep_weights if recon.use_timestep_weights else None
-            report.reconstruction = reconstruct_blocks(prepared, data, recon, timestep_weights=weights,
-                                                       progress=progress)
-        tables, reference = [], None
-        if tfmq is not None:
-            reference = export()
-            tables = tfmq_steps.before_convert(prepared, data, tfmq, report.tfmq)
-        if config.time_groups is not None:
-            from .time_groups import convert_time_grouped
-            converted, report.time_groups = convert_time_grouped(prepared, data.timesteps, config.time_groups)
-            graphs = list(converted.groups)
+        state = RecipeState(config, data, pristine, denoiser_family(pristine), int(size_mb(pristine) * 2**20),
+                            has_vnni=has_vnni, progress=progress)
+        state.graph = state.fresh_graph()
+        run_steps("before_prepare", state)
+        prepare = prepare_pt2e if state.config.finetune is None else prepare_qat_pt2e
+        state.prepared = prepare(state.graph, state.quantizer)
+        calibrate(state.prepared, data, progress=progress)
+        run_steps("before_convert", state)
+        if state.config.time_groups is not None:
+            from diffusion_ao.methods import time_groups
+            state.converted = time_groups.convert(state)
         else:
-            converted = convert_pt2e(prepared)
-            graphs = [converted]
-        if tfmq is not None:
-            for graph in graphs:
-                tfmq_steps.after_convert(graph, reference, tables, tfmq, report.tfmq, quantizer.decisions)
-        correction = _for_this_family("output correction", config.output_correction, family, report.skipped)
-        if correction is not None:
-            from .output_correction import apply_output_correction, estimate_output_correction
-            reference = reference if reference is not None else export()
-            report.output_correction = estimate_output_correction(converted, reference, data, correction)
-            for graph in graphs:
-                apply_output_correction(graph, report.output_correction)
-        report.calib_s = time.perf_counter() - start
-        return converted, report
+            state.converted = convert_pt2e(state.prepared)
+        run_steps("after_convert", state)
+        state.report.calib_s = time.perf_counter() - start
+        return state.converted, state.report
 
 
 # The name of the UNet-only first version.
@@ -252,7 +169,7 @@ def quantize_pipeline(pipe, config: Union[QuantConfig, str], data: CalibrationDa
     if compile and next(model.parameters()).device.type != "cpu":
         raise ValueError(f"quantize_pipeline(compile=True) compiles for the CPU's int8 kernels, but pipe.{role} is on "
                          f"{next(model.parameters()).device}: move it to the CPU, or pass compile=False and lower the "
-                         "graph for the GPU with diffusion_ao.gpu.")
+                         "graph for the GPU with diffusion_ao.backends.cuda.")
     converted, report = quantize_denoiser(model, data, config, has_vnni=has_vnni, progress=progress)
     setattr(pipe, role, as_diffusers_denoiser(compile_for_cpu(converted) if compile else converted, like=model))
     return report

@@ -18,6 +18,24 @@ def tiny_unet(seed: int = 0) -> UNet2DModel:
                        norm_num_groups=4, attention_head_dim=8).eval()
 
 
+def tiny_dit(attention_head_dim: int = 8, seed: int = 0):
+    """A one-block class-conditional DiT on 8x8 latents with 4 labels."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=attention_head_dim, in_channels=1,
+                                 out_channels=1, num_layers=1, sample_size=8, patch_size=2,
+                                 num_embeds_ada_norm=4).eval()
+
+
+def tiny_dit_data(dit):
+    """4 trajectories x 2 DDIM steps of `dit`, one per label."""
+    from diffusion_ao import collect_calibration_data
+
+    return collect_calibration_data(dit, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS), num_samples=4,
+                                    num_inference_steps=2, class_labels=torch.arange(4), progress=False)
+
+
 def tiny_conditional_unet(seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),

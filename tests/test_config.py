@@ -22,7 +22,7 @@ def test_with_seed_sets_every_method_seed_and_changes_nothing_else(preset):
 @pytest.mark.parametrize("cls", [DMQConfig, TFMQConfig, ReconstructionConfig])
 @pytest.mark.parametrize("seed", [-1, 1.5, True])
 def test_seed_must_be_a_non_negative_int(cls, seed):
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError if seed == -1 else TypeError, match="seed"):  # a wrong type is a TypeError
         cls(seed=seed)
 
 
@@ -44,7 +44,7 @@ def test_gptq_config_rejects_bad_settings():
         GPTQConfig(damp=0)
     with pytest.raises(ValueError, match="block_size"):
         GPTQConfig(block_size=0)
-    with pytest.raises(ValueError, match="gptq must be a GPTQConfig"):
+    with pytest.raises(TypeError, match="gptq must be a GPTQConfig"):
         QuantConfig(gptq={"damp": 0.01})
 
 
@@ -53,5 +53,5 @@ def test_output_correction_config_rejects_bad_settings():
         OutputCorrectionConfig(gain=False, bias=False)
     with pytest.raises(ValueError, match="samples_per_step"):
         OutputCorrectionConfig(samples_per_step=0)
-    with pytest.raises(ValueError, match="output_correction must be an OutputCorrectionConfig"):
+    with pytest.raises(TypeError, match="output_correction must be an OutputCorrectionConfig"):
         QuantConfig(output_correction=True)

@@ -99,7 +99,7 @@ def test_export_rejects_models_it_does_not_know_and_wrong_shapes(unet):
 
 
 def test_module_override_must_be_a_layer_quant_or_none():
-    with pytest.raises(ValueError, match=r"module_name_overrides\['conv_in'\] must be a LayerQuant or None"):
+    with pytest.raises(TypeError, match=r"module_name_overrides\['conv_in'\] must be a LayerQuant or None"):
         QuantConfig(module_name_overrides={"conv_in": 8})
     QuantConfig(module_name_overrides={"conv_in": LayerQuant(weight_bits=8, act_bits=8)})
 

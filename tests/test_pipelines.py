@@ -145,7 +145,7 @@ def test_several_calls_are_recorded_in_call_order():
 
 
 def test_calls_shared_by_ranks_need_their_own_generators():
-    from diffusion_ao.pipeline_calibration import _check_calls_for_ranks
+    from diffusion_ao.calibration.capture import _check_calls_for_ranks
 
     own = [dict(generator=torch.Generator()), dict(generator=[torch.Generator()]), dict(latents=torch.zeros(1))]
     _check_calls_for_ranks(own, world_size=2)

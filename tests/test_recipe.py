@@ -2,26 +2,21 @@
 elsewhere and reported, and best-w4a6's finish: block reconstruction on transformers, the output correction on
 UNets."""
 import pytest
-import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
 
 from diffusion_ao import QuantConfig, collect_calibration_data, export_denoiser, export_unet, quantize_denoiser
 from diffusion_ao.config import OutputCorrectionConfig, QDiffConfig, ReconstructionConfig
-from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS
 from diffusion_ao.passes.analysis import DENOISER_CLASS_META, denoiser_family
+from tests.conftest import tiny_dit, tiny_dit_data
 
 
 @pytest.fixture(scope="module")
 def dit():
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                 num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=4).eval()
+    return tiny_dit(attention_head_dim=8)
 
 
 @pytest.fixture(scope="module")
 def dit_data(dit):
-    return collect_calibration_data(dit, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS), num_samples=4,
-                                    num_inference_steps=2, class_labels=torch.arange(4), progress=False)
+    return tiny_dit_data(dit)
 
 
 @pytest.fixture(scope="module")

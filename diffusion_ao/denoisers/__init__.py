@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import dit, flux, pixart, sd3, unet2d, unet2d_condition
-from .base import CLASS_LABELS, SAMPLE, SEPARATOR, TIMESTEP, DenoiserAdapter, timestep_batch
+from diffusion_ao.denoisers import dit, flux, pixart, sd3, unet2d, unet2d_condition
+from diffusion_ao.denoisers.base import CLASS_LABELS, SAMPLE, SEPARATOR, TIMESTEP, DenoiserAdapter, timestep_batch
 
 ADAPTERS: list[DenoiserAdapter] = [m.ADAPTER for m in (unet2d, unet2d_condition, dit, pixart, sd3, flux)]
 DENOISER_ROLES = ("unet", "transformer")  # the attribute a diffusers pipeline keeps its denoiser under

@@ -3,7 +3,7 @@ cross-attention with an attention mask; `added_cond_kwargs` (resolution, aspect 
 from diffusers import PixArtTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from .base import DenoiserAdapter
+from diffusion_ao.denoisers.base import DenoiserAdapter
 
 ADAPTER = DenoiserAdapter(PixArtTransformer2DModel, sample_arg="hidden_states",
                           output_class=Transformer2DModelOutput)

@@ -2,6 +2,6 @@
 from diffusers import UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from .base import DenoiserAdapter
+from diffusion_ao.denoisers.base import DenoiserAdapter
 
 ADAPTER = DenoiserAdapter(UNet2DModel, sample_arg="sample", output_class=UNet2DOutput)

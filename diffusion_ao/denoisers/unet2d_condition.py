@@ -3,7 +3,7 @@
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .base import DenoiserAdapter
+from diffusion_ao.denoisers.base import DenoiserAdapter
 
 ADAPTER = DenoiserAdapter(UNet2DConditionModel, sample_arg="sample", output_class=UNet2DConditionOutput,
                           wrapper_attributes=("add_embedding.linear_1.in_features",))

@@ -15,7 +15,7 @@ from typing import Union
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
-from .unet_config import DEFAULT_SCHEDULE_KWARGS
+from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "digits_unet"
 DIT_MODEL_DIR = Path(__file__).parent / "assets" / "digits_dit"

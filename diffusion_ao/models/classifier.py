@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .digits import IMAGE_SIZE, load_digits_tensor, split_indices
+from diffusion_ao.models.digits import IMAGE_SIZE, load_digits_tensor, split_indices
 
 NUM_CLASSES = 10
 DEFAULT_CHANNELS = (16, 32, 64)

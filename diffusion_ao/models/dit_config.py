@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from diffusers import DiTTransformer2DModel
 
-from .digits import IMAGE_SIZE
+from diffusion_ao.models.digits import IMAGE_SIZE
 
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES  # the unconditional label (diffusers' LabelEmbedding: index num_classes)

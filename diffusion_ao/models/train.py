@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from .digits import load_digits_tensor
-from .dit_config import build_default_dit
-from .unet_config import DEFAULT_SCHEDULE_KWARGS, build_default_unet
+from diffusion_ao.models.digits import load_digits_tensor
+from diffusion_ao.models.dit_config import build_default_dit
+from diffusion_ao.models.unet_config import DEFAULT_SCHEDULE_KWARGS, build_default_unet
 
 BUILDERS = {"unet": build_default_unet, "dit": build_default_dit}
 

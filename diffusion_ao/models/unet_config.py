@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from diffusers import UNet2DModel
 
-from .digits import IMAGE_SIZE
+from diffusion_ao.models.digits import IMAGE_SIZE
 
 DEFAULT_UNET_KWARGS = dict(
     sample_size=IMAGE_SIZE,

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .activation import TimestepActivationObserver
-from .context import current_timestep, timestep_context
-from .fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
-from .weight import WeightObserver
+from diffusion_ao.observers.activation import TimestepActivationObserver
+from diffusion_ao.observers.context import current_timestep, timestep_context
+from diffusion_ao.observers.fake_quantize import TimestepFakeQuantize, WeightFakeQuantize
+from diffusion_ao.observers.weight import WeightObserver
 
 __all__ = ["TimestepActivationObserver", "TimestepFakeQuantize", "WeightFakeQuantize", "WeightObserver",
            "current_timestep", "diffusion_observers", "timestep_context"]
@@ -36,7 +36,7 @@ def diffusion_observers(prepared: GraphModule, owner: str) -> list[tuple[Node, t
             raise ValueError(f"{owner} runs on a graph from `prepare_pt2e`; this one is from `prepare_qat_pt2e` "
                              f"({node.target} is a {type(obs).__name__}). Prepare with "
                              "`prepare_pt2e(graph, DiffusionQuantizer(config))`, or train the QAT graph with "
-                             "`diffusion_ao.qat.finetune`.")
+                             "`diffusion_ao.methods.qat.finetune`.")
         elif "observer" in type(obs).__name__.lower() or "fake_quant" in type(obs).__name__.lower():
             raise ValueError(f"{owner} supports diffusion-ao observers only; {node.target} is a "
                              f"{type(obs).__name__}. Prepare the graph with DiffusionQuantizer.")

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 
-from ..primitives import fake_quantize
-from .context import current_rows, current_timestep
+from diffusion_ao.observers.context import current_rows, current_timestep
+from diffusion_ao.primitives import fake_quantize
 
 METHODS = ("minmax", "mse")
 AGGREGATIONS = ("global", "weighted")
@@ -208,7 +208,7 @@ class TimestepActivationObserver(UniformQuantizationObserverBase):
     @torch.no_grad()
     def merge(self, stats: Mapping[Optional[float], TimestepStats]) -> None:
         """Folds in the statistics another observer of the same activation collected on other data (another
-        rank's share of the calibration set, `diffusion_ao.distributed.reduce_observers`): min / max, counts, sums
+        rank's share of the calibration set, `diffusion_ao.calibration.distributed.reduce_observers`): min / max, counts, sums
         of squares, the exact tails and the bottom-k subsample are those of all the data (the subsample exactly
         so where both observers saw their values with their rows)."""
         for key, theirs in stats.items():

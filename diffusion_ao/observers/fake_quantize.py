@@ -9,7 +9,7 @@ training needs:
 * `WeightFakeQuantize` (weights): the per-channel range of `WeightObserver`, then either a learnable per-channel
   step (LSQ) or AdaRound's learnable rounding on the fixed grid (`observers.adaround`), hardened at the end.
 
-Life cycle (`diffusion_ao.qat` drives it for a whole graph):
+Life cycle (`diffusion_ao.methods.qat` drives it for a whole graph):
 1. observe: observers on, fake quantization *off* (`calibrate` runs the graph in floating point, so the
    statistics are those `prepare_pt2e`'s observers would collect: the same ranges as PTQ);
 2. learn: `enable_range_learning()` freezes the statistics, turns fake quantization on and the step (and
@@ -30,11 +30,11 @@ from typing import Optional, Union
 import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
-from ..primitives import fake_quantize_ste
-from .adaround import AdaRoundWeightQuantizer, round_regularizer
-from .lsq import LSQActivationQuantizer, scale_gradient
-from .activation import TimestepActivationObserver
-from .weight import WeightObserver
+from diffusion_ao.observers.activation import TimestepActivationObserver
+from diffusion_ao.observers.adaround import AdaRoundWeightQuantizer, round_regularizer
+from diffusion_ao.observers.lsq import LSQActivationQuantizer, scale_gradient
+from diffusion_ao.observers.weight import WeightObserver
+from diffusion_ao.primitives import fake_quantize_ste
 
 MIN_STEP = 1e-8
 
@@ -67,7 +67,7 @@ class _DiffusionFakeQuantize(FakeQuantizeBase):
     def around(cls, observer: torch.nn.Module) -> "_DiffusionFakeQuantize":
         """A FakeQuantize whose statistics are `observer` (calibrated: its ranges are kept), observing off and
         fake quantization on at the observer's qparams, so the forward is the converted graph's q/dq. This is
-        how a `prepare_pt2e` graph's observers learn (`diffusion_ao.qat.wrap_observers`)."""
+        how a `prepare_pt2e` graph's observers learn (`diffusion_ao.methods.learning.wrap_observers`)."""
         if not isinstance(observer, cls.observer_type):
             raise TypeError(f"{cls.__name__}.around needs a {cls.observer_type.__name__}, got "
                             f"{type(observer).__name__}.")
@@ -107,11 +107,11 @@ class _DiffusionFakeQuantize(FakeQuantizeBase):
         if not self.fake_quant_was_enabled:
             raise RuntimeError(f"{what}: the FakeQuantize of {self.label} never had fake quantization on, so "
                                "whatever trained this graph saw no quantization. Call "
-                               "`diffusion_ao.qat.enable_learning(prepared)` before training (or prepare with "
+                               "`diffusion_ao.methods.qat.enable_learning(prepared)` before training (or prepare with "
                                "`prepare_pt2e` for post-training quantization).")
         if self.learning:
             raise RuntimeError(f"{what}: the FakeQuantize of {self.label} is still learning. Call "
-                               "`diffusion_ao.qat.finish_training(prepared)` (it fixes the learned steps and hardens "
+                               "`diffusion_ao.methods.learning.finish_training(prepared)` (it fixes the learned steps and hardens "
                                "the rounding) before `convert_pt2e`.")
 
     def learned_parameters(self) -> list[torch.nn.Parameter]:

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..primitives import fake_quantize_ste
+from diffusion_ao.primitives import fake_quantize_ste
 
 
 def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 
-from ..primitives import fake_quantize
+from diffusion_ao.primitives import fake_quantize
 
 METHODS = ("minmax", "mse")
 

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from ..denoisers import SAMPLE, TIMESTEP
+from diffusion_ao.denoisers import SAMPLE, TIMESTEP
+from diffusion_ao.graph import resolve_attr
 
 aten = torch.ops.aten
 CONV_OPS = {aten.conv2d.default}
@@ -120,10 +121,7 @@ def get_attr_tensor(gm: GraphModule, node) -> Optional[torch.Tensor]:
     """The parameter or buffer a `get_attr` node reads, or None for any other node."""
     if not isinstance(node, Node) or node.op != "get_attr":
         return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return resolve_attr(gm, node.target)
 
 
 def is_shape_value(node: Node) -> bool:

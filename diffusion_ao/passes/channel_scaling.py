@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..graph import register_constant, replace_constant
-from .analysis import CONV_OPS, LINEAR_OPS, SCALE_META, conv_groups, get_attr_tensor
+from diffusion_ao.graph import register_constant, replace_constant
+from diffusion_ao.passes.analysis import CONV_OPS, LINEAR_OPS, SCALE_META, conv_groups, get_attr_tensor
 
 aten = torch.ops.aten
 GROUP_NORM_OPS = {aten.group_norm.default}

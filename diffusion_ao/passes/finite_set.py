@@ -32,11 +32,11 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from ..denoisers import SAMPLE, TIMESTEP
-from ..graph import register_constant
-from ..observers import TimestepActivationObserver, diffusion_observers
-from .analysis import LINEAR_OPS, input_dependencies, module_path
-from .temporal_cache import normalise_timesteps, timestep_index_node
+from diffusion_ao.denoisers import SAMPLE, TIMESTEP
+from diffusion_ao.graph import register_constant
+from diffusion_ao.observers import TimestepActivationObserver, diffusion_observers
+from diffusion_ao.passes.analysis import LINEAR_OPS, input_dependencies, module_path
+from diffusion_ao.passes.temporal_cache import normalise_timesteps, timestep_index_node
 
 FSC_SCALE_PREFIX = "fsc_scale_"  # the per-timestep scale tables (`has_per_timestep_qparams` looks for them)
 

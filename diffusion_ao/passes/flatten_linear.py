@@ -87,7 +87,7 @@ def _is_identity_dropout(node: torch.fx.Node) -> bool:
 def _is_channel_scale(gm: GraphModule, node: torch.fx.Node, value: torch.fx.Node, channels: int) -> bool:
     """`value * c` with c a constant of `channels` values along the last dimension (LES's folded 1/s in front of
     a linear whose input has no producer to fold into): it commutes with flattening the leading dimensions."""
-    from .analysis import get_attr_tensor
+    from diffusion_ao.passes.analysis import get_attr_tensor
 
     if node.op != "call_function" or node.target != aten.mul.Tensor or value not in node.args[:2]:
         return False

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..graph import register_constant, replace_constant
-from .analysis import LINEAR_OPS, LOW_RANK_META, get_attr_tensor
+from diffusion_ao.graph import register_constant, replace_constant
+from diffusion_ao.passes.analysis import LINEAR_OPS, LOW_RANK_META, get_attr_tensor
 
 aten = torch.ops.aten
 _COPIED_META = ("nn_module_stack", "stack_trace")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from ..graph import register_constant
-from .analysis import WEIGHTED_OPS, get_attr_tensor
+from diffusion_ao.graph import register_constant
+from diffusion_ao.passes.analysis import WEIGHTED_OPS, get_attr_tensor
 
 
 def unshare_weights(gm: GraphModule) -> int:

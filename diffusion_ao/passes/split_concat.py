@@ -13,8 +13,16 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..graph import register_constant
-from .analysis import CONV_OPS, SCALE_META, SPLIT_META, conv_groups, get_attr_tensor, scale_chain, shortcut_convs
+from diffusion_ao.graph import register_constant
+from diffusion_ao.passes.analysis import (
+    CONV_OPS,
+    SCALE_META,
+    SPLIT_META,
+    conv_groups,
+    get_attr_tensor,
+    scale_chain,
+    shortcut_convs,
+)
 
 aten = torch.ops.aten
 CAT_OPS = {aten.cat.default, aten.concat.default}

@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from ..denoisers import TIMESTEP
-from .analysis import WEIGHTED_OPS, input_dependencies, module_path
+from diffusion_ao.denoisers import TIMESTEP
+from diffusion_ao.passes.analysis import WEIGHTED_OPS, input_dependencies, module_path
 
 aten = torch.ops.aten
 # Ops that only reshape / retype their input: a temporal feature seen through them is still the same feature.

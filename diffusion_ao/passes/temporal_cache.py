@@ -33,10 +33,10 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from ..denoisers import CLASS_LABELS, TIMESTEP
-from ..graph import GraphRunner, register_constant
-from .analysis import WEIGHTED_OPS, input_dependencies, module_path
-from .temporal import _SIDE_EFFECT_ONLY, feature_source, find_temporal_blocks
+from diffusion_ao.denoisers import CLASS_LABELS, TIMESTEP
+from diffusion_ao.graph import GraphRunner, register_constant
+from diffusion_ao.passes.analysis import WEIGHTED_OPS, input_dependencies, module_path
+from diffusion_ao.passes.temporal import _SIDE_EFFECT_ONLY, feature_source, find_temporal_blocks
 
 aten = torch.ops.aten
 TIMESTEPS_BUFFER = "tfmq_timesteps"

@@ -11,8 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .finite_set import has_per_timestep_qparams
-from .temporal_cache import LABELS_BUFFER, TIMESTEPS_BUFFER
+from diffusion_ao.passes.finite_set import has_per_timestep_qparams
+from diffusion_ao.passes.temporal_cache import LABELS_BUFFER, TIMESTEPS_BUFFER
 
 
 def check_timesteps(known: torch.Tensor, timestep: torch.Tensor) -> None:

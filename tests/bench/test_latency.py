@@ -2,7 +2,7 @@
 import pytest
 
 from bench import latency
-from diffusion_ao import cpu
+from diffusion_ao.backends import x86_features as cpu
 
 
 @pytest.mark.parametrize("saturating", [(), ("qconv", "qlinear")])

@@ -260,7 +260,7 @@ def test_time_group_rows_put_best_into_k_groups():
     assert rows["best-w4a8-tg4-uniform"].time_groups.split == "uniform"
 
 
-@pytest.mark.slow  # two cold compiles; the groups' kernels are tested in tests/test_time_groups.py
+@pytest.mark.slow  # two cold compiles; the groups' kernels are tested in tests/methods/test_time_groups.py
 def test_compile_and_count_compiles_every_time_group(unet, scheduler):
     from bench.run import compile_and_count
     from diffusion_ao import collect_calibration_data, count_int8_kernels, quantize_denoiser

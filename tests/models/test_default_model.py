@@ -5,7 +5,7 @@ from diffusion_ao.metrics import class_coverage, fd_to_reference
 from diffusion_ao.models import DEFAULT_MODEL_DIR, load_default_model, load_model
 from diffusion_ao.models.classifier import load_classifier
 from diffusion_ao.models.digits import load_digits_tensor
-from diffusion_ao.sampling import run_sampler
+from diffusion_ao.calibration.sampling import run_sampler
 
 TORCH_THREADS = 2  # set for this module's tests by conftest.module_threads
 

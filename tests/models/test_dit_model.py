@@ -6,7 +6,7 @@ from diffusion_ao.metrics import class_coverage, fd_to_reference, label_agreemen
 from diffusion_ao.models import DIT_MODEL_DIR, load_model
 from diffusion_ao.models.digits import load_digits_tensor
 from diffusion_ao.models.dit_config import NULL_LABEL, NUM_CLASSES
-from diffusion_ao.sampling import run_sampler
+from diffusion_ao.calibration.sampling import run_sampler
 
 TORCH_THREADS = 2
 

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from diffusion_ao.primitives import fake_quantize
-from diffusion_ao.qdiff import (AdaRoundWeightQuantizer, LSQActivationQuantizer, annealed_beta, rectified_sigmoid,
-                                round_regularizer)
+from diffusion_ao.methods.qdiff import (AdaRoundWeightQuantizer, LSQActivationQuantizer, annealed_beta,
+                                        rectified_sigmoid, round_regularizer)
 from diffusion_ao.observers.adaround import inverse_rectified_sigmoid
 
 seeds = st.integers(0, 10_000)

@@ -1,0 +1,112 @@
+"""The peer rows (bench/peers.py): each tool quantizes the eager denoiser as its docs show, on the bench's
+calibration data, reports what it quantized, and leaves the other rows' compile settings alone; a peer that is
+not installed is left out with a note, never an error."""
+import json
+
+import pytest
+import torch
+
+from bench import peers
+from bench.peers import PEERS, TensorDenoiser, available_peers, build
+from bench.rows import peer_rows, select_rows, default_rows
+from bench.run import main
+from diffusion_ao import collect_calibration_data
+from tests.bench.test_run import TINY
+from tests.conftest import tiny_unet
+
+TORCH_THREADS = 1
+
+
+@pytest.fixture(scope="module")
+def data(scheduler):
+    return collect_calibration_data(tiny_unet(), scheduler, num_samples=4, num_inference_steps=3, progress=False)
+
+
+def _relative_error(peer, data):
+    step = data.steps[1]
+    x, t = step.sample, torch.full((len(step.sample),), step.timestep)
+    with torch.no_grad():
+        fp = tiny_unet()(x, t).sample
+        got = TensorDenoiser(peer.module)(x, t)
+    return ((got - fp).norm() / fp.norm()).item()
+
+
+def _peer(name):
+    return next(p for p in PEERS if p.name == name)
+
+
+@pytest.mark.parametrize("name", ["torchao-int8dq", "torchao-int8wo", "torchao-int4wo"])
+def test_torchao_quantizes_the_linears_only_and_keeps_its_inductor_options_to_itself(data, name):
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.get_config_copy()
+    peer = build(_peer(name), tiny_unet(), data)
+    assert inductor_config.get_config_copy() == before  # no other row compiles with torchao's global options
+    assert peer.present == {"Linear": 26, "Conv2d": 25}
+    assert peer.quantized["Conv2d"] == 0 and peer.quantized["Linear"] > 0  # convs stay FP32 under quantize_
+    if name == "torchao-int4wo":  # only the linears torch's CPU int4 kernel can pack (out % 16, in % 32)
+        assert peer.quantized["Linear"] < peer.present["Linear"]
+    else:
+        assert peer.quantized["Linear"] == peer.present["Linear"]
+    assert 0 < _relative_error(peer, data) < 0.5  # quantized (not the FP model), and still the same model
+    assert peer.timed and peer.compile and peer.size_bytes > 0
+
+
+def test_int8dq_sets_inductor_options_for_its_own_compile(data):
+    import torch._inductor.config as inductor_config
+
+    # as in a fresh process (an earlier quantize_ in this one may have left torchao's options set)
+    with inductor_config.patch(coordinate_descent_tuning=False, force_fuse_int_mm_with_mul=False):
+        peer = build(_peer("torchao-int8dq"), tiny_unet(), data)
+        assert not inductor_config.force_fuse_int_mm_with_mul  # undone for everything else
+    assert peer.inductor_options["force_fuse_int_mm_with_mul"] is True  # torchao's set_inductor_config, kept
+
+
+@pytest.mark.parametrize("name", ["quanto-w8a8", "quanto-w4"])
+def test_quanto_quantizes_linears_and_convs_after_calibrating(data, name):
+    pytest.importorskip("optimum.quanto")
+    peer = build(_peer(name), tiny_unet(), data)
+    assert peer.quantized == peer.present == {"Linear": 26, "Conv2d": 25}
+    assert 0 < _relative_error(peer, data) < 1.0
+    assert not peer.compile  # its docs do not support torch.compile: timed eager
+
+
+@pytest.mark.parametrize("name", ["modelopt-int8", "modelopt-int4-awq"])
+def test_modelopt_is_fake_quantization_with_quality_only(data, name):
+    pytest.importorskip("modelopt.torch.quantization")
+    peer = build(_peer(name), tiny_unet(), data)
+    assert peer.quantized["Linear"] > 0 and peer.quantized["Conv2d"] > 0
+    assert 0 < _relative_error(peer, data) < 1.0
+    assert peer.kernels == "simulated" and not peer.timed and peer.size_bytes is None
+
+
+def test_a_peer_that_is_not_installed_is_left_out_with_a_note(monkeypatch):
+    monkeypatch.setattr(peers.Peer, "version", lambda self: None if self.package == "optimum-quanto" else "1.0")
+    chosen, notes = available_peers()
+    assert chosen and all(p.package != "optimum-quanto" for p in chosen)
+    assert notes == ["peers: optimum-quanto is not installed, its rows are left out (pip install -e '.[peers]')"]
+    rows, _ = peer_rows(default_only=True)
+    assert {r.eager_peer.family for r in rows} == {"torchao", "modelopt"}
+    assert all(r.eager_peer.default for r in rows) and not any(r.is_reference for r in rows)
+
+
+def test_peers_are_selected_by_name_or_family_and_stay_out_of_the_default_run():
+    rows, _ = peer_rows()
+    assert not any(r.eager_peer for r in default_rows(has_vnni=True))
+    picked = select_rows(default_rows(has_vnni=True) + rows, "peer-torchao")
+    assert [r.name for r in picked] == ["fp32", "torchao-int8dq", "torchao-int8wo", "torchao-int4wo"]
+
+
+def test_a_peer_row_is_measured_like_ours(tmp_path):
+    run_dir = main([*TINY, "--quick", "--peers", "--methods", "naive-w8a8,torchao-int8dq", "--out", str(tmp_path),
+                    "--run-name", "peers"])
+    rows = {r["name"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
+    peer = rows["torchao-int8dq"]
+    present = peer["layers_present"]  # the shipped UNet's
+    assert peer["layers_quantized"] == {"Linear": present["Linear"], "Conv2d": 0} and present["Conv2d"] > 0
+    assert peer["kernels"] == "int8"
+    assert peer["peer_config"].startswith("torchao 0.18") and peer["fd_fp"] > 0
+    assert len(peer["timestep_rel_mse"]) == len(rows["naive-w8a8"]["timestep_rel_mse"])
+    report = (run_dir / "report.md").read_text()
+    assert "| torchao-int8dq |" in report and f"Linear {present['Linear']}/{present['Linear']}, Conv2d 0/" in report
+    assert "**torchao `quantize_`** quantizes `nn.Linear` only" in report
