@@ -75,6 +75,8 @@ class Peer:
         family: "torchao", "quanto" or "modelopt".
         build: quantizes a copy of the FP denoiser with the calibration data.
         default: in the default bench run (one W8A8 and one 4-bit-weight row per family).
+        data_free: the quantized model does not depend on the calibration data (weight-only or dynamic
+            activation ranges), so every calibration seed gives the same row: the bench builds it once.
     """
 
     name: str
@@ -85,6 +87,7 @@ class Peer:
     family: str
     build: Builder
     default: bool = False
+    data_free: bool = False
 
     def version(self) -> Optional[str]:
         try:
@@ -197,16 +200,16 @@ def modelopt_peer(config_name: str) -> Builder:
 
 PEERS = [
     Peer("torchao-int8dq", "torchao", "Int8DynamicActivationInt8WeightConfig()", 8, 8, "torchao",
-         torchao_peer(_int8dq, "int8"), default=True),
+         torchao_peer(_int8dq, "int8"), default=True, data_free=True),
     Peer("torchao-int8wo", "torchao", "Int8WeightOnlyConfig()", 8, 32, "torchao",
-         torchao_peer(_int8wo, "int8 weight-only")),
+         torchao_peer(_int8wo, "int8 weight-only"), data_free=True),
     Peer("torchao-int4wo", "torchao", "PrototypeInt4WeightOnlyConfig(group_size=32) on the linears its CPU kernel "
          "takes", 4, 32, "torchao", torchao_peer(_int4wo, "int4 weight-only", filter_fn=_int4_packable),
-         default=True),
+         default=True, data_free=True),
     Peer("quanto-w8a8", "optimum-quanto", "quantize(weights=qint8, activations=qint8) + Calibration()", 8, 8,
          "quanto", quanto_peer("qint8", "qint8", "int8"), default=True),
     Peer("quanto-w4", "optimum-quanto", "quantize(weights=qint4)", 4, 32, "quanto",
-         quanto_peer("qint4", None, "dequantized"), default=True),
+         quanto_peer("qint4", None, "dequantized"), default=True, data_free=True),
     Peer("quanto-w4a8", "optimum-quanto", "quantize(weights=qint4, activations=qint8) + Calibration()", 4, 8,
          "quanto", quanto_peer("qint4", "qint8", "dequantized")),
     Peer("modelopt-int8", "nvidia-modelopt", "mtq.INT8_DEFAULT_CFG", 8, 8, "modelopt", modelopt_peer("INT8_DEFAULT_CFG"),
@@ -265,7 +268,9 @@ class SamplerDenoiser:
         self.fn = fn
 
     def __call__(self, sample, timestep, return_dict=False, **conditioning):
-        return (self.fn(sample, timestep, **conditioning),)
+        # One float vector per call, as the graphs get it: a compiled peer recompiles on a new dtype or shape.
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device)
+        return (self.fn(sample, t.expand(sample.shape[0]) if t.ndim == 0 else t, **conditioning),)
 
 
 def build(peer: Peer, model: torch.nn.Module, data: CalibrationData) -> PeerModel:

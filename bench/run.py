@@ -426,6 +426,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
             runs = [dict(seed=0, calib_seed=calibration_seed(args.seed, 0), calib_s=round(calib_s, 2),
                          **asdict(metrics))]
             for k in range(1, len(calibs)):
+                if spec.eager_peer is not None and spec.eager_peer.data_free:  # the same model for every seed
+                    runs.append(dict(runs[0], seed=k, calib_seed=calibration_seed(args.seed, k), data_free=True))
+                    continue
                 print(f"[bench]   calibration seed {k}", flush=True)
                 if spec.eager_peer is not None:
                     converted_k, calib_s_k, peer_k = build_peer(spec, unet, calibration_for(spec, k))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench import peers
-from bench.peers import PEERS, TensorDenoiser, available_peers, build
+from bench.peers import PEERS, SamplerDenoiser, TensorDenoiser, available_peers, build
 from bench.rows import peer_rows, select_rows, default_rows
 from bench.run import main
 from diffusion_ao import collect_calibration_data
@@ -80,6 +80,21 @@ def test_modelopt_is_fake_quantization_with_quality_only(data, name):
     assert peer.kernels == "simulated" and not peer.timed and peer.size_bytes is None
 
 
+@pytest.mark.parametrize("name", ["torchao-int8dq", "torchao-int4wo", "quanto-w4", "quanto-w8a8"])
+def test_a_data_free_peer_is_the_same_model_whatever_the_calibration_data(data, scheduler, name):
+    peer = _peer(name)
+    if peer.version() is None:
+        pytest.skip(f"{peer.package} is not installed")
+    other = collect_calibration_data(tiny_unet(), scheduler, num_samples=4, num_inference_steps=3, seed=7,
+                                     progress=False)
+    step = data.steps[1]
+    x, t = step.sample, torch.full((len(step.sample),), step.timestep)
+    with torch.no_grad():
+        a, b = (TensorDenoiser(build(peer, tiny_unet(), d).module)(x, t) for d in (data, other))
+    # the bench builds a data-free peer once for all calibration seeds; one that calibrates must not be marked so
+    assert torch.allclose(a, b, rtol=0, atol=1e-6) == peer.data_free
+
+
 def test_a_peer_that_is_not_installed_is_left_out_with_a_note(monkeypatch):
     monkeypatch.setattr(peers.Peer, "version", lambda self: None if self.package == "optimum-quanto" else "1.0")
     chosen, notes = available_peers()
@@ -110,3 +125,15 @@ def test_a_peer_row_is_measured_like_ours(tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "| torchao-int8dq |" in report and f"Linear {present['Linear']}/{present['Linear']}, Conv2d 0/" in report
     assert "**torchao `quantize_`** quantizes `nn.Linear` only" in report
+
+
+def test_the_sampler_hands_a_peer_one_float_timestep_per_row():
+    # a compiled peer recompiles on every new timestep dtype / shape (the scheduler's are int64 scalars)
+    seen = []
+    denoiser = SamplerDenoiser(lambda x, t: seen.append(t) or x)
+    x = torch.zeros(3, 1, 4, 4)
+    denoiser(x, torch.tensor(981))
+    denoiser(x, 21.0)
+    denoiser(x, torch.full((3,), 5, dtype=torch.long))
+    assert all(t.dtype == torch.float32 and t.shape == (3,) for t in seen)
+    assert [t[0].item() for t in seen] == [981.0, 21.0, 5.0]

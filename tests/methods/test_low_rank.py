@@ -14,10 +14,10 @@ from diffusion_ao.methods.low_rank import apply_low_rank, low_rank_split, low_ra
 from diffusion_ao.passes.analysis import LOW_RANK_META
 from diffusion_ao.passes.low_rank import add_low_rank_branch
 from diffusion_ao.serialization.size import size_mb, weight_code_bits
+from tests.conftest import tiny_dit, tiny_dit_data
 
 TORCH_THREADS = 2
 RANK = 4
-from tests.conftest import tiny_dit, tiny_dit_data
 
 
 def _weight_and_rms(seed: int, out: int, features: int, outliers: int):
