@@ -293,3 +293,40 @@ def import_check(peer: Peer) -> None:
     """Imports the peer's module (fails early, before any work, where the installed version is broken)."""
     importlib.import_module({"torchao": "torchao.quantization", "optimum-quanto": "optimum.quanto",
                              "nvidia-modelopt": "modelopt.torch.quantization"}[peer.package])
+
+
+# diffusers' own quantization path -------------------------------------------------------------------------------
+
+# What a diffusers user writes: `Model.from_pretrained(path, quantization_config=...)`, by row name.
+def _diffusers_configs() -> dict[str, Callable[[], object]]:
+    from diffusers import QuantoConfig, TorchAoConfig
+
+    return {"diffusers-torchao-int8dq": lambda: TorchAoConfig(_int8dq()),
+            "diffusers-torchao-int8wo": lambda: TorchAoConfig(_int8wo()),
+            "diffusers-quanto-int8": lambda: QuantoConfig(weights_dtype="int8"),
+            "diffusers-quanto-int4": lambda: QuantoConfig(weights_dtype="int4")}
+
+
+DIFFUSERS_PATHS = ("diffusers-torchao-int8dq", "diffusers-torchao-int8wo", "diffusers-quanto-int8",
+                   "diffusers-quanto-int4")
+
+
+def load_through_diffusers(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, dict, dict]:
+    """`model` saved and loaded again through diffusers with the quantization config `name` (one of
+    DIFFUSERS_PATHS), as a user loads a checkpoint; returns (quantized model, layers quantized, layers present).
+
+    Raises:
+        ImportError: where diffusers' path needs a package that is not installed (accelerate, optimum-quanto).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        # in the pipeline's dtype (diffusers' torchao path would pick bfloat16, which the FP32 pipeline cannot feed)
+        quantized = type(model).from_pretrained(folder, quantization_config=_diffusers_configs()[name](),
+                                                torch_dtype=model.dtype)
+    quantized.eval()
+    done, present = layer_counts(quantized, lambda m: _weight_module(m).startswith(("torchao", "optimum"))
+                                 or type(m).__name__.startswith("Q"))
+    return quantized, done, present
+

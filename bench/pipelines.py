@@ -4,11 +4,15 @@ from configs (tests/pipelines.py: random weights, prompt embeddings instead of t
     python bench/pipelines.py                       # W8A8 on all seven, the method presets on DiT and PixArt
                                                     # (and tfmq-w4a8+labels: DiT's modulation cached per label)
     python bench/pipelines.py --kinds dit --presets w8a8,dmq-w4a8
+    python bench/pipelines.py --kinds dit,sd --presets w8a8,w4a8 --peers
+                                                    # beside diffusers' own path: from_pretrained with
+                                                    # TorchAoConfig / QuantoConfig (needs '.[peers]')
 
 Per row: image SNR vs FP through the pipeline's own `__call__` (same generator seed; mean and range over
 `--eval-seeds`), int8 kernels emitted vs quantizable (conv/linear) layers, and the time of capture and of the
-recipe (export, method passes, calibration, convert). W8A8 rows run compiled (inductor + oneDNN int8 kernels);
-method rows run the eager q/dq graph unless `--compile-all`. Also lists the modules of each transformer's
+recipe (export, method passes, calibration, convert; for a `--peers` row, diffusers' save and quantized load).
+W8A8 rows run compiled (inductor + oneDNN int8 kernels); method rows run the eager q/dq graph unless
+`--compile-all`; `--peers` rows run eager, as diffusers loads them. Also lists the modules of each transformer's
 temporal information block (TFMQ-DM's TIB, found in the graph). Writes bench/results/pipelines-<time>.md.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ from diffusion_ao import (QuantConfig, as_diffusers_denoiser, capture_calibratio
 from diffusion_ao.config import TFMQConfig  # noqa: E402
 from diffusion_ao.denoisers import denoiser_role  # noqa: E402
 from diffusion_ao.passes.temporal import find_temporal_blocks  # noqa: E402
+from bench.peers import DIFFUSERS_PATHS, load_through_diffusers  # noqa: E402
 from tests.pipelines import PIPELINE_KINDS, tiny_pipeline  # noqa: E402
 
 METHOD_KINDS = ("dit", "pixart")
@@ -81,6 +86,22 @@ def run_row(kind: str, preset: str, compile_graph: bool, eval_seeds: list[int], 
     return row
 
 
+def run_diffusers_row(kind: str, name: str, eval_seeds: list[int]) -> dict:
+    """One of diffusers' own quantization paths (`bench.peers.DIFFUSERS_PATHS`) on the same pipeline and seeds."""
+    pipe, kw = tiny_pipeline(kind)
+    references = [images(pipe, kw, s) for s in eval_seeds]
+    role = denoiser_role(pipe)
+    model = getattr(pipe, role)
+    start = time.perf_counter()
+    quantized, done, present = load_through_diffusers(model, name)
+    recipe_s = time.perf_counter() - start
+    setattr(pipe, role, quantized)
+    snrs = [snr_db(ref, images(pipe, kw, s)) for ref, s in zip(references, eval_seeds)]
+    return dict(kind=kind, model=type(model).__name__, preset=name, compiled=False, batch=None, inputs=[], snr=snrs,
+                layers=sum(present.values()), quantized=sum(done.values()), kernels=None, capture_s=0.0,
+                recipe_s=recipe_s)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| pipeline | denoiser | preset | graph | denoiser batch | image SNR vs FP, dB: mean (min–max) | "
              "int8 kernels / quantized / quantizable layers | capture s | export + methods + calibration s |",
@@ -88,8 +109,9 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         k = r["kernels"]
         kernels = f"{k['qconv'] + k['qlinear']} ({k['qconv']} qconv, {k['qlinear']} qlinear)" if k else "eager"
-        lines.append(f"| {r['kind']} | {r['model']} | {r['preset']} | {'compiled' if r['compiled'] else 'eager q/dq'} "
-                     f"| {r['batch']} | {statistics.mean(r['snr']):.1f} ({min(r['snr']):.1f}–{max(r['snr']):.1f}) | "
+        graph = "compiled" if r["compiled"] else "eager q/dq" if r["batch"] is not None else "eager (diffusers)"
+        lines.append(f"| {r['kind']} | {r['model']} | {r['preset']} | {graph} "
+                     f"| {r['batch'] if r['batch'] is not None else '-'} | {statistics.mean(r['snr']):.1f} ({min(r['snr']):.1f}–{max(r['snr']):.1f}) | "
                      f"{kernels} / {r['quantized']} / {r['layers']} | {r['capture_s']:.2f} | {r['recipe_s']:.1f} |")
     lines.append("")
     lines.append("Temporal information blocks (modules whose nodes depend on the timestep alone):")
@@ -108,6 +130,8 @@ def main() -> None:
     parser.add_argument("--calib-seed", type=int, default=100)
     parser.add_argument("--compile-all", action="store_true", help="compile the method rows too")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--peers", action="store_true", help="add diffusers' own quantization paths per kind: "
+                        + ", ".join(DIFFUSERS_PATHS))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,6 +144,10 @@ def main() -> None:
             presets.append(LABEL_CACHE)
         for preset in presets:
             row = run_row(kind, preset, preset == "w8a8" or args.compile_all, seeds, args.calib_seed)
+            print(markdown([row]).splitlines()[2], flush=True)
+            rows.append(row)
+        for name in DIFFUSERS_PATHS if args.peers else ():
+            row = run_diffusers_row(kind, name, seeds)
             print(markdown([row]).splitlines()[2], flush=True)
             rows.append(row)
     text = markdown(rows)

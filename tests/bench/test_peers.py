@@ -137,3 +137,15 @@ def test_the_sampler_hands_a_peer_one_float_timestep_per_row():
     denoiser(x, torch.full((3,), 5, dtype=torch.long))
     assert all(t.dtype == torch.float32 and t.shape == (3,) for t in seen)
     assert [t[0].item() for t in seen] == [981.0, 21.0, 5.0]
+
+
+@pytest.mark.parametrize("name", peers.DIFFUSERS_PATHS)
+def test_diffusers_own_quantization_path_runs_the_tiny_pipelines(name):
+    pytest.importorskip("accelerate")
+    if "quanto" in name:
+        pytest.importorskip("optimum.quanto")
+    from bench.pipelines import run_diffusers_row
+
+    row = run_diffusers_row("dit", name, eval_seeds=[0])
+    assert 0 < row["quantized"] <= row["layers"]  # diffusers' path quantized some of the denoiser's layers
+    assert 5 < row["snr"][0] < 80  # a quantized model (not the FP one) that still draws the same images
