@@ -205,6 +205,13 @@ DOC_SECTIONS: list[DocSection] = [
                "`-lowrank32-int8down` at rank 32. Each row calibrated three times, beside the naive rows. The "
                "latency column is at batch 250 on an AMD EPYC with AVX-512 VNNI (2 threads), nothing else "
                "running."),
+    DocSection("dit-rotation-3seeds", "Rotated linear inputs on the DiT: measured, not shipped (3 calibration seeds)",
+               "`best-*` as shipped beside the same recipes with every 4-bit linear's input rotated by a "
+               "randomized Hadamard matrix, online (`-rotation`; `-no-lowrank+rotation` without the low-rank "
+               "branch), each calibrated three times, run at commit 8a6d781 (the rotation's code lives there; "
+               "docs/methods.md says why it was dropped). Latency at batch 250 on a 2-core Intel Xeon with "
+               "AVX-512 VNNI and AMX, nothing else running during the latency phase (small test processes shared "
+               "the cores during the first rows: their calib s is rough)."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",

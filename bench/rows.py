@@ -279,11 +279,9 @@ def best_rows(bits: str) -> list[RowSpec]:
     timestep weights (of the activation ranges and of GPTQ's H; no LES / PTS), Q-Diffusion's block
     reconstruction starting from GPTQ's codes (no shortcut split), the per-timestep output correction (gain and
     bias), sensitivity-driven 8-bit weights within 0.17 x the FP32 size, and the pieces together in turn; last,
-    `best-<bits>` with a low-rank branch of rank 16 and 32, in floating point and as 8-bit linears, without it,
-    and with each linear's input rotated (`RotationConfig`, with and without the branch)."""
+    `best-<bits>` with a low-rank branch of rank 16 and 32, in floating point and as 8-bit linears."""
     from diffusion_ao.config import (DMQConfig, GPTQConfig, LowRankConfig, MixedPrecisionConfig,
-                                     OutputCorrectionConfig, QDiffConfig, ReconstructionConfig, RotationConfig,
-                                     TFMQConfig)
+                                     OutputCorrectionConfig, QDiffConfig, ReconstructionConfig, TFMQConfig)
 
     base = QuantConfig.preset(bits)
     gptq = GPTQConfig()
@@ -322,8 +320,6 @@ def best_rows(bits: str) -> list[RowSpec]:
         steps.append((f"lowrank{rank}", best.replace(low_rank=LowRankConfig(rank=rank))))
     steps.append(("lowrank32-int8down", best.replace(low_rank=LowRankConfig(rank=32, down_bits=8))))
     steps.append(("no-lowrank", best.replace(low_rank=None)))
-    steps.append(("rotation", best.replace(rotation=RotationConfig())))
-    steps.append(("no-lowrank+rotation", best.replace(low_rank=None, rotation=RotationConfig())))
     if bits == "w4a8":  # the weight-only rows do not depend on the activation width: listed once
         steps = [("weights-only", base.replace(act_bits=None)),
                  ("weights-only+gptq", base.replace(act_bits=None, gptq=gptq))] + steps

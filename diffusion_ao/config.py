@@ -18,7 +18,6 @@ from diffusion_ao.method_configs import (  # noqa: F401
     OutputCorrectionConfig,
     QDiffConfig,
     ReconstructionConfig,
-    RotationConfig,
     TFMQConfig,
     TimeGroupConfig,
     _check_bits,
@@ -27,7 +26,7 @@ from diffusion_ao.method_configs import (  # noqa: F401
 
 # The method sub-configs of `QuantConfig`, by field: each is None (off) or an instance of its class.
 METHOD_CONFIGS = {"dmq": DMQConfig, "tfmq": TFMQConfig, "qdiff": QDiffConfig, "gptq": GPTQConfig,
-                  "low_rank": LowRankConfig, "rotation": RotationConfig, "output_correction": OutputCorrectionConfig,
+                  "low_rank": LowRankConfig, "output_correction": OutputCorrectionConfig,
                   "mixed_precision": MixedPrecisionConfig, "time_groups": TimeGroupConfig,
                   "finetune": FinetuneConfig}
 WEIGHT_BITS = range(2, 9)
@@ -100,8 +99,6 @@ class QuantConfig:
         gptq: round the weights with GPTQ on the calibration inputs (`GPTQConfig`) instead of to nearest, or None.
         low_rank: keep a low-rank branch of each low-bit linear's weight beside the quantized residual
             (`LowRankConfig`), or None.
-        rotation: rotate each low-bit linear's input by an orthogonal matrix, its weight by the same
-            (`RotationConfig`), or None.
         output_correction: correct the output's per-timestep gain and bias (`OutputCorrectionConfig`), or None.
             The quantized denoiser then accepts only the calibration data's timesteps.
         mixed_precision: promote the most sensitive layers' weights within a size budget
@@ -141,7 +138,6 @@ class QuantConfig:
     qdiff: Optional[QDiffConfig] = None
     gptq: Optional[GPTQConfig] = None
     low_rank: Optional[LowRankConfig] = None
-    rotation: Optional[RotationConfig] = None
     output_correction: Optional[OutputCorrectionConfig] = None
     mixed_precision: Optional[MixedPrecisionConfig] = None
     time_groups: Optional[TimeGroupConfig] = None

@@ -1,5 +1,5 @@
 """The method configs that `QuantConfig` composes: one frozen dataclass per method (DMQ, TFMQ-DM, Q-Diffusion,
-GPTQ, the low-rank branch, the input rotation, output correction, mixed precision, time-grouped ranges, QAT fine-tune), each validated in `__post_init__`.
+GPTQ, the low-rank branch, output correction, mixed precision, time-grouped ranges, QAT fine-tune), each validated in `__post_init__`.
 """
 from __future__ import annotations
 
@@ -337,32 +337,6 @@ class LowRankConfig:
         if self.down_bits not in (None, 8) or isinstance(self.down_bits, bool):
             raise ValueError(f"LowRankConfig.down_bits={self.down_bits!r}: use None (a floating-point branch) or "
                              "8 (its down-projection on an int8 kernel).")
-
-
-@dataclass(frozen=True)
-class RotationConfig:
-    """An orthogonal rotation of each low-bit linear's input (incoherence processing, as QuaRot and HQ-DiT do on
-    transformers; `diffusion_ao.methods.rotation`): y = W x = (W Q)(Q^T x), with W Q quantized in place of W and
-    Q^T x computed in floating point before the input's quantizer, so that an outlier input channel is spread
-    over all of them, in the weights and in the activations.
-
-    Args:
-        seed: draws Q: a randomized Hadamard matrix (random signs times the Walsh-Hadamard matrix) where the
-            input width is a power of two, else a random orthogonal matrix (the QR of a Gaussian one).
-        denoisers: the denoiser families it runs on (`DENOISER_FAMILIES`).
-
-    The rotation runs online (one floating-point matmul per rotated linear): none is folded into a producer.
-
-    Example:
-        >>> QuantConfig.preset("best-w4a8").replace(rotation=RotationConfig())
-    """
-
-    seed: int = 0
-    denoisers: tuple[str, ...] = ("transformer",)
-
-    def __post_init__(self) -> None:
-        _check_seed("RotationConfig", self.seed)
-        _check_families("RotationConfig", self.denoisers)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,6 @@ STEPS = {
     "before_prepare": (("tfmq", "methods.tfmq.apply"),  # the cache, then the plan on the layers that stay
                        ("mixed_precision", "methods.mixed_precision"),
                        ("dmq", "methods.dmq.apply"),  # LES, PTS
-                       ("rotation", "methods.rotation"),  # rotates the inputs LES / PTS scaled
                        ("low_rank", "methods.low_rank")),  # splits the weights the passes above left
     "before_convert": (("finetune", "methods.qat"),
                        ("dmq", "methods.dmq.apply"),  # the timestep weights GPTQ and reconstruction may use

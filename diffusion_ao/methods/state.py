@@ -40,7 +40,6 @@ class QuantizationReport:
     Attributes:
         quantizer: the `DiffusionQuantizer` (its `decisions` list every layer's bit widths and why).
         les, pts, gptq, low_rank: per layer, what LES, PTS, GPTQ and the low-rank branch did.
-        rotation: the rotated linears and their input widths.
         timestep_weights: DMQ's adaptive weight of each timestep.
         tfmq, reconstruction, output_correction, mixed_precision, time_groups, finetune: those methods' reports.
         calib_s: seconds the whole recipe took.
@@ -55,7 +54,6 @@ class QuantizationReport:
     reconstruction: Optional["ReconstructionReport"] = None
     gptq: dict[str, "GPTQResult"] = field(default_factory=dict)
     low_rank: dict[str, "LowRankResult"] = field(default_factory=dict)
-    rotation: dict[str, int] = field(default_factory=dict)
     output_correction: Optional["OutputCorrection"] = None
     mixed_precision: Optional["MixedPrecisionPlan"] = None
     time_groups: Optional["TimeGroups"] = None
