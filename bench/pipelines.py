@@ -110,8 +110,9 @@ def markdown(rows: list[dict]) -> str:
         k = r["kernels"]
         kernels = f"{k['qconv'] + k['qlinear']} ({k['qconv']} qconv, {k['qlinear']} qlinear)" if k else "eager"
         graph = "compiled" if r["compiled"] else "eager q/dq" if r["batch"] is not None else "eager (diffusers)"
+        batch = "-" if r["batch"] is None else r["batch"]
         lines.append(f"| {r['kind']} | {r['model']} | {r['preset']} | {graph} "
-                     f"| {r['batch'] if r['batch'] is not None else '-'} | {statistics.mean(r['snr']):.1f} ({min(r['snr']):.1f}–{max(r['snr']):.1f}) | "
+                     f"| {batch} | {statistics.mean(r['snr']):.1f} ({min(r['snr']):.1f}–{max(r['snr']):.1f}) | "
                      f"{kernels} / {r['quantized']} / {r['layers']} | {r['capture_s']:.2f} | {r['recipe_s']:.1f} |")
     lines.append("")
     lines.append("Temporal information blocks (modules whose nodes depend on the timestep alone):")
@@ -147,7 +148,11 @@ def main() -> None:
             print(markdown([row]).splitlines()[2], flush=True)
             rows.append(row)
         for name in DIFFUSERS_PATHS if args.peers else ():
-            row = run_diffusers_row(kind, name, seeds)
+            try:
+                row = run_diffusers_row(kind, name, seeds)
+            except ImportError as e:  # a package diffusers' path needs is missing: leave the row out, say why
+                print(f"peers: {kind} {name} left out: {e} (pip install -e '.[peers]')", flush=True)
+                continue
             print(markdown([row]).splitlines()[2], flush=True)
             rows.append(row)
     text = markdown(rows)
