@@ -66,6 +66,10 @@ def peer_notes(rows: list[dict]) -> list[str]:
                          f"{_cell(r.get('fd_fp'))} and PSNR vs FP {_cell(r.get('psnr_fp'))} dB: full-range uint8 "
                          "activations overflow oneDNN's int16 pair sums on CPUs without VNNI.")
     for r in rows:
+        if r.get("compile_error"):
+            lines.append(f"**`{r['name']}` did not compile** as its docs advise ({r['compile_error']}); it ran and was "
+                         "timed eager.")
+    for r in rows:
         for what, choice in (r.get("choices") or {}).items():
             lines.append(f"**`{r['name']}` {what}**: {choice}.")
     return lines

@@ -400,7 +400,15 @@ def main(argv: Optional[list[str]] = None) -> Path:
                 release_freed_memory()  # the quantization's freed temporaries, so that the compile's growth shows
                 before = rss_mib()
                 with inductor_config.patch(peer.inductor_options if peer is not None else {}):
-                    model, counts = compile_and_count(converted, probe_x, probe_t, probe_kw)
+                    try:
+                        model, counts = compile_and_count(converted, probe_x, probe_t, probe_kw)
+                    except Exception as e:  # noqa: BLE001 (a peer's compiled path that fails runs eager, said)
+                        if peer is None:
+                            raise
+                        row["compile_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+                        print(f"[bench]   {spec.name} did not compile ({row['compile_error']}): run eager",
+                              flush=True)
+                        peer.compile, model = False, converted
                 release_freed_memory()
                 row["compile_rss_mib"] = round(rss_mib() - before, 1)  # compiled (packed) weights and code, roughly
             if not args.no_compile and (peer is None or peer.timed):
@@ -436,7 +444,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
                     converted_k, calib_s_k, _, _ = build_quantized(spec, pristine, calibration_for(spec, k), progress,
                                                                    seed=k)
                     peer_k = None
-                compiled = not args.no_compile and (peer_k is None or peer_k.compile)
+                compiled = not args.no_compile and (peer_k is None
+                                                    or (peer_k.compile and "compile_error" not in row))
                 with inductor_config.patch(peer_k.inductor_options if peer_k is not None else {}):  # compiles here
                     model_k = compile_for_cpu(converted_k) if compiled else converted_k
                     sampled_k = sample_images(_sampler_denoiser(model_k, unet, peer_k), scheduler, noise,
