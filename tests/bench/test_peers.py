@@ -127,6 +127,7 @@ def test_a_peer_row_is_measured_like_ours(tmp_path):
     assert "**torchao `quantize_`** quantizes `nn.Linear` only" in report
 
 
+@pytest.mark.slow  # compiles FP32 for the latency reference (~30 s)
 def test_a_peer_that_does_not_compile_runs_eager_and_the_report_says_so(tmp_path, monkeypatch):
     import bench.run
 
@@ -138,12 +139,11 @@ def test_a_peer_that_does_not_compile_runs_eager_and_the_report_says_so(tmp_path
         return compile_and_count(converted, *args)
 
     monkeypatch.setattr(bench.run, "compile_and_count", failing_for_peers)
-    run_dir = main([*TINY, "--quick", "--peers", "--calib-seeds", "2", "--methods", "naive-w8a8,torchao-int8dq",
-                    "--out", str(tmp_path), "--run-name", "eager"])
+    run_dir = main([*TINY, "--peers", "--calib-seeds", "2", "--methods", "torchao-int8dq", "--out", str(tmp_path),
+                    "--run-name", "eager"])
     rows = {r["name"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
     assert rows["torchao-int8dq"]["compile_error"] == "RuntimeError: _weight_int4pack_mm_cpu : expect A to be contiguous."
     assert rows["torchao-int8dq"]["fd_fp"] > 0 and rows["torchao-int8dq"]["latency_ms"] > 0  # ran and timed eager
-    assert "compile_error" not in rows["naive-w8a8"]  # our rows compile (a failure there is raised)
     assert "**`torchao-int8dq` did not compile** as its docs advise" in (run_dir / "report.md").read_text()
 
 
