@@ -176,6 +176,18 @@ DOC_SECTIONS: list[DocSection] = [
                "The W8A8 rows are closer to FP32 than on the AVX2 CPU, where their activations get 7 bits; the "
                "4-bit rows agree with the AVX2 run within the spread over calibration seeds of the next section. "
                "The speed-ups are this CPU's."),
+    DocSection("peers-unet-3seeds", "Versus the tools you know: the shipped UNet",
+               "torchao `quantize_` (what diffusers' `TorchAoConfig` runs), optimum-quanto and NVIDIA ModelOpt, each "
+               "configured as its own docs show and calibrated (where it calibrates) on the same trajectories, "
+               "sampled from the same seeds and scored with the same metrics as our rows; beside them our rows at "
+               "the same bit widths (`diffusion-ao-w8a8`, `-w8a32`, `-w4a32`: plain presets), `best-w4a8` and "
+               "torchao's X86InductorQuantizer (`x86-default`, our own PT2E path's peer). Rows that calibrate are "
+               "calibrated three times (mean, min–max); a data-free row is built once. The layers column counts "
+               "what each tool actually quantized. ModelOpt is fake quantization on a CPU: quality only. Latency "
+               "at batch 250 on a 2-core Intel Xeon with AVX-512 VNNI and AMX, nothing else running."),
+    DocSection("peers-dit-3seeds", "Versus the tools you know: the shipped DiT",
+               "The same rows on the shipped class-conditional DiT with classifier-free guidance (a label-agreement "
+               "column), on the same CPU."),
     DocSection("best-finish-3seeds", "How `best-*` finish: block reconstruction or the output correction",
                "The two candidate last steps of the recommended recipe, each calibrated three times (own "
                "trajectories and method seeds), quality as mean (min–max) over the three, on eager q/dq graphs "

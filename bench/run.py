@@ -488,6 +488,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
         fp_compiled_ms = stats["fp32-compiled"].median_ms
         for row in results:
             key = "fp32-compiled" if row["name"] == "fp32" else row["name"]
+            if key not in stats:  # not timed: a peer without a deployable path on this CPU (fake quantization)
+                row["latency_ms"] = row["speedup_vs_fp32_compiled"] = None
+                continue
             row["latency_ms"] = round(stats[key].median_ms, 3)
             row["speedup_vs_fp32_compiled"] = round(fp_compiled_ms / stats[key].median_ms, 3)
     else:
