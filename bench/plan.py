@@ -91,7 +91,7 @@ class Plan:
         runs up to the samples x steps ratio)."""
         if self.reference_meta is None:
             return
-        ref_s = self.reference_meta["setup_s"].get("fp32_reference")
+        ref_s = (self.reference_meta.get("setup_s") or {}).get("fp32_reference")  # None: a run that lost it
         if ref_s:
             self.speed = fp_reference_s / (ref_s * args.num_samples * args.steps / _work(self.reference_meta))
 

@@ -187,7 +187,12 @@ DOC_SECTIONS: list[DocSection] = [
                "at batch 250 on a 2-core Intel Xeon with AVX-512 VNNI and AMX, nothing else running."),
     DocSection("peers-dit-3seeds", "Versus the tools you know: the shipped DiT",
                "The same rows on the shipped class-conditional DiT with classifier-free guidance (a label-agreement "
-               "column), on the same CPU."),
+               "column), on the same CPU, quality only: the run ended at its latency table (a bench bug, fixed) "
+               "after every row was sampled and scored, so it has no latency column. The seconds each row took to "
+               "sample the same 500 images (`phase_s.sampling` in results.json, one run, first seed) stand in: "
+               "`diffusion-ao-w8a8` 6.8, `x86-default` 5.8, `torchao-int8dq` 16.3, `torchao-int8wo` 19.5, "
+               "`torchao-int4wo` 877.5 (its CPU int4 kernel is built for small batches), quanto 29–50 (eager), "
+               "`best-w4a8` 18.7 (its low-rank branch in FP32)."),
     DocSection("best-finish-3seeds", "How `best-*` finish: block reconstruction or the output correction",
                "The two candidate last steps of the recommended recipe, each calibrated three times (own "
                "trajectories and method seeds), quality as mean (min–max) over the three, on eager q/dq graphs "

@@ -128,7 +128,7 @@ def test_a_peer_row_is_measured_like_ours(tmp_path):
 
 
 @pytest.mark.slow  # compiles FP32 for the latency reference (~30 s)
-def test_a_peer_that_does_not_compile_runs_eager_and_the_report_says_so(tmp_path, monkeypatch):
+def test_a_peer_that_does_not_compile_runs_eager_and_an_untimed_one_has_no_latency(tmp_path, monkeypatch):
     import bench.run
 
     compile_and_count = bench.run.compile_and_count
@@ -139,12 +139,14 @@ def test_a_peer_that_does_not_compile_runs_eager_and_the_report_says_so(tmp_path
         return compile_and_count(converted, *args)
 
     monkeypatch.setattr(bench.run, "compile_and_count", failing_for_peers)
-    run_dir = main([*TINY, "--peers", "--calib-seeds", "2", "--methods", "torchao-int8dq", "--out", str(tmp_path),
-                    "--run-name", "eager"])
+    run_dir = main([*TINY, "--peers", "--calib-seeds", "2", "--methods", "torchao-int8dq,modelopt-int8", "--out",
+                    str(tmp_path), "--run-name", "eager"])
     rows = {r["name"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
     assert rows["torchao-int8dq"]["compile_error"] == "RuntimeError: _weight_int4pack_mm_cpu : expect A to be contiguous."
     assert rows["torchao-int8dq"]["fd_fp"] > 0 and rows["torchao-int8dq"]["latency_ms"] > 0  # ran and timed eager
     assert "**`torchao-int8dq` did not compile** as its docs advise" in (run_dir / "report.md").read_text()
+    if "modelopt-int8" in rows:  # fake quantization: sampled, never timed, in a run that times the others
+        assert rows["modelopt-int8"]["latency_ms"] is None and rows["modelopt-int8"]["fd_fp"] > 0
 
 
 def test_the_sampler_hands_a_peer_one_float_timestep_per_row():
