@@ -226,6 +226,14 @@ DOC_SECTIONS: list[DocSection] = [
                "`-lowrank32-int8down` at rank 32. Each row calibrated three times, beside the naive rows. The "
                "latency column is at batch 250 on an AMD EPYC with AVX-512 VNNI (2 threads), nothing else "
                "running."),
+    DocSection("dit-best-pieces-3seeds", "What each piece of `best-w4a8` adds on the DiT (3 calibration seeds)",
+               "The `--ablation best` rows that build `best-w4a8` on the shipped DiT one piece at a time: GPTQ on "
+               "the preset's MSE-searched grid, then on the min-max grid, plus the (timestep, label) modulation "
+               "cache, plus DMQ's timestep weights, then the whole recipe without its low-rank branch "
+               "(`-no-lowrank`: mixed precision promotes nothing here, the output correction finishes it); "
+               "`best-w4a8` itself, with the branch, is in the rotation run below (same seeds and samples). Each row "
+               "calibrated three times. Latency at batch 250 on the 2-core AVX-512 VNNI + AMX Xeon, nothing else "
+               "running."),
     DocSection("dit-rotation-3seeds", "Rotated linear inputs on the DiT: measured, not shipped (3 calibration seeds)",
                "`best-*` as shipped beside the same recipes with every 4-bit linear's input rotated by a "
                "randomized Hadamard matrix, online (`-rotation`; `-no-lowrank+rotation` without the low-rank "
