@@ -320,6 +320,8 @@ def best_rows(bits: str) -> list[RowSpec]:
         steps.append((f"lowrank{rank}", best.replace(low_rank=LowRankConfig(rank=rank))))
     steps.append(("lowrank32-int8down", best.replace(low_rank=LowRankConfig(rank=32, down_bits=8))))
     steps.append(("no-lowrank", best.replace(low_rank=None)))
+    # best-* weight timesteps (DMQ) on UNets only; this row weights them on every family
+    steps.append(("tw-all-families", best.replace(dmq=DMQConfig(les=False, pts=False))))
     if bits == "w4a8":  # the weight-only rows do not depend on the activation width: listed once
         steps = [("weights-only", base.replace(act_bits=None)),
                  ("weights-only+gptq", base.replace(act_bits=None, gptq=gptq))] + steps

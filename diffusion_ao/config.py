@@ -299,22 +299,25 @@ PRESETS: dict[str, dict] = {
     # The recommended recipe per width (docs/methods.md#recommended-recipes; each piece is an ablation row of
     # `bench/run.py --ablation best`):
     # GPTQ rounding on the min-max weight grid, TFMQ-DM's cache of the temporal features (of the whole modulation
-    # per (timestep, label) where the calibration labels cover the label table: DiT), DMQ's adaptive timestep
-    # weights (no LES / PTS), the most sensitive layers' weights at 8 bits within 0.17 x the FP32 size, and the
-    # last step. On UNets that is the per-timestep output correction: over three calibration seeds it matched
-    # Q-Diffusion's block reconstruction at half the calibration time (bench/published/best-finish-3seeds). On
-    # transformers at W4A6 block reconstruction roughly halves the error of the correction over three calibration
-    # seeds (bench/published/dit-w4a6-finish-3seeds), so best-w4a6 finishes with it there; W4A8 keeps the
-    # correction on both (not measured otherwise on the DiT). On transformers a rank-16 low-rank branch beside
-    # each 4-bit linear, its down-projection on int8 kernels (bench/published/dit-best-lowrank-3seeds).
+    # per (timestep, label) where the calibration labels cover the label table: DiT), on UNets DMQ's adaptive
+    # timestep weights (no LES / PTS; on the DiT they cost FD 1.43 -> 2.01 over three calibration seeds,
+    # bench/published/dit-best-pieces-3seeds), the most sensitive layers' weights at 8 bits within 0.17 x the
+    # FP32 size, and the last step. On UNets that is the per-timestep output correction: over three calibration
+    # seeds it matched Q-Diffusion's block reconstruction at half the calibration time
+    # (bench/published/best-finish-3seeds). On transformers at W4A6 block reconstruction roughly halves the error
+    # of the correction over three calibration seeds (bench/published/dit-w4a6-finish-3seeds), so best-w4a6
+    # finishes with it there; W4A8 keeps the correction on both (not measured otherwise on the DiT). On
+    # transformers a rank-16 low-rank branch beside each 4-bit linear, its down-projection on int8 kernels
+    # (bench/published/dit-best-lowrank-3seeds).
     "best-w4a8": dict(weight_bits=4, act_bits=8, weight_observer="minmax", gptq=GPTQConfig(),
                       tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels="auto"),
-                      dmq=DMQConfig(les=False, pts=False),
+                      dmq=DMQConfig(les=False, pts=False, denoisers=("unet",)),
                       mixed_precision=MixedPrecisionConfig(), output_correction=OutputCorrectionConfig(),
                       low_rank=LowRankConfig(rank=16, down_bits=8, denoisers=("transformer",))),
     "best-w4a6": dict(weight_bits=4, act_bits=6, weight_observer="minmax", gptq=GPTQConfig(),
                       tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels="auto"),
-                      dmq=DMQConfig(les=False, pts=False), mixed_precision=MixedPrecisionConfig(),
+                      dmq=DMQConfig(les=False, pts=False, denoisers=("unet",)),
+                      mixed_precision=MixedPrecisionConfig(),
                       qdiff=QDiffConfig(split_shortcut=False,
                                         reconstruction=ReconstructionConfig(denoisers=("transformer",))),
                       output_correction=OutputCorrectionConfig(denoisers=("unet",)),

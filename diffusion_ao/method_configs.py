@@ -88,6 +88,8 @@ class DMQConfig:
             itself keeps k = 0 wherever the folded factor costs more (weight rounding) than it gains (activation
             step).
         seed: seeds LES's minibatch draws.
+        denoisers: the denoiser families it runs on (`DENOISER_FAMILIES`); on others the recipe skips all of DMQ
+            and says so (`QuantizationReport.choices()`).
     """
 
     les: bool = True
@@ -108,9 +110,11 @@ class DMQConfig:
     pts_kappa: float = 0.85
     pts_min_spread: float = 2.0
     seed: int = 0
+    denoisers: tuple[str, ...] = DENOISER_FAMILIES
 
     def __post_init__(self) -> None:
         _check_seed("DMQConfig", self.seed)
+        _check_families("DMQConfig", self.denoisers)
         _check_choice("pts_selection", self.pts_selection, PTS_SELECTIONS)
         _check_choice("les_init", self.les_init, LES_INITS)
         _check_int("DMQConfig.les_iterations", self.les_iterations, 0)

@@ -148,11 +148,16 @@ def test_best_ablation_rows_measure_gptq_alone_and_under_the_preset():
         preset = QuantConfig.preset(f"best-{bits}")
         assert preset.low_rank.denoisers == ("transformer",) and preset.low_rank.down_bits == 8
         assert rows[f"best-{bits}-no-lowrank"] == preset.replace(name=f"best-{bits}-no-lowrank", low_rank=None)
+        tw = rows[f"best-{bits}-tw-all-families"]  # the preset weights timesteps on UNets only
+        assert tw.dmq.denoisers == ("unet", "transformer") and tw.replace(dmq=preset.dmq) == preset.replace(name=tw.name)
         assert rows[f"best-{bits}-lowrank32-int8down"].low_rank.rank == 32
         assert rows[f"best-{bits}-lowrank16"].low_rank.down_bits is None
+    def everywhere(preset):  # the ablation's rows weight timesteps on every family, the presets on UNets
+        return preset.replace(low_rank=None, dmq=dataclasses.replace(preset.dmq, denoisers=("unet", "transformer")))
+
     best = rows["best-w4a8-gptq-minmax-grid+cache+tw+mp+oc"]
-    assert best.replace(name="best-w4a8") == QuantConfig.preset("best-w4a8").replace(low_rank=None)
-    preset = QuantConfig.preset("best-w4a6").replace(low_rank=None)
+    assert best.replace(name="best-w4a8") == everywhere(QuantConfig.preset("best-w4a8"))
+    preset = everywhere(QuantConfig.preset("best-w4a6"))
     on_unets = preset.replace(qdiff=None, output_correction=OutputCorrectionConfig())
     recon = dataclasses.replace(preset.qdiff.reconstruction, denoisers=("unet", "transformer"))
     on_transformers = preset.replace(output_correction=None,

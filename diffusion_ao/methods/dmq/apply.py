@@ -13,7 +13,9 @@ logger = logging.getLogger(__name__)
 
 
 def before_prepare(state: RecipeState) -> None:
-    dmq = state.config.dmq
+    dmq = state.for_this_family("DMQ", state.config.dmq)
+    if dmq is None:
+        return
     if dmq.les or dmq.pts:  # plan the channel scales on the convs prepare_pt2e quantizes
         state.quantizer.split_shortcuts(state.graph)
     if dmq.les:
@@ -28,8 +30,8 @@ def before_prepare(state: RecipeState) -> None:
 
 
 def before_convert(state: RecipeState) -> None:
-    dmq = state.config.dmq
-    if dmq.timestep_weighting and dmq.weighting_iterations > 0:
+    dmq = state.for_this_family("DMQ", state.config.dmq)
+    if dmq is not None and dmq.timestep_weighting and dmq.weighting_iterations > 0:
         state.report.timestep_weights = adapt_timestep_weights(
             state.prepared, state.fresh_graph(), state.data, r=dmq.weighting_r, ema=dmq.weighting_ema,
             iterations=dmq.weighting_iterations)
