@@ -131,7 +131,9 @@ def speed_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         k, expected = r["int8_kernels"], r["expected_int8_kernels"]
-        kernels = "-" if k is None or expected is None else f"{sum(k.values())}/{expected}"
+        kernels = "-" if k is None or expected is None else f"{k['qconv'] + k['qlinear']}/{expected}"
+        if k and k.get("attention"):
+            kernels += f" + {k['attention']} attention"
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | "
                      f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f} | {r['speedup_vs_fp32_compiled']:.2f}x | "
                      f"{r['size_mb']:.2f} | {kernels} |")

@@ -362,6 +362,17 @@ def qat_rows(bits: str) -> list[RowSpec]:
             for label, cfg in steps]
 
 
+def attention_rows() -> list[RowSpec]:
+    """Int8 attention (`QuantConfig(quantize_attention_matmuls=True)`: torchao's integer attention on CPUs with
+    AMX, simulated elsewhere) on diffusion-ao's W8A8 and W4A8 rows and on `best-w4a8`, each beside its row with
+    floating-point attention (W8A8 and W4A8 are default rows; `=best-w4a8` selects the preset alone)."""
+    rows = [("w8a8", QuantConfig.preset("w8a8")), ("w4a8", QuantConfig.preset("w4a8")),
+            ("best-w4a8", QuantConfig.preset("best-w4a8"))]
+    return [_config_row(f"{name}-int8-attention", "attention", name,
+                        cfg.replace(quantize_attention_matmuls=True, name=f"{name}-int8-attention"))
+            for name, cfg in rows]
+
+
 def seed_rows(bits: str) -> list[RowSpec]:
     """Each seed paper's headline preset at `bits`, in its own scope: DMQ, TFMQ-DM, and Q-Diffusion with the naive
     row of its scope (everything quantized) beside it."""
@@ -378,6 +389,7 @@ ABLATIONS: dict[str, Callable[[], list[RowSpec]]] = {
     "best": lambda: best_rows("w4a8") + best_rows("w4a6"),
     "timegroups": lambda: time_group_rows("w4a8") + time_group_rows("w4a6"),
     "qat": lambda: qat_rows("w4a8") + qat_rows("w4a6"),
+    "attention": attention_rows,
 }
 
 

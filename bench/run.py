@@ -220,12 +220,14 @@ def seed_spread(runs: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def kernel_kind(counts: Optional[dict], expected: Optional[int]) -> str:
-    """"int8" when the compiled graph runs the quantized layers on int8 kernels, else "simulated"."""
-    if not counts or sum(counts.values()) == 0:
+    """"int8" when the compiled graph runs the quantized layers on int8 kernels ("int8, int8 attention" with
+    attention on torchao's integer template), else "simulated"."""
+    layers = (counts or {}).get("qconv", 0) + (counts or {}).get("qlinear", 0)
+    if layers == 0:
         return "simulated"
-    if expected is not None and sum(counts.values()) < expected:
+    if expected is not None and layers < expected:
         return "simulated"  # some quantized layers still run as q/dq in fp32
-    return "int8"
+    return "int8, int8 attention" if counts.get("attention") else "int8"
 
 
 BENCH_DEPENDENCIES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn"}  # module -> package

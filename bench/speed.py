@@ -48,6 +48,9 @@ REFERENCE = "fp32-compiled"
 # For class-conditional denoisers: W8A8 with everything that depends only on (timestep, label) cached, so the
 # adaLN modulation linears leave the compiled graph (exact for the calibrated timesteps x labels).
 CACHED = "w8a8-cached"
+# W8A8 with int8 attention (`backends.x86_attention`: torchao's integer template on CPUs with AMX; elsewhere a
+# floating-point reference kernel, slower than FP attention)
+INT8_ATTENTION = "w8a8-int8-attention"
 
 
 def _cifar():
@@ -62,6 +65,16 @@ def _dit_s():
     torch.manual_seed(0)
     dit = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8,
                                 num_layers=12, sample_size=32, patch_size=2, num_embeds_ada_norm=1000).eval()
+    return dit, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
+
+
+def _dit_s_1024():
+    """DiT-S/2 on a 64x64x4 latent (a 512x512 image through an 8x VAE): 1024 tokens, where attention's share of
+    the time is four times DiT-S/2's at 256."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8,
+                                num_layers=12, sample_size=64, patch_size=2, num_embeds_ada_norm=1000).eval()
     return dit, DDIMScheduler(**DEFAULT_SCHEDULE_KWARGS)
 
 
@@ -84,7 +97,7 @@ def _sd15():
 
 # name -> () -> (diffusers denoiser, scheduler). Add models here.
 MODELS: dict[str, Callable[[], tuple]] = {"cifar": _cifar, "default": load_default_model, "dit-s": _dit_s,
-                                          "sd15-quarter": _sd15}
+                                          "dit-s-1024": _dit_s_1024, "sd15-quarter": _sd15}
 TEXT_TOKENS = 77  # CLIP's sequence length, for text-conditioned UNets
 
 
@@ -116,12 +129,16 @@ def short_calibration(unet: torch.nn.Module, scheduler):
 
 
 def quantized_variants(model: torch.nn.Module) -> dict[str, QuantConfig]:
-    """The quantized variants timed for `model`: W8A8, W4A8 and, for class-conditional denoisers, W8A8 with the
-    (timestep, label) cache."""
+    """The quantized variants timed for `model`: W8A8, W4A8, W8A8 with int8 attention and, for class-conditional
+    denoisers, W8A8 with the (timestep, label) cache, with and without int8 attention."""
     variants = {preset: QuantConfig.preset(preset) for preset in QUANTIZED}
+    variants[INT8_ATTENTION] = QuantConfig.preset("w8a8").replace(quantize_attention_matmuls=True,
+                                                                  name=INT8_ATTENTION)
     if "class_labels" in extra_inputs(model, 1):
-        variants[CACHED] = QuantConfig.preset("w8a8").replace(
-            tfmq=TFMQConfig(cache="all", fsc="none", cache_class_labels=True), name=CACHED)
+        cache = TFMQConfig(cache="all", fsc="none", cache_class_labels=True)
+        variants[CACHED] = QuantConfig.preset("w8a8").replace(tfmq=cache, name=CACHED)
+        variants[f"{CACHED}-int8-attention"] = variants[CACHED].replace(quantize_attention_matmuls=True,
+                                                                        name=f"{CACHED}-int8-attention")
     return variants
 
 

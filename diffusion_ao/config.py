@@ -83,9 +83,9 @@ class QuantConfig:
             (the time MLP and every ResBlock's time projection; in conditional models also the class/text term
             added to the time embedding). The TIB of TFMQ-DM is the timestep-only part of this set; a cached
             TIB (`tfmq`) is removed from the graph and so is never quantized, whatever this switch says.
-        quantize_attention_matmuls: quantize the inputs of the attention matmuls (Q, K, V). They run as
-            simulated q/dq around a floating-point attention (the quantizer warns and says why:
-            docs/methods.md#int8-attention).
+        quantize_attention_matmuls: attention in int8: Q, K, V, the softmax probabilities and the output
+            (torchao's int8 attention op; an integer kernel on CPUs with AMX, simulated elsewhere, where the
+            quantizer warns: docs/methods.md#int8-attention).
         quantize_skip_convs: quantize the 1x1 convs on ResBlock shortcuts.
         reduce_range: "auto" picks a 7-bit activation range when 8-bit weights run on a CPU without VNNI
             (the AVX2 int8 kernels overflow otherwise); True / False force it.

@@ -19,13 +19,14 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
 from diffusion_ao.backends.x86 import compile_for_cpu
+from diffusion_ao.backends.x86_attention import attention_probability_ranges, lower_attention_to_int8
 from diffusion_ao.calibration.loop import calibrate
 from diffusion_ao.calibration.data import CalibrationData
 from diffusion_ao.calibration.threads import calibration_threads
 from diffusion_ao.config import QuantConfig
 from diffusion_ao.denoisers import CLASS_LABELS, denoiser_role
 from diffusion_ao.export import export_denoiser
-from diffusion_ao.graph import require_exported
+from diffusion_ao.graph import call_graph, graph_input_names, require_exported
 from diffusion_ao.methods.state import QuantizationReport, RecipeState
 from diffusion_ao.passes.analysis import MODULE_NAMES_META, denoiser_family, module_names
 from diffusion_ao.quantizer.context import check_module_name_overrides
@@ -57,6 +58,24 @@ def run_steps(phase: str, state: RecipeState) -> None:
     for name, module in STEPS[phase]:
         if getattr(state.config, name) is not None:
             getattr(importlib.import_module(f"diffusion_ao.{module}"), phase)(state)
+
+
+def lower_attention(state: RecipeState, samples_per_step: int = 8) -> None:
+    """Rewrites each quantized SDPA of the converted graph(s) as int8 attention (`backends.x86_attention`), its
+    probabilities' grid from `samples_per_step` calibration samples per timestep."""
+    data = state.data.subset(samples_per_step)
+    for graph in state.converted_graphs:
+        names = graph_input_names(graph)
+
+        def run() -> None:
+            with torch.no_grad():
+                for step in data.steps:
+                    call_graph(graph, step.graph_inputs(), names)
+
+        peaks = attention_probability_ranges(graph, run)
+        lower_attention_to_int8(graph, peaks)
+        state.report.attention.update(peaks)
+    logger.info("int8 attention: %d SDPA ops rewritten", len(state.report.attention))
 
 
 def check_config_against_data(config: QuantConfig, data: CalibrationData) -> None:
@@ -123,6 +142,8 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
             state.converted = time_groups.convert(state)
         else:
             state.converted = convert_pt2e(state.prepared)
+        if config.quantize_attention_matmuls:
+            lower_attention(state)
         run_steps("after_convert", state)
         state.report.calib_s = time.perf_counter() - start
         return state.converted, state.report

@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.ir import Pointwise
 from torch._inductor.virtualized import V, ops
 
+from diffusion_ao.backends.x86_attention import INT8_ATTENTION_COUNTER, counting_int8_attention
 from diffusion_ao.denoisers import SAMPLE
 from diffusion_ao.graph import QUANTIZE_OPS, input_specs, replace_constant
 from diffusion_ao.grouped_graph import TimeGroupedGraph
@@ -135,7 +136,7 @@ class CompiledForCPU(torch.nn.Module):
         self._compiled = torch.compile(model, dynamic=dynamic)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad(), inductor_config.patch(freezing=True), scales_in_buffers():
+        with torch.no_grad(), inductor_config.patch(freezing=True), scales_in_buffers(), counting_int8_attention():
             return self._compiled(*args, **kwargs)
 
 
@@ -168,12 +169,16 @@ def expected_int8_kernels(decisions: list) -> Optional[int]:
 
 
 def count_int8_kernels(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, int]:
-    """Calls `fn` (which must compile on this call) and returns how many int8 oneDNN kernels inductor emitted.
+    """Calls `fn` (which must compile on this call) and returns how many int8 kernels inductor emitted.
 
     Returns:
-        {"qconv": n, "qlinear": m} from inductor's pattern-matcher counters.
+        {"qconv": n, "qlinear": m, "attention": a}: oneDNN int8 convs and linears from inductor's pattern-matcher
+        counters, and int8 attention ops lowered to torchao's integer template (`backends.x86_attention`; an
+        attention op that falls back to the floating-point reference kernel is not counted).
     """
     counters.clear()
     fn(*args, **kwargs)
     c = counters["inductor"]
-    return {kind: sum(c[name] for name in INT8_KERNEL_COUNTERS if name.startswith(kind)) for kind in ("qconv", "qlinear")}
+    counts = {kind: sum(c[name] for name in INT8_KERNEL_COUNTERS if name.startswith(kind))
+              for kind in ("qconv", "qlinear")}
+    return {**counts, "attention": c[INT8_ATTENTION_COUNTER]}

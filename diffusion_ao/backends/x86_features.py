@@ -197,33 +197,3 @@ def int8_kernel_saturates(kernel: str) -> bool:
 def int16_pair_overflows(weight_bits: int, act_bits: int) -> bool:
     """Whether two uint8-activation x int8-weight products can exceed int16 (the non-VNNI accumulation)."""
     return 2 * (2**act_bits - 1) * 2 ** (weight_bits - 1) > INT16_MAX
-
-
-def _probe_int8_attention() -> None:
-    """torchao's int8 SDPA on uint8 Q, K, V of shape [1, 1, 4, 8]; raises where it has no CPU kernel."""
-    q = torch.full((1, 1, 4, 8), 130, dtype=torch.uint8)
-    torch.ops.torchao.qscaled_dot_product(q, q, q, None, 0.0, False, None, 0.05, 128, 0.05, 128, 0.05, 128,
-                                          1 / 255, 0, 0.05, 128)
-
-
-@functools.lru_cache(maxsize=None)
-def int8_attention_kernel_missing() -> Optional[str]:
-    """Why no int8 attention kernel runs on this CPU, or None where torchao's `qscaled_dot_product` does.
-
-    torchao ships an int8 scaled-dot-product-attention op for x86 CPUs, but only in builds with its CPU
-    extension; the PyPI wheels register no CPU kernel for it (only a shape function), which this asks by running it
-    once per process on a tiny input.
-    """
-    try:
-        import torchao.ops  # noqa: F401  (registers the op's schema)
-        with torch.no_grad():
-            _probe_int8_attention()
-    except (ImportError, AttributeError) as err:
-        return f"this torchao has no int8 attention op ({type(err).__name__}: {str(err).splitlines()[0]})"
-    except NotImplementedError:
-        return ("this torchao build registers no CPU kernel for torchao::qscaled_dot_product (it was built "
-                "without torchao's CPU extension, as the PyPI wheels are)")
-    except RuntimeError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return f"torchao::qscaled_dot_product fails on this CPU ({first[:200]})"
-    return None

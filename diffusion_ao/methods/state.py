@@ -42,6 +42,8 @@ class QuantizationReport:
         les, pts, gptq, low_rank: per layer, what LES, PTS, GPTQ and the low-rank branch did.
         timestep_weights: DMQ's adaptive weight of each timestep.
         tfmq, reconstruction, output_correction, mixed_precision, time_groups, finetune: those methods' reports.
+        attention: per SDPA node rewritten as int8 attention, the largest softmax probability calibrated (its
+            probabilities' uint8 grid is that / 255; `backends.x86_attention`).
         calib_s: seconds the whole recipe took.
         skipped: step -> why a step the config asks for did not run on this model.
     """
@@ -58,6 +60,7 @@ class QuantizationReport:
     mixed_precision: Optional["MixedPrecisionPlan"] = None
     time_groups: Optional["TimeGroups"] = None
     finetune: Optional["FinetuneReport"] = None
+    attention: dict[str, float] = field(default_factory=dict)
     calib_s: float = 0.0
     skipped: dict[str, str] = field(default_factory=dict)
 

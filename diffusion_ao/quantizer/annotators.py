@@ -58,7 +58,8 @@ def annotate_linear(node: Node, ctx: AnnotationContext) -> bool:
 
 @register_annotator("attention")
 def annotate_attention(node: Node, ctx: AnnotationContext) -> bool:
-    """Quantizes the operands of the attention matmuls (Q, K, V). Simulated: no CPU int8 attention kernel."""
+    """Quantizes the operands of the attention matmuls (Q, K, V); after convert the recipe rewrites each such SDPA
+    as int8 attention (`backends.x86_attention`)."""
     if node.target not in ATTENTION_OPERANDS or not ctx.config.quantize_attention_matmuls:
         return False
     layer = ctx.layer_for(node)

@@ -17,7 +17,8 @@ from typing import Optional
 from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 
-from diffusion_ao.backends.x86_features import LOWERED_KERNELS, int8_attention_kernel_missing, int8_kernel_saturates
+from diffusion_ao.backends.x86_attention import int8_attention_unavailable
+from diffusion_ao.backends.x86_features import LOWERED_KERNELS, int8_kernel_saturates
 from diffusion_ao.config import LayerQuant, QuantConfig
 from diffusion_ao.graph import require_exported
 from diffusion_ao.passes.analysis import (
@@ -173,13 +174,12 @@ class DiffusionQuantizer(Quantizer):
                      and n.target in annotators.ATTENTION_OPERANDS and "quantization_annotation" in n.meta]
         if not attention:
             return
-        missing = int8_attention_kernel_missing()
-        why = (missing if missing else "torchao's int8 attention kernel runs here, but diffusion-ao does not lower "
-               "attention to it yet")
-        warnings.warn(f"QuantConfig(quantize_attention_matmuls=True) quantizes the operands of {len(attention)} "
-                      f"attention ops as simulated q/dq around floating-point attention (the accuracy cost of int8 "
-                      f"attention, not its speed: it runs slower than FP attention): {why}. See "
-                      f"docs/methods.md#int8-attention.", UserWarning, stacklevel=3)
+        why = int8_attention_unavailable()
+        if why is None:  # torchao's integer template runs them here
+            return
+        warnings.warn(f"QuantConfig(quantize_attention_matmuls=True) quantizes {len(attention)} attention ops, which "
+                      f"run simulated here (the accuracy cost of int8 attention, not its speed: slower than FP "
+                      f"attention): {why}. See docs/methods.md#int8-attention.", UserWarning, stacklevel=3)
 
     def reduced_ranges(self) -> list[LayerDecision]:
         """The decisions whose activations got a one-bit-reduced range (each says why in `range_reason`)."""

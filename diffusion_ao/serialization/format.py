@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.fx import GraphModule
 
+from diffusion_ao.backends.x86_attention import int8_attention_op
 from diffusion_ao.graph import DEQUANTIZE_OPS, MAX_BATCH, QUANTIZE_OPS, graph_input_names, graph_tensor_targets
 from diffusion_ao.grouped_graph import GROUP_INDEX_BUFFER, TimeGroupedGraph
 from diffusion_ao.passes.temporal_cache import TIMESTEPS_BUFFER
@@ -385,6 +386,7 @@ def _unreadable_as_value_error(file: Path) -> Iterator[None]:
 
 
 def _load_graph(path: Path, archive: Path, config: dict, root: torch.nn.Module) -> GraphModule:
+    int8_attention_op()  # a graph with int8 attention calls torchao's op: its schema and a CPU kernel
     with _unreadable_as_value_error(archive):
         program = torch.export.load(io.BytesIO(lzma.decompress(archive.read_bytes())))
     flat = program.module()

@@ -354,39 +354,3 @@ def test_the_probe_answers_for_each_kernel_under_the_cap(cap):
         pytest.skip(f"this oneDNN build does not honour ONEDNN_MAX_CPU_ISA=AVX2 (isa: {isa!r})")
     # oneDNN's uint8 x int8 kernels saturate exactly where they lack an int8 dot product
     assert result["qconv"] is result["qlinear"] is (not result["has_vnni"])
-
-
-def test_the_int8_attention_probe_answers_what_the_op_does_here():
-    """None exactly where torchao's int8 SDPA runs on this CPU; else a reason that names the op."""
-    cpu.int8_attention_kernel_missing.cache_clear()
-    missing = cpu.int8_attention_kernel_missing()
-    try:
-        cpu._probe_int8_attention()
-        runs = True
-    except Exception:
-        runs = False
-    assert (missing is None) == runs
-    if missing is not None:
-        assert "qscaled_dot_product" in missing or "no int8 attention op" in missing
-
-
-@pytest.mark.parametrize("missing", [None, "this torchao build registers no CPU kernel for it"])
-def test_quantized_attention_operands_warn_that_they_are_simulated_and_why(monkeypatch, unet, missing):
-    """Forced both ways: with the kernel missing the warning gives the probe's reason; with it present it says
-    the lowering does not exist yet. Without quantized attention, no warning."""
-    import warnings
-
-    from diffusion_ao import DiffusionQuantizer, QuantConfig, export_unet
-    from diffusion_ao.quantizer import quantizer as quantizer_module
-
-    monkeypatch.setattr(quantizer_module, "int8_attention_kernel_missing", lambda: missing)
-    graph = export_unet(unet, sample_shape=(1, 1, 8, 8))
-    config = QuantConfig.preset("w8a8")
-    with pytest.warns(UserWarning, match="simulated q/dq") as record:
-        DiffusionQuantizer(config.replace(quantize_attention_matmuls=True)).annotate(graph)
-    message = str(record[-1].message)
-    assert (missing in message) if missing else "does not lower attention" in message
-    graph = export_unet(unet, sample_shape=(1, 1, 8, 8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        DiffusionQuantizer(config).annotate(graph)

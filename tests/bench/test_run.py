@@ -185,6 +185,8 @@ def test_kernel_kind_is_int8_only_when_every_quantized_layer_lowered():
     assert kernel_kind({"qconv": 3, "qlinear": 2}, expected=5) == "int8"
     assert kernel_kind({"qconv": 3, "qlinear": 0}, expected=5) == "simulated"
     assert kernel_kind(None, expected=5) == "simulated"
+    assert kernel_kind({"qconv": 3, "qlinear": 2, "attention": 2}, expected=5) == "int8, int8 attention"
+    assert kernel_kind({"qconv": 0, "qlinear": 0, "attention": 2}, expected=5) == "simulated"
 
 
 def test_dit_bench_samples_with_guidance_and_reports_label_agreement(tmp_path):

@@ -23,7 +23,8 @@ def _run(tmp_path, *extra):
 def test_speed_smoke_run_writes_every_variant(tiny_models, tmp_path):
     run_dir, results = _run(tmp_path, "--no-compile")
     rows = {r["variant"]: r for r in results["rows"]}
-    assert list(rows) == ["fp32-eager", "fp32-compiled", *speed.QUANTIZED] and results["meta"]["compiled"] is False
+    assert list(rows) == ["fp32-eager", "fp32-compiled", *speed.QUANTIZED, speed.INT8_ATTENTION]
+    assert results["meta"]["compiled"] is False
     assert all(r["median_ms"] > 0 and r["int8_kernels"] is None for r in rows.values())
     assert rows["w4a8"]["size_mb"] < rows["w8a8"]["size_mb"] < rows["fp32-compiled"]["size_mb"]
     assert "SMOKE RUN" in (run_dir / "speed.md").read_text()
@@ -33,11 +34,12 @@ def test_speed_smoke_run_writes_every_variant(tiny_models, tmp_path):
 def test_speed_bench_writes_every_variant_with_int8_kernels(tiny_models, tmp_path):
     run_dir, results = _run(tmp_path)
     rows = {r["variant"]: r for r in results["rows"]}
-    assert list(rows) == ["fp32-eager", "fp32-compiled", *speed.QUANTIZED]
+    assert list(rows) == ["fp32-eager", "fp32-compiled", *speed.QUANTIZED, speed.INT8_ATTENTION]
     assert results["meta"]["threads"] == 1
     assert rows["fp32-compiled"]["speedup_vs_fp32_compiled"] == pytest.approx(1.0)
     for name in speed.QUANTIZED:
-        assert sum(rows[name]["int8_kernels"].values()) == rows[name]["expected_int8_kernels"] > 0
+        kernels = rows[name]["int8_kernels"]
+        assert kernels["qconv"] + kernels["qlinear"] == rows[name]["expected_int8_kernels"] > 0
         assert rows[name]["median_ms"] > 0 and rows[name]["size_mb"] < rows["fp32-compiled"]["size_mb"]
     assert rows["w4a8"]["size_mb"] < rows["w8a8"]["size_mb"]
     assert "| tiny | 2 | w8a8 |" in (run_dir / "speed.md").read_text()
@@ -61,7 +63,8 @@ def test_speed_smoke_run_on_a_class_conditional_transformer(monkeypatch, schedul
     monkeypatch.setattr(speed, "MODELS", {"tiny": tiny_dit})
     _, results = _run(tmp_path, "--no-compile")
     rows = {r["variant"]: r for r in results["rows"]}
-    assert list(rows) == ["fp32-eager", "fp32-compiled", *speed.QUANTIZED, speed.CACHED]
+    assert list(rows) == ["fp32-eager", "fp32-compiled", *speed.QUANTIZED, speed.INT8_ATTENTION, speed.CACHED,
+                          f"{speed.CACHED}-int8-attention"]
     assert all(r["median_ms"] > 0 for r in rows.values())
     assert rows["w8a8"]["expected_int8_kernels"] >= 6  # q/k/v/out, MLP, modulation linears
     # the cache takes the time MLP and the adaLN linears (3 per block, and the final layer's) out of the graph
