@@ -222,7 +222,8 @@ DOC_SECTIONS: list[DocSection] = [
                "and `rank=32` (the branch in FP32), each calibrated three times, beside the naive rows. The latency "
                "column is at batch 250 on an AMD EPYC with AVX-512 VNNI (2 threads), nothing else running."),
     DocSection("dit-best-lowrank-3seeds", "`best-*` with the low-rank branch on the DiT (3 calibration seeds)",
-               "`best-w4a8` and `best-w4a6` as shipped now: on transformers a rank-16 branch beside each 4-bit "
+               "`best-w4a8` and `best-w4a6` as shipped at the time (they still weighted timesteps on transformers: "
+               "see the run below that dropped them): on transformers a rank-16 branch beside each 4-bit "
                "linear, its down-projection an 8-bit linear on int8 kernels and its up-projection in FP32 "
                "(`LowRankConfig(rank=16, down_bits=8)`); `-no-lowrank` is the same recipe without the branch, "
                "`-lowrank32-int8down` at rank 32. Each row calibrated three times, beside the naive rows. The "
@@ -236,13 +237,32 @@ DOC_SECTIONS: list[DocSection] = [
                "`best-w4a8` itself, with the branch, is in the rotation run below (same seeds and samples). Each row "
                "calibrated three times. Latency at batch 250 on the 2-core AVX-512 VNNI + AMX Xeon, nothing else "
                "running."),
+    DocSection("dit-best-minimal-3seeds", "`best-*` on the DiT without DMQ's timestep weights (3 calibration seeds)",
+               "`best-w4a8` and `best-w4a6` as shipped now: DMQ's adaptive timestep weights only on UNets "
+               "(`DMQConfig(denoisers=(\"unet\",))`); `best-w4a6-tw-all-families` is `best-w4a6` with them on "
+               "the DiT too (the recipe before), and the `best-w4a6-gptq...` rows build `best-w4a6` one piece at a "
+               "time (GPTQ on the preset's MSE grid, on the min-max grid, plus the (timestep, label) cache, plus "
+               "the timestep weights). Each row calibrated three times. Latency at batch 250 on the 2-core "
+               "AVX-512 VNNI + AMX Xeon, nothing else running during the latency phase (small test processes "
+               "shared the cores while `best-w4a6` calibrated: its calib s is rough)."),
     DocSection("dit-rotation-3seeds", "Rotated linear inputs on the DiT: measured, not shipped (3 calibration seeds)",
-               "`best-*` as shipped beside the same recipes with every 4-bit linear's input rotated by a "
+               "`best-*` as shipped at 8a6d781 beside the same recipes with every 4-bit linear's input rotated by a "
                "randomized Hadamard matrix, online (`-rotation`; `-no-lowrank+rotation` without the low-rank "
                "branch), each calibrated three times, run at commit 8a6d781 (the rotation's code lives there; "
                "docs/methods.md says why it was dropped). Latency at batch 250 on a 2-core Intel Xeon with "
                "AVX-512 VNNI and AMX, nothing else running during the latency phase (small test processes shared "
                "the cores during the first rows: their calib s is rough)."),
+    DocSection("dit-int8-attention-3seeds", "Int8 attention on the DiT (3 calibration seeds)",
+               "diffusion-ao's W8A8 and W4A8 rows with floating-point attention and with int8 attention "
+               "(`quantize_attention_matmuls=True`: Q, K, V, the softmax probabilities and the output in uint8, "
+               "torchao's integer attention template), each calibrated three times. Latency at batch 250 on the "
+               "2-core AVX-512 VNNI + AMX Xeon (the template needs AMX), nothing else running."),
+    DocSection("unet-int8-attention-3seeds", "Int8 attention on the UNet (3 calibration seeds)",
+               "The same rows on the shipped UNet (its attention blocks), same machine."),
+    DocSection("speed-int8-attention/dit-s-b1-b8", "Speed with int8 attention: DiT-S/2 on an AMX Xeon",
+               "`bench/speed.py --models dit-s --batches 1,8 --rounds 12`: a DiT-S/2-sized transformer (random "
+               "weights) with and without int8 attention, and with the (timestep, label) modulation cache, on the "
+               "2-core AVX-512 VNNI + AMX Xeon."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",

@@ -60,23 +60,33 @@ def int8_attention_op() -> Optional[Callable]:
     return op
 
 
-_LIBRARIES: list = []
+_LIBRARIES: list = []  # the library holding the reference kernel, where diffusion-ao registered it
 
 
 def amx_available() -> bool:
-    """Whether this CPU has AMX tiles (where torchao's lowering uses its integer template)."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    """Whether this CPU has AMX tiles (where torchao's lowering uses its integer template) and torch runs its
+    AVX-512 kernels: the template's packing is AVX-512 code, which `ATEN_CPU_CAPABILITY=avx2` turns off."""
+    has_tiles = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return has_tiles and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def integer_attention_here() -> bool:
+    """Whether a compiled int8 attention runs on integer kernels here: torchao's template (AMX), or torchao's own
+    CPU kernel (builds with its CPU extension), not the reference one."""
+    return int8_attention_op() is not None and (amx_available() or not _LIBRARIES)
 
 
 @functools.lru_cache(maxsize=None)
 def int8_attention_unavailable() -> Optional[str]:
-    """Why attention cannot run on integer kernels on this CPU, or None where it does (AMX and torchao's
-    lowering present)."""
+    """Why attention cannot run on integer kernels on this CPU, or None where it does."""
     if int8_attention_op() is None:
         return "this torchao has no int8 attention op (torchao::qscaled_dot_product)"
-    if not amx_available():
+    if not integer_attention_here():
+        tiles = "yes" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "no"
         return ("torchao's integer attention kernel (its inductor template for torchao::qscaled_dot_product) "
-                "needs a CPU with AMX tiles, and this one has none")
+                f"needs a CPU with AMX tiles running torch's AVX-512 kernels (here: AMX tiles {tiles}, "
+                f"torch's CPU capability {torch.backends.cpu.get_cpu_capability()}); this torchao build has no CPU "
+                "kernel for the op either (the PyPI wheels lack torchao's CPU extension)")
     return None
 
 
@@ -235,8 +245,8 @@ def lower_attention_to_int8(gm: GraphModule, probability_peaks: dict[str, float]
 
 @contextlib.contextmanager
 def counting_int8_attention() -> Iterator[None]:
-    """While active, inductor counts each int8 attention op it lowers where torchao's lowering takes its integer
-    template (a CPU with AMX) in `counters["inductor"][INT8_ATTENTION_COUNTER]`."""
+    """While active, inductor counts each int8 attention op it lowers onto integer kernels
+    (`integer_attention_here`) in `counters["inductor"][INT8_ATTENTION_COUNTER]`."""
     from torch._dynamo.utils import counters
     import torch._inductor.lowering as inductor_lowering
 
@@ -247,7 +257,7 @@ def counting_int8_attention() -> Iterator[None]:
         return
 
     def counted(*args, **kwargs):
-        if amx_available():
+        if integer_attention_here():
             counters["inductor"][INT8_ATTENTION_COUNTER] += 1
         return lowering(*args, **kwargs)
 
