@@ -263,6 +263,9 @@ DOC_SECTIONS: list[DocSection] = [
                "`bench/speed.py --models dit-s --batches 1,8 --rounds 12`: a DiT-S/2-sized transformer (random "
                "weights) with and without int8 attention, and with the (timestep, label) modulation cache, on the "
                "2-core AVX-512 VNNI + AMX Xeon."),
+    DocSection("speed-int8-attention/dit-s-1024-b1", "Speed with int8 attention: DiT-S/2 at 1024 tokens",
+               "`bench/speed.py --models dit-s-1024 --batches 1 --rounds 8`: DiT-S/2 on a 64x64 latent (a 512x512 "
+               "image through an 8x VAE), where attention's share of the time is larger, same machine."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",
