@@ -142,7 +142,7 @@ def quantize_denoiser(model: torch.nn.Module, data: CalibrationData, config: Uni
             state.converted = time_groups.convert(state)
         else:
             state.converted = convert_pt2e(state.prepared)
-        if config.quantize_attention_matmuls:
+        if state.config.quantize_attention_matmuls:
             lower_attention(state)
         run_steps("after_convert", state)
         state.report.calib_s = time.perf_counter() - start

@@ -114,6 +114,18 @@ def graph(unet) -> torch.fx.GraphModule:
     return export_unet(unet, sample_shape=(1, 1, 8, 8))
 
 
+@pytest.fixture(scope="module")
+def dit():
+    """A fresh tiny DiT (heads of 8 channels) per test module."""
+    return tiny_dit(attention_head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def dit_data(dit):
+    """`tiny_dit_data` of the module's tiny DiT."""
+    return tiny_dit_data(dit)
+
+
 def cifar_size_unet(seed: int = 0) -> UNet2DModel:
     """The DDPM CIFAR-10 UNet (~35.7 M parameters, random weights): for kernel coverage and speed only."""
     from diffusion_ao.models.cifar import cifar10_unet

@@ -6,17 +6,6 @@ import pytest
 from diffusion_ao import QuantConfig, collect_calibration_data, export_denoiser, export_unet, quantize_denoiser
 from diffusion_ao.config import DMQConfig, OutputCorrectionConfig, QDiffConfig, ReconstructionConfig
 from diffusion_ao.passes.analysis import DENOISER_CLASS_META, denoiser_family
-from tests.conftest import tiny_dit, tiny_dit_data
-
-
-@pytest.fixture(scope="module")
-def dit():
-    return tiny_dit(attention_head_dim=8)
-
-
-@pytest.fixture(scope="module")
-def dit_data(dit):
-    return tiny_dit_data(dit)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from diffusion_ao.backends import x86_attention
 from diffusion_ao.backends.x86_attention import (SDPA, int8_attention_op, int8_attention_unavailable,
                                                  reference_int8_attention)
 from diffusion_ao.graph import call_graph, graph_input_names
-from tests.conftest import tiny_dit, tiny_dit_data
 
 
 def _grid(x: torch.Tensor) -> tuple[float, int]:
@@ -60,16 +59,6 @@ def test_the_reference_kernel_refuses_dropout_and_causal_masks():
         reference_int8_attention(x, x, x, None, 0.1)
     with pytest.raises(ValueError, match="neither dropout nor a causal mask"):
         reference_int8_attention(x, x, x, None, 0.0, True)
-
-
-@pytest.fixture(scope="module")
-def dit():
-    return tiny_dit(attention_head_dim=8)
-
-
-@pytest.fixture(scope="module")
-def dit_data(dit):
-    return tiny_dit_data(dit)
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +143,14 @@ def test_on_amx_the_attention_compiles_to_the_integer_template_and_matches_the_r
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_the_quantizer_warns_that_attention_is_simulated_exactly_where_the_cpu_has_no_amx(monkeypatch, dit, amx):
+def test_the_quantizer_warns_that_attention_is_simulated_exactly_where_the_cpu_has_no_amx(monkeypatch, dit, dit_data,
+                                                                                         amx):
     from diffusion_ao import DiffusionQuantizer, export_denoiser
 
     monkeypatch.setattr(x86_attention, "amx_available", lambda: amx)
     int8_attention_unavailable.cache_clear()
     try:
-        graph = export_denoiser(dit, tiny_dit_data(dit).steps[0])
+        graph = export_denoiser(dit, dit_data.steps[0])
         quantizer = DiffusionQuantizer(QuantConfig.preset("w8a8").replace(quantize_attention_matmuls=True))
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")

@@ -14,7 +14,7 @@ from diffusion_ao.methods.low_rank import apply_low_rank, low_rank_split, low_ra
 from diffusion_ao.passes.analysis import LOW_RANK_META
 from diffusion_ao.passes.low_rank import add_low_rank_branch
 from diffusion_ao.serialization.size import size_mb, weight_code_bits
-from tests.conftest import tiny_dit, tiny_dit_data
+from tests.conftest import tiny_dit
 
 TORCH_THREADS = 2
 RANK = 4
@@ -78,11 +78,6 @@ def test_the_split_and_the_config_reject_bad_input():
 @pytest.fixture(scope="module")
 def dit():
     return tiny_dit(attention_head_dim=16)
-
-
-@pytest.fixture(scope="module")
-def dit_data(dit):
-    return tiny_dit_data(dit)
 
 
 @pytest.fixture(scope="module")
