@@ -53,6 +53,13 @@ def _tiny_dit():
 
 @pytest.mark.parametrize("lowering", ["int_mm", "torchao-int8"])
 def test_a_lowering_of_a_tiny_dit_on_cpu_is_as_close_to_fp32_as_its_qdq_graph(monkeypatch, lowering):
+    from diffusion_ao.backends.x86_features import int8_kernel_saturates
+
+    if lowering == "torchao-int8" and int8_kernel_saturates("int_mm"):
+        # torchao's int8 dynamic activations take the full uint8 range, which the probed torch._int_mm here adds
+        # in int16 pairs (e.g. oneDNN's AVX2 path): the overflow the quantizer's 7-bit range avoids, not the GPU's
+        pytest.skip("torch._int_mm saturates int16 pair sums on this CPU (probed): torchao's full-range int8 "
+                    "activations overflow here, as on any CPU without an int8 dot product")
     monkeypatch.setitem(gpu_check.MODELS, "tiny-dit", _tiny_dit)
     model = gpu_check.prepare_model("tiny-dit", batch=4)
     result = gpu_check.check_lowering(model, lowering, "cpu", rounds=1, timed=False)
