@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
-import os
 import json
 import platform
 import sys
@@ -40,6 +37,7 @@ import torch  # noqa: E402
 import torch._inductor.config as inductor_config  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
 
+from bench.compiled import compile_and_count, kernel_kind, release_freed_memory, rss_mib  # noqa: E402
 from bench.latency import (cpu_name, default_threads, machine_meta, measure_interleaved,  # noqa: E402
                            vnni_warning)
 from bench.plan import Plan, format_s  # noqa: E402
@@ -50,7 +48,7 @@ from bench.report import write_report  # noqa: E402
 from bench.peers import PEER_NOTES, PeerModel, SamplerDenoiser, TensorDenoiser, build as build_peer_model  # noqa: E402
 from bench.rows import ABLATIONS, RowSpec, default_rows, peer_rows, select_rows  # noqa: E402
 from diffusion_ao import (CalibrationData, as_diffusers_denoiser, collect_calibration_data,  # noqa: E402
-                          compile_for_cpu, count_int8_kernels, export_denoiser)
+                          compile_for_cpu, export_denoiser)
 from diffusion_ao.backends.x86 import expected_int8_kernels  # noqa: E402
 from diffusion_ao.passes.finite_set import has_per_timestep_qparams  # noqa: E402
 from diffusion_ao.backends.x86_features import cpu_has_vnni  # noqa: E402
@@ -142,40 +140,6 @@ def real_digit_features(classifier) -> torch.Tensor:
     return classifier_features(images, classifier)
 
 
-def release_freed_memory() -> None:
-    """Hands freed heap pages back to the OS after a row. glibc keeps them otherwise, and each row's
-    calibration temporaries (~1 GiB on the DiT) land in new pages: 12 rows outgrew 24 GiB. Linux / glibc only;
-    elsewhere a no-op."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def rss_mib() -> float:
-    """This process's resident memory in MiB (Linux; 0.0 elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0.0
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def compile_and_count(converted: torch.nn.Module, probe_x: torch.Tensor, probe_t: torch.Tensor,
-                      probe_kw: dict) -> tuple[torch.nn.Module, Optional[dict]]:
-    """`compile_for_cpu(converted)` and the int8 kernels inductor emitted; a `TimeGroupedGraph` compiles every
-    group (a call with one of its timesteps each), and its counts are per group (the groups must agree)."""
-    model = compile_for_cpu(converted)
-    if not isinstance(model, TimeGroupedGraph):
-        return model, count_int8_kernels(model, probe_x, probe_t, **probe_kw)
-    per_group = [count_int8_kernels(model, probe_x, torch.full_like(probe_t, group[0]), **probe_kw)
-                 for group in model.group_timesteps()]
-    if any(c != per_group[0] for c in per_group):
-        raise RuntimeError(f"The time groups lowered to different int8 kernels: {per_group}.")
-    return model, per_group[0]
-
-
 def build_peer(spec: RowSpec, unet: torch.nn.Module, calib) -> tuple[TensorDenoiser, float, PeerModel]:
     """The peer's quantized copy of the eager denoiser, as the bench calls graphs, with its calibration seconds."""
     start = time.perf_counter()
@@ -217,17 +181,6 @@ def seed_spread(runs: list[dict]) -> dict[str, dict[str, float]]:
         values = [float(r[key]) for r in runs]
         spread[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
     return spread
-
-
-def kernel_kind(counts: Optional[dict], expected: Optional[int]) -> str:
-    """"int8" when the compiled graph runs the quantized layers on int8 kernels ("int8, int8 attention" with
-    attention on torchao's integer template), else "simulated"."""
-    layers = (counts or {}).get("qconv", 0) + (counts or {}).get("qlinear", 0)
-    if layers == 0:
-        return "simulated"
-    if expected is not None and layers < expected:
-        return "simulated"  # some quantized layers still run as q/dq in fp32
-    return "int8, int8 attention" if counts.get("attention") else "int8"
 
 
 BENCH_DEPENDENCIES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn"}  # module -> package

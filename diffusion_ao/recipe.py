@@ -19,7 +19,8 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
 from diffusion_ao.backends.x86 import compile_for_cpu
-from diffusion_ao.backends.x86_attention import attention_probability_ranges, lower_attention_to_int8
+from diffusion_ao.backends.x86_attention import (attention_probability_ranges, int8_attention_op,
+                                                 int8_attention_unavailable, lower_attention_to_int8)
 from diffusion_ao.calibration.loop import calibrate
 from diffusion_ao.calibration.data import CalibrationData
 from diffusion_ao.calibration.threads import calibration_threads
@@ -63,6 +64,9 @@ def run_steps(phase: str, state: RecipeState) -> None:
 def lower_attention(state: RecipeState, samples_per_step: int = 8) -> None:
     """Rewrites each quantized SDPA of the converted graph(s) as int8 attention (`backends.x86_attention`), its
     probabilities' grid from `samples_per_step` calibration samples per timestep."""
+    if int8_attention_op() is None:  # the quantizer has warned: attention stays simulated q/dq
+        state.report.skipped["int8 attention"] = f"not run: {int8_attention_unavailable()}"
+        return
     data = state.data.subset(samples_per_step)
     for graph in state.converted_graphs:
         names = graph_input_names(graph)
