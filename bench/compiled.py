@@ -51,7 +51,8 @@ def compile_and_count(converted: torch.nn.Module, probe_x: torch.Tensor, probe_t
 def kernel_kind(counts: Optional[dict], expected: Optional[int]) -> str:
     """"int8" when the compiled graph runs the quantized layers on int8 kernels ("int8, int8 attention" with
     attention on torchao's integer template), else "simulated"."""
-    layers = (counts or {}).get("qconv", 0) + (counts or {}).get("qlinear", 0)
+    counts = counts or {}
+    layers = counts.get("qconv", 0) + counts.get("qlinear", 0) + counts.get("merged_linears", 0)
     if layers == 0:
         return "simulated"
     if expected is not None and layers < expected:

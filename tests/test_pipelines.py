@@ -98,7 +98,7 @@ def test_compiled_pipeline_runs_on_int8_kernels(kind):
     linears = sum(d.layer is not None and "linear" in d.op for d in planned)
     convs = sum(d.layer is not None and "conv" in d.op for d in planned)
     counts = count_int8_kernels(_images, pipe, kw)
-    assert counts["qlinear"] == linears and counts["qconv"] == convs
+    assert counts["qlinear"] + counts["merged_linears"] == linears and counts["qconv"] == convs
     assert snr_db(reference, _images(pipe, kw)) > MIN_W8A8_IMAGE_SNR_DB
 
 

@@ -29,6 +29,7 @@ import torch
 import torch._inductor.config as inductor_config
 import torch._inductor.lowering as inductor_lowering
 from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.ir import Pointwise
 from torch._inductor.virtualized import V, ops
 
@@ -38,10 +39,13 @@ from diffusion_ao.graph import QUANTIZE_OPS, input_specs, replace_constant
 from diffusion_ao.grouped_graph import TimeGroupedGraph
 from diffusion_ao.passes.analysis import get_attr_tensor
 from diffusion_ao.passes.flatten_linear import drop_reshapes_around_activations
+from diffusion_ao.passes.merge_linears import merge_shared_input_linears
 
 # The inductor counters that count int8 oneDNN kernels in the compiled graph.
 INT8_KERNEL_COUNTERS = ("qconv_unary_lower_count", "qconv2d_binary_lower_count", "qlinear_unary_lower_count",
                         "qlinear_binary_lower_count")
+# The inductor counter of quantized linears merged into another one's kernel (`merge_shared_input_linears`).
+MERGED_LINEARS_COUNTER = "diffusion_ao_merged_linears"
 
 
 qd = torch.ops.quantized_decomposed
@@ -128,45 +132,74 @@ def _require_float32_if_quantized(gm: torch.fx.GraphModule) -> None:
                          "torch_dtype=torch.float32), or run the converted graph without compiling it.")
 
 
+class _CountMergedLinears(CustomGraphPass):
+    """Inductor's post-grad pass that adds a graph's merged linears to its counters each time it compiles the graph
+    (and, through the counter deltas its cache keeps, each time it loads it), beside the kernels it counts."""
+
+    def __init__(self, merged: int) -> None:
+        self.merged = merged
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        counters["inductor"][MERGED_LINEARS_COUNTER] += self.merged
+
+    def uuid(self) -> str:
+        return f"diffusion_ao.merged_linears.{self.merged}"
+
+
 class CompiledForCPU(torch.nn.Module):
     """A `torch.compile`d graph that always runs (and recompiles) with inductor freezing, inductor's C++ wrapper
-    (unless `cpp_wrapper=False`) and no autograd."""
+    (unless `cpp_wrapper=False`) and no autograd.
 
-    def __init__(self, model: torch.nn.Module, dynamic: bool | None = None, cpp_wrapper: bool = True) -> None:
+    Attributes:
+        merged_linears: how many int8 linears run inside another one's kernel (`merge_shared_input_linears`;
+            2 per attention's Q/K/V), so that `count_int8_kernels` counts that many fewer qlinear kernels than
+            the graph has quantized linears.
+    """
+
+    def __init__(self, model: torch.nn.Module, dynamic: bool | None = None, cpp_wrapper: bool = True,
+                 merge_linears: bool = True) -> None:
         super().__init__()
+        self.merged_linears = 0
         if isinstance(model, torch.fx.GraphModule):
             _require_float32_if_quantized(model)
             drop_reshapes_around_activations(model)  # exact; lets inductor fuse the MLP's GELU into the qlinear
             make_constants_contiguous(model)  # exact; inductor's int8 weight prepack needs it
+            if merge_linears:  # on a copy: the caller's graph keeps its layers
+                model, self.merged_linears = merge_shared_input_linears(model)
         self.model = model
         self.cpp_wrapper = cpp_wrapper
         self._compiled = torch.compile(model, dynamic=dynamic)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        settings = inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper)
+        settings = inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper,
+                                         post_grad_custom_post_pass=_CountMergedLinears(self.merged_linears))
         with torch.no_grad(), settings, scales_in_buffers(), counting_int8_attention():
             return self._compiled(*args, **kwargs)
 
 
-def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None, cpp_wrapper: bool = True
-                    ) -> torch.nn.Module:
+def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None, cpp_wrapper: bool = True,
+                    merge_linears: bool = True) -> torch.nn.Module:
     """Compiles a converted graph (or a floating-point one, for comparison) for the CPU.
 
     Args:
         model: the output of `convert_pt2e`, or any module. A graph gets two exact in-place rewrites first
-            (`passes.flatten_linear.drop_reshapes_around_activations`, `make_constants_contiguous`). A
+            (`passes.flatten_linear.drop_reshapes_around_activations`, `make_constants_contiguous`), then the
+            linears on one quantized input are merged in a copy (`merge_linears`). A
             `TimeGroupedGraph` gets each of its groups compiled (one set of int8 kernels per group).
         dynamic: passed to `torch.compile`; None lets dynamo decide after a batch-size change.
         cpp_wrapper: inductor's C++ wrapper instead of its Python one (see the module docstring): faster at small
             batches; False gives inductor's default.
+        merge_linears: run the int8 linears that read one quantized activation (Q, K, V) as one kernel
+            (`passes.merge_linears`, exact up to float rounding; the compiled graph's `merged_linears` says how
+            many); False keeps one kernel per layer.
 
     Example:
         >>> fast = compile_for_cpu(convert_pt2e(prepared))
         >>> out = fast(sample, timestep)   # first call compiles
     """
     if isinstance(model, TimeGroupedGraph):
-        return model.map_groups(lambda group: CompiledForCPU(group, dynamic=dynamic, cpp_wrapper=cpp_wrapper))
-    return CompiledForCPU(model, dynamic=dynamic, cpp_wrapper=cpp_wrapper)
+        return model.map_groups(lambda group: CompiledForCPU(group, dynamic, cpp_wrapper, merge_linears))
+    return CompiledForCPU(model, dynamic, cpp_wrapper, merge_linears)
 
 
 def expected_int8_kernels(decisions: list) -> Optional[int]:
@@ -183,13 +216,15 @@ def count_int8_kernels(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dic
     """Calls `fn` (which must compile on this call) and returns how many int8 kernels inductor emitted.
 
     Returns:
-        {"qconv": n, "qlinear": m, "attention": a}: oneDNN int8 convs and linears from inductor's pattern-matcher
-        counters, and int8 attention ops lowered to torchao's integer template (`backends.x86_attention`; an
-        attention op that falls back to the floating-point reference kernel is not counted).
+        {"qconv": n, "qlinear": m, "attention": a, "merged_linears": k}: oneDNN int8 convs and linears from
+        inductor's pattern-matcher counters; int8 attention ops lowered to torchao's integer template
+        (`backends.x86_attention`; an attention op that falls back to the floating-point reference kernel is not
+        counted); and the quantized linears that run inside another one's kernel
+        (`merge_shared_input_linears`). The quantized layers on int8 kernels are `qconv + qlinear + merged_linears`.
     """
     counters.clear()
     fn(*args, **kwargs)
     c = counters["inductor"]
     counts = {kind: sum(c[name] for name in INT8_KERNEL_COUNTERS if name.startswith(kind))
               for kind in ("qconv", "qlinear")}
-    return {**counts, "attention": c[INT8_ATTENTION_COUNTER]}
+    return {**counts, "attention": c[INT8_ATTENTION_COUNTER], "merged_linears": c[MERGED_LINEARS_COUNTER]}

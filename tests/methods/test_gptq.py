@@ -157,4 +157,4 @@ def test_the_recipe_runs_gptq_and_the_result_lowers_to_int8_kernels(unet, data, 
     assert len(report.gptq) == expected > 0
     x, t = probe_inputs(data)
     counts = count_int8_kernels(compile_for_cpu(converted), x, t)
-    assert counts["qconv"] + counts["qlinear"] == expected
+    assert counts["qconv"] + counts["qlinear"] + counts["merged_linears"] == expected

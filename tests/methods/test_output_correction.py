@@ -130,5 +130,5 @@ def test_corrected_graph_runs_on_int8_kernels(unet, corrected, data):
     eager = converted(x, t)
     fast = compile_for_cpu(converted)
     kernels = count_int8_kernels(fast, x, t)
-    assert kernels["qconv"] + kernels["qlinear"] == expected_int8_kernels(report.quantizer.decisions)
+    assert kernels["qconv"] + kernels["qlinear"] + kernels["merged_linears"] == expected_int8_kernels(report.quantizer.decisions)
     assert kernel_error_fraction(unet(x, t).sample, eager, fast(x, t)) < KERNEL_ERROR_FRACTION

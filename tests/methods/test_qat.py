@@ -118,7 +118,7 @@ def test_finetuned_graph_lowers_to_the_int8_kernels(tuned, graph, data):
         fp, eager = graph(x, t), converted(x, t)
     fast = compile_for_cpu(copy.deepcopy(converted))
     counts = count_int8_kernels(fast, x, t)
-    assert counts["qconv"] + counts["qlinear"] == expected_int8_kernels(quantizer.decisions)
+    assert counts["qconv"] + counts["qlinear"] + counts["merged_linears"] == expected_int8_kernels(quantizer.decisions)
     with torch.no_grad():
         compiled = fast(x, t)
     assert kernel_error_fraction(fp, eager, compiled) < KERNEL_ERROR_FRACTION, has_vnni

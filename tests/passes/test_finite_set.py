@@ -123,8 +123,8 @@ def test_cache_and_fsc_lower_to_int8_kernels(unet, calibrated):
         fraction = kernel_error_fraction(unet(x, t).sample, converted(x, t), fast(x, t))
         assert fraction < KERNEL_ERROR_FRACTION, (name, fraction)
     kernels, planned = results["cache"]
-    assert kernels["qconv"] + kernels["qlinear"] == planned and kernels["qlinear"] == planned - kernels["qconv"] > 0
+    assert kernels["qconv"] + kernels["qlinear"] + kernels["merged_linears"] == planned and kernels["qlinear"] == planned - kernels["qconv"] > 0
     kernels, planned = results["fsc-temporal"]
-    assert kernels["qconv"] + kernels["qlinear"] == planned
+    assert kernels["qconv"] + kernels["qlinear"] + kernels["merged_linears"] == planned
     kernels, _ = results["fsc-all"]
     assert kernels["qconv"] == 0 and kernels["qlinear"] == results["cache"][0]["qlinear"]

@@ -137,4 +137,4 @@ def test_split_pieces_run_on_int8_kernels(split_w8a8, data):
     x, t = step.sample[:4], torch.full((4,), step.timestep)
     kernels = count_int8_kernels(compile_for_cpu(converted), x, t)
     expected = sum(1 for d in quantizer.decisions if d.layer is not None and d.layer.act_bits)
-    assert kernels["qconv"] + kernels["qlinear"] == expected
+    assert kernels["qconv"] + kernels["qlinear"] + kernels["merged_linears"] == expected
