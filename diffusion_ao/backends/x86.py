@@ -11,10 +11,10 @@ between them. While `compile_for_cpu` compiles, those two numbers are read from 
 (`scales_in_buffers`): the same arithmetic in the same order, but one source per graph shape, so inductor's
 kernel cache serves every later quantization of that shape (each bench row, each time group, each retry).
 
-Inductor's default wrapper is Python: one interpreted call per kernel. A quantized DiT-S/2 at batch 1 makes
-~250 kernel calls of ~50-300 us each, and the Python wrapper cost a quarter of its time (23.5 -> 17.8 ms per
-call on a 2-core Xeon), so `compile_for_cpu` asks inductor for its C++ wrapper (`cpp_wrapper=True`) unless told
-otherwise; at large batches the two are the same speed.
+Inductor's default wrapper is Python: one interpreted call per kernel. `compile_for_cpu` asks for its C++
+wrapper (`cpp_wrapper=True`) unless told otherwise: on a quantized DiT-S/2 at batch 1 (~250 kernel calls) it
+took 19.2 -> 18.5 ms per call (medians of 15 interleaved calls, 2-core Xeon); FP32 graphs run the same with
+either wrapper.
 
 Inductor's int8 weight prepack reads a constant weight as if it were contiguous: a transposed int8 weight
 (a low-rank factor taken from an SVD, say) compiled to a qlinear whose outputs were wrong (relative error ~1
