@@ -269,6 +269,15 @@ DOC_SECTIONS: list[DocSection] = [
     DocSection("speed-int8-attention/dit-s-1024-b1", "Speed with int8 attention: DiT-S/2 at 1024 tokens",
                "`bench/speed.py --models dit-s-1024 --batches 1 --rounds 8`: DiT-S/2 on a 64x64 latent (a 512x512 "
                "image through an 8x VAE), where attention's share of the time is larger, same machine."),
+    DocSection("speed-wrapper-merged/dit-s-b1-b8", "Speed with merged projections: DiT-S/2 on an AMX Xeon",
+               "The DiT-S/2 rows again with `compile_for_cpu`'s C++ wrapper and merged Q/K/V projections (on by "
+               "default), same machine: `bench/speed.py --models dit-s --batches 1,8 --rounds 12`."),
+    DocSection("speed-wrapper-merged/dit-s-1024-b1", "Speed with merged projections: DiT-S/2 at 1024 tokens",
+               "`bench/speed.py --models dit-s-1024 --batches 1 --rounds 8`, same code and machine."),
+    DocSection("speed-wrapper-merged/sd15-quarter-b8", "Speed with int8 attention: an SD-1.5-shaped UNet",
+               "`bench/speed.py --models sd15-quarter --batches 8 --rounds 8`: SD 1.5's UNet structure and head "
+               "sizes (40/80/160, padded to multiples of 16 for the attention template) at a quarter of its width "
+               "on 32x32 latents (random weights), same code and machine."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",

@@ -12,9 +12,8 @@ between them. While `compile_for_cpu` compiles, those two numbers are read from 
 kernel cache serves every later quantization of that shape (each bench row, each time group, each retry).
 
 Inductor's default wrapper is Python: one interpreted call per kernel. `compile_for_cpu` asks for its C++
-wrapper (`cpp_wrapper=True`) unless told otherwise: on a quantized DiT-S/2 at batch 1 (~250 kernel calls) it
-took 19.2 -> 18.5 ms per call (medians of 15 interleaved calls, 2-core Xeon); FP32 graphs run the same with
-either wrapper.
+wrapper (`cpp_wrapper=True`) unless told otherwise: a quantized DiT-S/2 at batch 1 makes ~250 kernel calls of
+50-300 us each, where the per-call cost shows; at large batches the two wrappers run the same.
 
 Inductor's int8 weight prepack reads a constant weight as if it were contiguous: a transposed int8 weight
 (a low-rank factor taken from an SVD, say) compiled to a qlinear whose outputs were wrong (relative error ~1
