@@ -330,7 +330,8 @@ def test_the_range_follows_what_the_kernels_do_on_this_cpu(cap):
         assert saturates == {"qconv": True, "qlinear": True}
     full, auto = result["False"], result["auto"]
     assert full["ranges"] == [[0, 255]]
-    assert full["kernels"] == auto["kernels"] == {"qconv": 2, "qlinear": 1, "attention": 0}  # on int8 kernels
+    assert full["kernels"] == auto["kernels"] == {"qconv": 2, "qlinear": 1, "attention": 0,
+                                                  "merged_linears": 0}  # on int8 kernels
     print(f"full range: quantization MSE {full['quant_mse']:.2e}, kernel MSE {full['kernel_mse']:.2e}; "
           f"auto: {auto['ranges']} {auto['quant_mse']:.2e}, {auto['kernel_mse']:.2e} (signal {full['signal']:.2e})")
     if any(saturates.values()):
