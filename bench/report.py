@@ -131,10 +131,10 @@ def speed_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         k, expected = r["int8_kernels"], r["expected_int8_kernels"]
-        kernels = "-" if k is None or expected is None else f"{k['qconv'] + k['qlinear']}/{expected}"
-        if k and k.get("merged_linears") and expected is not None:  # int8 layers / expected (their kernels)
-            layers, emitted = k["qconv"] + k["qlinear"] + k["merged_linears"], k["qconv"] + k["qlinear"]
-            kernels = f"{layers}/{expected} ({emitted} kernels)"
+        kernels = "-"
+        if k is not None and expected is not None:  # int8 layers / expected (and the kernels, where merged)
+            emitted, merged = k["qconv"] + k["qlinear"], k.get("merged_linears", 0)
+            kernels = f"{emitted + merged}/{expected}" + (f" ({emitted} kernels)" if merged else "")
         if k and k.get("attention"):
             kernels += f" + {k['attention']} attention"
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | "

@@ -14,7 +14,7 @@ other exact rewrites.
 """
 from __future__ import annotations
 
-import copy as _copy
+import copy
 from collections import defaultdict
 from typing import Hashable, Optional
 
@@ -127,14 +127,13 @@ def merge_shared_input_linears(gm: GraphModule) -> tuple[GraphModule, int]:
             groups[key].append(node)
     if not any(len(nodes) > 1 for nodes in groups.values()):
         return gm, 0
-    copy = GraphModule(gm, _copy.deepcopy(gm.graph))
-    by_name = {n.name: n for n in copy.graph.nodes}
+    out = GraphModule(gm, copy.deepcopy(gm.graph))
+    by_name = {n.name: n for n in out.graph.nodes}
     merged = 0
     for nodes in groups.values():
         if len(nodes) > 1:
-            _merge(copy, [by_name[n.name] for n in nodes])
+            _merge(out, [by_name[n.name] for n in nodes])
             merged += len(nodes) - 1
-    copy.graph.eliminate_dead_code()
-    copy.recompile()
-    return GraphModule(copy, copy.graph), merged
+    out.graph.eliminate_dead_code()
+    return GraphModule(out, out.graph), merged  # keeps only the constants the merged graph reads
 
