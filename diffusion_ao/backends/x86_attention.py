@@ -108,7 +108,8 @@ def reference_int8_attention(query: torch.Tensor, key: torch.Tensor, value: torc
         scores = scores + attn_mask
     probs = torch.clamp(torch.round(scores.softmax(-1) / a_scale) + a_zp, 0, 255)
     out = ((probs - a_zp) * a_scale) @ v
-    return torch.clamp(torch.round(out / o_scale) + o_zp, 0, 255).to(torch.uint8)
+    out = torch.clamp(torch.round(out / o_scale) + o_zp, 0, 255).to(torch.uint8)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)  # the op's layout (its fake kernel's): B, L, H, D
 
 
 def _quantized_operand(node: Node) -> Optional[tuple[Node, float, int]]:
@@ -246,7 +247,10 @@ def lower_attention_to_int8(gm: GraphModule, probability_peaks: dict[str, float]
 @contextlib.contextmanager
 def counting_int8_attention() -> Iterator[None]:
     """While active, inductor counts each int8 attention op it lowers onto integer kernels
-    (`integer_attention_here`) in `counters["inductor"][INT8_ATTENTION_COUNTER]`."""
+    (`integer_attention_here`) in `counters["inductor"][INT8_ATTENTION_COUNTER]`, and lowers it to the op's CPU
+    kernel where the template cannot run: torchao picks its template wherever the CPU has AMX tiles, but the
+    template's packing code is AVX-512 only and fails at run time when torch runs its AVX2 kernels
+    (`ATEN_CPU_CAPABILITY=avx2` on an AMX CPU)."""
     from torch._dynamo.utils import counters
     import torch._inductor.lowering as inductor_lowering
 
@@ -259,10 +263,27 @@ def counting_int8_attention() -> Iterator[None]:
     def counted(*args, **kwargs):
         if integer_attention_here():
             counters["inductor"][INT8_ATTENTION_COUNTER] += 1
-        return lowering(*args, **kwargs)
+        if amx_available():
+            return lowering(*args, **kwargs)
+        with _amx_tiles_hidden():  # torchao's lowering then binds the op's CPU kernel instead of the template
+            return lowering(*args, **kwargs)
 
     inductor_lowering.lowerings[op] = counted
     try:
         yield
     finally:
         inductor_lowering.lowerings[op] = lowering
+
+
+@contextlib.contextmanager
+def _amx_tiles_hidden() -> Iterator[None]:
+    """While active, torch reports no AMX tiles (the check torchao's lowering reads, in either of its places)."""
+    modules = [m for m in (torch._C._cpu, torch.cpu) if hasattr(m, "_is_amx_tile_supported")]
+    originals = [m._is_amx_tile_supported for m in modules]
+    for module in modules:
+        module._is_amx_tile_supported = lambda: False
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            module._is_amx_tile_supported = original

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -140,6 +141,25 @@ def test_on_amx_the_attention_compiles_to_the_integer_template_and_matches_the_r
     eager, compiled = _output(graph, inputs), _output(fast, inputs, names)
     # one output step of the attention at most, on a few elements (exp approximation, accumulation order)
     assert ((compiled - eager).norm() / eager.norm()) < 0.02
+
+
+def test_where_torch_runs_no_avx512_kernels_the_attention_compiles_to_the_op_kernel_not_the_template(
+        monkeypatch, int8_attention, dit_data):
+    """On an AMX CPU under `ATEN_CPU_CAPABILITY=avx2` torchao would pick its AVX-512-only template, which fails at
+    run time; `compile_for_cpu` lowers the op to its CPU kernel instead (here the reference one, counted as no
+    integer attention). Forced through `amx_available`, which reads the capability."""
+    monkeypatch.setattr(x86_attention, "amx_available", lambda: False)
+    graph = int8_attention[0]
+    inputs = dit_data.steps[0].graph_inputs()
+    names = graph_input_names(graph)
+    tiles = torch.cpu._is_amx_tile_supported()
+    fast = compile_for_cpu(graph)
+    _, (code, *_) = run_and_get_code(lambda: _output(fast, inputs, names))
+    assert "qscaled_dot_product" in code and "INT8_QSDPA_TEMPLATE" not in code  # the op's kernel, called
+    assert count_int8_kernels(lambda: _output(fast, inputs, names))["attention"] == 0
+    eager, compiled = _output(graph, inputs), _output(fast, inputs, names)
+    assert ((compiled - eager).norm() / eager.norm()) < 0.02
+    assert torch.cpu._is_amx_tile_supported() == tiles  # restored after compiling
 
 
 @pytest.mark.parametrize("amx", [True, False])
