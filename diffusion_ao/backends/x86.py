@@ -15,6 +15,13 @@ Inductor's default wrapper is Python: one interpreted call per kernel. `compile_
 wrapper (`cpp_wrapper=True`) unless told otherwise: a quantized DiT-S/2 at batch 1 makes ~250 kernel calls of
 50-300 us each, where the per-call cost shows; at large batches the two wrappers run the same.
 
+With `autotune=True`, inductor also generates its own GEMM kernels (its C++ GEMM template, on AMX or AVX-512 VNNI
+micro-kernels for int8) and keeps, per GEMM shape, whichever of those and oneDNN's kernel it measures faster
+(`max_autotune`). On AMX the template wins on one-row linears (a timestep MLP at batch 1, where oneDNN's int8 call
+has a fixed cost of tens of microseconds) and on a small transformer's projections; the compile takes longer
+(each GEMM shape is timed once), and which kernel runs depends on those timings. CPUs with neither AMX nor VNNI
+have no int8 micro-kernel: there every int8 GEMM stays on oneDNN.
+
 Inductor's int8 weight prepack reads a constant weight as if it were contiguous: a transposed int8 weight
 (a low-rank factor taken from an SVD, say) compiled to a qlinear whose outputs were wrong (relative error ~1
 under torch 2.13). `compile_for_cpu` therefore makes every constant of a graph contiguous first.
@@ -28,6 +35,7 @@ import torch
 import torch._inductor.config as inductor_config
 import torch._inductor.lowering as inductor_lowering
 from torch._dynamo.utils import counters
+from torch._inductor.cpu_vec_isa import pick_vec_isa
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.ir import Pointwise
 from torch._inductor.virtualized import V, ops
@@ -39,6 +47,7 @@ from diffusion_ao.grouped_graph import TimeGroupedGraph
 from diffusion_ao.passes.analysis import get_attr_tensor
 from diffusion_ao.passes.flatten_linear import drop_reshapes_around_activations
 from diffusion_ao.passes.merge_linears import merge_shared_input_linears
+from diffusion_ao.passes.narrow_grids import clamp_narrow_grids
 
 # The inductor counters that count int8 oneDNN kernels in the compiled graph.
 INT8_KERNEL_COUNTERS = ("qconv_unary_lower_count", "qconv2d_binary_lower_count", "qlinear_unary_lower_count",
@@ -133,7 +142,11 @@ def _require_float32_if_quantized(gm: torch.fx.GraphModule) -> None:
 
 class _CountMergedLinears(CustomGraphPass):
     """Inductor's post-grad pass that adds a graph's merged linears to its counters each time it compiles the graph
-    (and, through the counter deltas its cache keeps, each time it loads it), beside the kernels it counts."""
+    (and, through the counter deltas its cache keeps, each time it loads it), beside the kernels it counts.
+
+    Its `uuid` is part of inductor's cache key, and so is the vector ISA in it: inductor's key leaves out the ISA
+    that `ATEN_CPU_CAPABILITY` selects, so a graph compiled for AVX-512 was loaded from the cache under
+    `ATEN_CPU_CAPABILITY=avx2` and run with 8-float vectors on code written for 16 (half of each block skipped)."""
 
     def __init__(self, merged: int) -> None:
         self.merged = merged
@@ -142,12 +155,12 @@ class _CountMergedLinears(CustomGraphPass):
         counters["inductor"][MERGED_LINEARS_COUNTER] += self.merged
 
     def uuid(self) -> str:
-        return f"diffusion_ao.merged_linears.{self.merged}"
+        return f"diffusion_ao.merged_linears.{self.merged}.{pick_vec_isa()}"
 
 
 class CompiledForCPU(torch.nn.Module):
     """A `torch.compile`d graph that always runs (and recompiles) with inductor freezing, inductor's C++ wrapper
-    (unless `cpp_wrapper=False`) and no autograd.
+    (unless `cpp_wrapper=False`), GEMM autotuning where asked (`autotune=True`) and no autograd.
 
     Attributes:
         merged_linears: how many int8 linears run inside another one's kernel (`merge_shared_input_linears`;
@@ -156,7 +169,7 @@ class CompiledForCPU(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, dynamic: bool | None = None, cpp_wrapper: bool = True,
-                 merge_linears: bool = True) -> None:
+                 merge_linears: bool = True, autotune: bool = False) -> None:
         super().__init__()
         self.merged_linears = 0
         if isinstance(model, torch.fx.GraphModule):
@@ -165,19 +178,23 @@ class CompiledForCPU(torch.nn.Module):
             make_constants_contiguous(model)  # exact; inductor's int8 weight prepack needs it
             if merge_linears:  # on a copy: the caller's graph keeps its layers
                 model, self.merged_linears = merge_shared_input_linears(model)
+            model, _ = clamp_narrow_grids(model)  # on a copy; inductor's fused int8 outputs saturate at 255
         self.model = model
         self.cpp_wrapper = cpp_wrapper
+        self.autotune = autotune
         self._compiled = torch.compile(model, dynamic=dynamic)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        tuning = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if self.autotune else {}
         settings = inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper,
-                                         post_grad_custom_post_pass=_CountMergedLinears(self.merged_linears))
+                                         post_grad_custom_post_pass=_CountMergedLinears(self.merged_linears),
+                                         **tuning)
         with torch.no_grad(), settings, scales_in_buffers(), counting_int8_attention():
             return self._compiled(*args, **kwargs)
 
 
 def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None, cpp_wrapper: bool = True,
-                    merge_linears: bool = True) -> torch.nn.Module:
+                    merge_linears: bool = True, autotune: bool = False) -> torch.nn.Module:
     """Compiles a converted graph (or a floating-point one, for comparison) for the CPU.
 
     Args:
@@ -191,14 +208,16 @@ def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None, cpp_wra
         merge_linears: run the int8 linears that read one quantized activation (Q, K, V) as one kernel
             (`passes.merge_linears`, exact up to float rounding; the compiled graph's `merged_linears` says how
             many); False keeps one kernel per layer.
+        autotune: time inductor's own GEMM kernels against oneDNN's per GEMM shape and keep the faster (see the
+            module docstring): faster at small batches on AMX / VNNI CPUs, a longer compile.
 
     Example:
         >>> fast = compile_for_cpu(convert_pt2e(prepared))
         >>> out = fast(sample, timestep)   # first call compiles
     """
     if isinstance(model, TimeGroupedGraph):
-        return model.map_groups(lambda group: CompiledForCPU(group, dynamic, cpp_wrapper, merge_linears))
-    return CompiledForCPU(model, dynamic, cpp_wrapper, merge_linears)
+        return model.map_groups(lambda group: CompiledForCPU(group, dynamic, cpp_wrapper, merge_linears, autotune))
+    return CompiledForCPU(model, dynamic, cpp_wrapper, merge_linears, autotune)
 
 
 def expected_int8_kernels(decisions: list) -> Optional[int]:

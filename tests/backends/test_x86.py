@@ -126,3 +126,79 @@ def test_non_contiguous_int8_weights_compile_to_the_eager_results(two_calibratio
     assert all(get_attr_tensor(graph, n).is_contiguous() for n in graph.graph.nodes
                if get_attr_tensor(graph, n) is not None)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
+
+
+class _TwoQuantizedLinears(torch.nn.Module):
+    """A converted graph's shape of two int8 linears: a one-row one (a timestep MLP at batch 1) and a 64-row one."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        for name, (out, inp) in {"a": (48, 32), "b": (48, 32), "c": (32, 48)}.items():
+            self.register_buffer(f"w{name}", torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g))
+            self.register_buffer(f"s{name}", torch.rand(out, generator=g) * 0.01 + 0.001)
+            self.register_buffer(f"z{name}", torch.zeros(out, dtype=torch.int64))
+            self.register_buffer(f"b{name}", torch.randn(out, generator=g))
+
+    def _linear(self, x, name):
+        grid = (0.05, 64, 0, 127, torch.uint8)  # 7 bits: exact on CPUs without VNNI too
+        x = qd.dequantize_per_tensor(qd.quantize_per_tensor(x, *grid), *grid)
+        w = qd.dequantize_per_channel(getattr(self, f"w{name}"), getattr(self, f"s{name}"), getattr(self, f"z{name}"),
+                                      0, -128, 127, torch.int8)
+        return torch.nn.functional.linear(x, w, getattr(self, f"b{name}"))
+
+    def forward(self, row, rows):
+        return self._linear(row, "a"), self._linear(torch.relu(self._linear(rows, "b")), "c")
+
+
+def test_autotune_times_inductors_gemm_template_where_it_has_one_and_keeps_the_int8_kernels_and_results():
+    from torch._dynamo.utils import counters
+
+    from diffusion_ao import count_int8_kernels
+    from diffusion_ao.backends.x86_attention import amx_available
+
+    inputs = (torch.randn(1, 32), torch.randn(64, 32))
+    graph = torch.export.export(_TwoQuantizedLinears(), inputs).module()
+    eager = graph(*inputs)
+    for autotune in (False, True):
+        fast = compile_for_cpu(copy.deepcopy(graph), dynamic=False, autotune=autotune)
+        counts = count_int8_kernels(fast, *inputs)  # clears the counters, then compiles
+        tuned = counters["inductor"]["select_algorithm_autotune"]
+        assert counts["qlinear"] == 3
+        if not autotune:
+            assert tuned == 0
+        elif amx_available():  # AMX: the template is a choice for every int8 GEMM, timed against oneDNN's
+            assert tuned > 0
+        for ours, ref in zip(fast(*inputs), eager):
+            torch.testing.assert_close(ours, ref, rtol=1e-3, atol=0.06)  # one output step of a rounding, at most
+
+
+_QUANT_DEQUANT_UNDER_THE_CAPABILITY = """
+import torch
+from diffusion_ao import compile_for_cpu
+from tests.backends.test_x86 import QuantDequant
+module = QuantDequant(0.001, 0, 0, 63)
+x = torch.randn(4, 37, generator=torch.Generator().manual_seed(0)) * 0.001 * 64
+codes, _ = compile_for_cpu(module)(x)
+print("EQUAL" if torch.equal(codes, module(x)[0]) else "DIFFERENT")
+"""
+
+
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                    reason="torch already runs its AVX2 kernels here: no other vector width to load from the cache")
+def test_a_graph_compiled_for_avx512_is_not_loaded_from_the_cache_under_aten_cpu_capability_avx2(tmp_path):
+    """Inductor's cache key leaves out the vector ISA that ATEN_CPU_CAPABILITY picks: compile_for_cpu adds it,
+    so the capped process compiles its own code (8-float vectors) instead of loading the AVX-512 one (16)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(root)}
+    for capability in (None, "avx2"):  # the first run fills the cache
+        run_env = {**env, "ATEN_CPU_CAPABILITY": capability} if capability else env
+        out = subprocess.run([sys.executable, "-c", _QUANT_DEQUANT_UNDER_THE_CAPABILITY], env=run_env, cwd=root,
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == "EQUAL", (capability, out.stdout[-500:])

@@ -143,6 +143,22 @@ def test_on_amx_the_attention_compiles_to_the_integer_template_and_matches_the_r
     assert ((compiled - eager).norm() / eager.norm()) < 0.02
 
 
+@pytest.mark.slow  # two compiles of the tiny DiT, one of them timing each GEMM shape's kernels
+def test_autotuned_gemms_keep_every_int8_kernel_and_the_outputs(int8_attention, dit_data):
+    """`autotune=True` lets inductor pick its own GEMM template where it measures faster (AMX / VNNI CPUs; elsewhere
+    oneDNN stays): the same layers on int8 kernels, outputs within rounding of the default compile's."""
+    graph = int8_attention[0]
+    inputs = dit_data.steps[0].graph_inputs()
+    names = graph_input_names(graph)
+    default, tuned = compile_for_cpu(graph), compile_for_cpu(graph, autotune=True)
+    counts = count_int8_kernels(lambda: _output(tuned, inputs, names))
+    assert counts == count_int8_kernels(lambda: _output(default, inputs, names))
+    assert counts["qlinear"] + counts["merged_linears"] > 0
+    eager, ref, ours = (_output(g, inputs, names) for g in (graph, default, tuned))
+    # each kernel may round a requantized value one step the other way: both stay as close to eager as each other
+    assert ((ours - eager).norm() / eager.norm()) < 0.02 and ((ref - eager).norm() / eager.norm()) < 0.02
+
+
 def test_where_torch_runs_no_avx512_kernels_the_attention_compiles_to_the_op_kernel_not_the_template(
         monkeypatch, int8_attention, dit_data):
     """On an AMX CPU under `ATEN_CPU_CAPABILITY=avx2` torchao would pick its AVX-512-only template, which fails at
