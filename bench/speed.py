@@ -4,6 +4,7 @@ with the adaLN modulation cached per (timestep, label)), per model and batch siz
     python bench/run.py --speed                              # CIFAR-size UNet and the default model, batch 1/8/16
     python bench/speed.py --models default --batches 1,8 --rounds 5 --profile
     python bench/speed.py --models dit-s --batches 1,8      # a DiT-S/2-sized transformer (random weights)
+    python bench/speed.py --models dit-s --batches 1 --variants w8a8-int8-attention --autotune
     python bench/speed.py --models sd15-quarter --batches 64  # SD 1.5's UNet structure at a quarter width
 
 Every variant of one (model, batch) is timed in the same process, interleaved round-robin
@@ -149,9 +150,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10, help="interleaved timed calls per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant after compiling")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
-    p.add_argument("--profile", action="store_true", help="torch.profiler tables of the compiled variants")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler tables of the compiled variants (compiled once more with inductor's Python "
+                        "wrapper, which the profiler sees into)")
     p.add_argument("--dynamic", action="store_true", help="compile each variant once with a dynamic batch "
                    "(3x fewer compiles; dynamic-shape code may be slower than the default static compiles)")
+    p.add_argument("--variants", default=None, help="comma-separated variants to time (default: all; FP32 compiled, "
+                   "the reference, always runs)")
+    p.add_argument("--autotune", action="store_true", help="compile every variant, FP32 compiled included, with "
+                   "compile_for_cpu(autotune=True): inductor's GEMM template timed against oneDNN per GEMM shape")
     p.add_argument("--no-compile", action="store_true", help="smoke run: time the eager graphs (q/dq simulated, "
                    "no int8 kernels); the ratios are then meaningless")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -168,24 +175,35 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
     if not args.batches or min(args.batches) < 1 or args.rounds < 1:
         p.error("--batches must be >= 1 and --rounds >= 1")
+    if args.variants is not None:
+        args.variants = {v.strip() for v in args.variants.split(",") if v.strip()} | {REFERENCE}
+        known = {"fp32-eager", REFERENCE, *QUANTIZED, CACHED, INT8_ATTENTION, f"{CACHED}-int8-attention"}
+        if args.variants - known:
+            p.error(f"--variants: unknown {sorted(args.variants - known)}; choose from {sorted(known)}")
     return args
 
 
 def profile_table(fn: Callable, x: torch.Tensor, t: torch.Tensor, calls: int = 3, rows: int = 15) -> str:
-    """torch.profiler's self-CPU-time table of `calls` forwards (already compiled)."""
+    """torch.profiler's self-CPU-time table of `calls` forwards, after one untimed call (which compiles)."""
     from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad():
+        fn(x, t)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             fn(x, t)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def _build_variants(unet, data) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
-    """The uncompiled forward of every variant and its static facts (size, layers)."""
+def _build_variants(unet, data, only: Optional[set] = None) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
+    """The uncompiled forward of every variant (or of those in `only`) and its static facts (size, layers)."""
     graph = export_denoiser(unet, data.steps[0])
     models = {"fp32-eager": lambda x, t, **kw: unet(x, t, return_dict=False, **kw)[0], "fp32-compiled": graph}
     facts = {"fp32-eager": {"size_mb": size_mb(unet)}, "fp32-compiled": {"size_mb": size_mb(unet)}}
+    if only is not None:
+        models = {k: v for k, v in models.items() if k in only}
     for name, config in quantized_variants(unet).items():
+        if only is not None and name not in only:
+            continue
         converted, report = quantize_denoiser(unet, data, config, progress=False)
         models[name] = converted
         facts[name] = {"size_mb": size_mb(converted),
@@ -198,7 +216,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir
     unet, scheduler = MODELS[name]()
     shape = sample_shape(unet)
     data = short_calibration(unet, scheduler)
-    base, facts = _build_variants(unet, data)
+    base, facts = _build_variants(unet, data, args.variants)
     rows, compiled_once = [], {}
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
@@ -219,7 +237,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir
                 fast, counts = compiled_once[variant]  # compiled with a dynamic batch at the first batch size
             else:
                 # default: one static-shape compile per batch size (what a deployment with a fixed batch gets)
-                fast = compile_for_cpu(model, dynamic=True if args.dynamic else False)
+                fast = compile_for_cpu(model, dynamic=True if args.dynamic else False, autotune=args.autotune)
                 counts = count_int8_kernels(fast, x, t, **extra)
                 compiled_once[variant] = (fast, counts)
             compile_s[variant] = time.perf_counter() - start
@@ -239,16 +257,19 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, run_dir
                          "compile_s": round(compile_s.get(variant, 0.0), 1)})
             print(f"[speed] {name} b{batch} {variant:14s} {s.median_ms:9.2f} ms  x{ref / s.median_ms:.2f}",
                   flush=True)
-        if args.profile:
+        if args.profile:  # compiled again with the Python wrapper: the C++ one hides each kernel from the profiler
             for variant in (v for v in base if v != "fp32-eager"):
-                (run_dir / f"profile_{name}_b{batch}_{variant}.txt").write_text(profile_table(timed[variant], x, t))
+                seen = bind(compile_for_cpu(base[variant], dynamic=bool(args.dynamic), cpp_wrapper=False,
+                                            autotune=args.autotune))
+                (run_dir / f"profile_{name}_b{batch}_{variant}.txt").write_text(profile_table(seen, x, t))
     return rows
 
 
 def write_markdown(meta: dict, rows: list[dict], path: Path) -> None:
     title = "Speed" if meta["compiled"] else "Speed SMOKE RUN (--no-compile: eager q/dq graphs, not real speed)"
     lines = [f"# {title} ({meta['cpu']}, {meta['threads']} threads, torch {meta['torch']})", "",
-             f"Medians of {meta['rounds']} interleaved rounds; ratio = FP32 compiled / variant (higher is faster).",
+             f"Medians of {meta['rounds']} interleaved rounds; ratio = FP32 compiled / variant (higher is faster)."
+             + (" Every variant compiled with `autotune=True`." if meta.get("autotune") else ""),
              "", speed_table(rows)]
     path.write_text("\n".join(lines) + "\n")
 
@@ -269,7 +290,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     meta = {"threads": threads, "cpu": cpu_name(), "cpu_vnni": cpu_has_vnni(), "torch": torch.__version__,
             "python": platform.python_version(), "rounds": args.rounds, "warmup": args.warmup,
             "models": args.models, "batches": args.batches, "compiled": not args.no_compile,
-            "dynamic_batch": args.dynamic, "wall_s": round(time.perf_counter() - started, 1),
+            "dynamic_batch": args.dynamic, "autotune": args.autotune, "wall_s": round(time.perf_counter() - started, 1),
             "command": "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.now().isoformat(timespec="seconds"), **machine_meta()}
     (run_dir / "speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

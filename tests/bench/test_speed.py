@@ -39,7 +39,8 @@ def test_speed_bench_writes_every_variant_with_int8_kernels(tiny_models, tmp_pat
     assert rows["fp32-compiled"]["speedup_vs_fp32_compiled"] == pytest.approx(1.0)
     for name in speed.QUANTIZED:
         kernels = rows[name]["int8_kernels"]
-        assert kernels["qconv"] + kernels["qlinear"] == rows[name]["expected_int8_kernels"] > 0
+        assert (kernels["qconv"] + kernels["qlinear"] + kernels["merged_linears"] ==
+                rows[name]["expected_int8_kernels"] > 0)
         assert rows[name]["median_ms"] > 0 and rows[name]["size_mb"] < rows["fp32-compiled"]["size_mb"]
     assert rows["w4a8"]["size_mb"] < rows["w8a8"]["size_mb"]
     assert "| tiny | 2 | w8a8 |" in (run_dir / "speed.md").read_text()
@@ -50,6 +51,14 @@ def test_bad_arguments_are_rejected():
         speed.parse_args(["--models", "imagenet"])
     with pytest.raises(SystemExit):
         speed.parse_args(["--batches", "0"])
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--variants", "w8a8,w3a3"])
+
+
+def test_variants_choose_the_rows_beside_the_fp32_reference(tiny_models, tmp_path):
+    _, results = _run(tmp_path, "--no-compile", "--variants", "w4a8")
+    assert [r["variant"] for r in results["rows"]] == ["fp32-compiled", "w4a8"]
+    assert results["meta"]["autotune"] is False
 
 
 def test_speed_smoke_run_on_a_class_conditional_transformer(monkeypatch, scheduler, tmp_path):
