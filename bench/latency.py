@@ -119,8 +119,8 @@ def measure_interleaved(models: dict[str, ForwardFn], x: torch.Tensor, t: torch.
 
 
 CPU_FLAGS_OF_NOTE = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-CPU_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS",
-                "TORCHINDUCTOR_CACHE_DIR")
+CPU_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                "OMP_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def git_commit() -> Optional[str]:
