@@ -278,6 +278,19 @@ DOC_SECTIONS: list[DocSection] = [
                "`bench/speed.py --models sd15-quarter --batches 8 --rounds 8`: SD 1.5's UNet structure and head "
                "sizes (40/80/160, padded to multiples of 16 for the attention template) at a quarter of its width "
                "on 32x32 latents (random weights), same code and machine."),
+    DocSection("speed-autotune/dit-s-b1-b8", "Speed with autotuned GEMMs: DiT-S/2 on an AMX Xeon",
+               "`compile_for_cpu(..., autotune=True)`: inductor's C++ GEMM template (AMX micro-kernels for int8) "
+               "timed against oneDNN per GEMM shape, every variant (FP32 compiled included) compiled that way; "
+               "same machine: `bench/speed.py --models dit-s --batches 1,8 --rounds 12 --variants "
+               "w8a8,w8a8-int8-attention --autotune`. The kernels chosen are in the run's `autotune_choices.txt`."),
+    DocSection("speed-b64-amx-vs-avx2/dit-s-amx", "Batch 64 on one machine, AMX and AVX2: DiT-S/2 on AMX",
+               "W8A8 and W4A8 at batch 64 on the AMX Xeon with its own kernels, beside the next section's run on "
+               "the same machine with every kernel capped to AVX2."),
+    DocSection("speed-b64-amx-vs-avx2/dit-s-emulated-avx2", "Batch 64 on one machine, AMX and AVX2: DiT-S/2 on AVX2",
+               "The same command with torch, inductor, oneDNN and MKL capped to AVX2 (`ATEN_CPU_CAPABILITY=avx2 "
+               "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`, FP32 reference included): oneDNN's int8 "
+               "kernels without VNNI, so the quantizer gives 7-bit activations. An emulation on this core, not a "
+               "real AVX2 CPU (the EPYC runs below)."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",
