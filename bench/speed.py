@@ -156,7 +156,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--dynamic", action="store_true", help="compile each variant once with a dynamic batch "
                    "(3x fewer compiles; dynamic-shape code may be slower than the default static compiles)")
     p.add_argument("--variants", default=None, help="comma-separated variants to time (default: all; FP32 compiled, "
-                   "the reference, always runs)")
+                   "the reference, always runs; the cached ones exist for class-conditional models only)")
     p.add_argument("--autotune", action="store_true", help="compile every variant, FP32 compiled included, with "
                    "compile_for_cpu(autotune=True): inductor's GEMM template timed against oneDNN per GEMM shape")
     p.add_argument("--no-compile", action="store_true", help="smoke run: time the eager graphs (q/dq simulated, "
@@ -290,7 +290,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     meta = {"threads": threads, "cpu": cpu_name(), "cpu_vnni": cpu_has_vnni(), "torch": torch.__version__,
             "python": platform.python_version(), "rounds": args.rounds, "warmup": args.warmup,
             "models": args.models, "batches": args.batches, "compiled": not args.no_compile,
-            "dynamic_batch": args.dynamic, "autotune": args.autotune, "wall_s": round(time.perf_counter() - started, 1),
+            "dynamic_batch": args.dynamic, "autotune": args.autotune,
+            "wall_s": round(time.perf_counter() - started, 1),
             "command": "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.now().isoformat(timespec="seconds"), **machine_meta()}
     (run_dir / "speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
