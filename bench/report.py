@@ -291,6 +291,12 @@ DOC_SECTIONS: list[DocSection] = [
                "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`, FP32 reference included): oneDNN's int8 "
                "kernels without VNNI, so the quantizer gives 7-bit activations. An emulation on this core, not a "
                "real AVX2 CPU (the EPYC runs below)."),
+    DocSection("speed-b64-amx-vs-avx2/sd15-quarter-amx", "Batch 64 on one machine, AMX and AVX2: UNet on AMX",
+               "The SD-1.5-shaped UNet (quarter width, 32x32 latents) at batch 64 on the AMX Xeon with its own "
+               "kernels."),
+    DocSection("speed-b64-amx-vs-avx2/sd15-quarter-emulated-avx2",
+               "Batch 64 on one machine, AMX and AVX2: UNet on AVX2",
+               "The same UNet command with every kernel capped to AVX2, as for the DiT above."),
     DocSection("speed-avx2-epyc/avx2-dit-b64", "Speed on AVX2: DiT-S/2",
                "`bench/speed.py` at batch 64 on the same AVX2 CPU: a DiT-S/2-sized transformer (random weights)."),
     DocSection("speed-avx2-epyc/avx2-sd15-b64", "Speed on AVX2: an SD-1.5-shaped UNet",
