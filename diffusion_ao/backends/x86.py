@@ -40,7 +40,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.ir import Pointwise
 from torch._inductor.virtualized import V, ops
 
-from diffusion_ao.backends.x86_attention import INT8_ATTENTION_COUNTER, counting_int8_attention
+from diffusion_ao.backends.x86_attention import INT8_ATTENTION_COUNTER, int8_attention_lowering
 from diffusion_ao.denoisers import SAMPLE
 from diffusion_ao.graph import QUANTIZE_OPS, input_specs, replace_constant
 from diffusion_ao.grouped_graph import TimeGroupedGraph
@@ -140,9 +140,10 @@ def _require_float32_if_quantized(gm: torch.fx.GraphModule) -> None:
                          "torch_dtype=torch.float32), or run the converted graph without compiling it.")
 
 
-class _CountMergedLinears(CustomGraphPass):
-    """Inductor's post-grad pass that adds a graph's merged linears to its counters each time it compiles the graph
-    (and, through the counter deltas its cache keeps, each time it loads it), beside the kernels it counts.
+class _PostGradPass(CustomGraphPass):
+    """Inductor's post-grad pass of every `compile_for_cpu` graph. It adds the graph's merged linears to inductor's
+    counters each time it compiles the graph (and, through the counter deltas its cache keeps, each time it loads
+    it), beside the kernels it counts.
 
     Its `uuid` is part of inductor's cache key, and so is the vector ISA in it: inductor's key leaves out the ISA
     that `ATEN_CPU_CAPABILITY` selects, so a graph compiled for AVX-512 was loaded from the cache under
@@ -187,9 +188,9 @@ class CompiledForCPU(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         tuning = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if self.autotune else {}
         settings = inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper,
-                                         post_grad_custom_post_pass=_CountMergedLinears(self.merged_linears),
+                                         post_grad_custom_post_pass=_PostGradPass(self.merged_linears),
                                          **tuning)
-        with torch.no_grad(), settings, scales_in_buffers(), counting_int8_attention():
+        with torch.no_grad(), settings, scales_in_buffers(), int8_attention_lowering():
             return self._compiled(*args, **kwargs)
 
 

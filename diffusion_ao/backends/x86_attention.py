@@ -245,10 +245,10 @@ def lower_attention_to_int8(gm: GraphModule, probability_peaks: dict[str, float]
 
 
 @contextlib.contextmanager
-def counting_int8_attention() -> Iterator[None]:
-    """While active, inductor counts each int8 attention op it lowers onto integer kernels
-    (`integer_attention_here`) in `counters["inductor"][INT8_ATTENTION_COUNTER]`, and lowers it to the op's CPU
-    kernel where the template cannot run: torchao picks its template wherever the CPU has AMX tiles, but the
+def int8_attention_lowering() -> Iterator[None]:
+    """While active (`compile_for_cpu` compiles inside it), inductor counts each int8 attention op it lowers onto
+    integer kernels (`integer_attention_here`) in `counters["inductor"][INT8_ATTENTION_COUNTER]`, and lowers it to
+    the op's CPU kernel where the template cannot run: torchao picks its template wherever the CPU has AMX tiles, but the
     template's packing code is AVX-512 only and fails at run time when torch runs its AVX2 kernels
     (`ATEN_CPU_CAPABILITY=avx2` on an AMX CPU)."""
     from torch._dynamo.utils import counters
