@@ -30,12 +30,11 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.fx import GraphModule, Node
 
+from diffusion_ao.passes.analysis import SHAPE_OPS
+
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 SDPA = aten.scaled_dot_product_attention.default
-# ops between the attention output and the output projection's quantize that move values without changing them
-SHAPE_OPS = {aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
-             aten._unsafe_view.default, aten.clone.default, aten.contiguous.default}
 PROB_LEVELS = 255
 # torchao's template packs K in blocks of 16 head channels: other head sizes are padded with each operand's zero
 # point (a zero after dequantization: no change to Q K^T or to the output's first channels)

@@ -19,6 +19,9 @@ aten = torch.ops.aten
 CONV_OPS = {aten.conv2d.default}
 LINEAR_OPS = {aten.linear.default}
 WEIGHTED_OPS = CONV_OPS | LINEAR_OPS
+# Ops that move or reshape a tensor's values without changing them.
+SHAPE_OPS = {aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
+             aten._unsafe_view.default, aten.clone.default, aten.contiguous.default}
 # Weighted ops that DiffusionQuantizer cannot quantize; a model containing them must keep them in FP explicitly.
 UNSUPPORTED_WEIGHTED_OPS = {aten.conv1d.default, aten.conv3d.default, aten.conv_transpose1d.default,
                             aten.conv_transpose2d.input, aten.conv_transpose3d.input}

@@ -183,6 +183,17 @@ print("EQUAL" if torch.equal(codes, module(x)[0]) else "DIFFERENT")
 """
 
 
+def test_the_cache_key_of_every_compile_names_the_vector_isa(monkeypatch):
+    """Inductor puts the post-grad pass's uuid in its cache key; its own key leaves out the ISA that
+    `ATEN_CPU_CAPABILITY` picks (the subprocess test below shows what that did)."""
+    keys = {}
+    for isa in ("avx512", "avx2"):
+        monkeypatch.setattr(lowering, "pick_vec_isa", lambda isa=isa: isa)
+        keys[isa] = lowering._PostGradPass(merged=3).uuid()
+    assert keys["avx512"] != keys["avx2"] and all(isa in key for isa, key in keys.items())
+
+
+@pytest.mark.slow  # two subprocesses that compile
 @pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
                     reason="torch already runs its AVX2 kernels here: no other vector width to load from the cache")
 def test_a_graph_compiled_for_avx512_is_not_loaded_from_the_cache_under_aten_cpu_capability_avx2(tmp_path):

@@ -129,6 +129,16 @@ def test_int8_attention_survives_save_and_load(int8_attention, dit_data, tmp_pat
     torch.testing.assert_close(_output(back, inputs), _output(graph, inputs))
 
 
+def test_q_k_v_stay_apart_when_they_feed_int8_attention(int8_attention, dit):
+    """Each projection then writes its uint8 operand from its own kernel; with floating-point attention they
+    merge into one."""
+    from diffusion_ao.passes.merge_linears import merge_shared_input_linears
+
+    graph, _, fp_attention = int8_attention
+    assert merge_shared_input_linears(graph)[1] == 0
+    assert merge_shared_input_linears(fp_attention)[1] == 2 * len(dit.transformer_blocks)
+
+
 @pytest.mark.skipif(not x86_attention.amx_available(), reason="torchao's integer attention template needs AMX")
 def test_on_amx_the_attention_compiles_to_the_integer_template_and_matches_the_reference(int8_attention,
                                                                                          dit_data):
@@ -137,7 +147,7 @@ def test_on_amx_the_attention_compiles_to_the_integer_template_and_matches_the_r
     names = graph_input_names(graph)
     fast = compile_for_cpu(graph)
     counts = count_int8_kernels(lambda: _output(fast, inputs, names))
-    assert counts["attention"] == 1 and counts["qlinear"] > 0
+    assert counts["attention"] == 1 and counts["qlinear"] > 0 and counts["merged_linears"] == 0
     eager, compiled = _output(graph, inputs), _output(fast, inputs, names)
     # one output step of the attention at most, on a few elements (exp approximation, accumulation order)
     assert ((compiled - eager).norm() / eager.norm()) < 0.02

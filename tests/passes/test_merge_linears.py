@@ -1,5 +1,7 @@
 """passes.merge_linears: int8 linears on one quantized input become one linear whose output is sliced, with the
 same results, in a copy of the graph; linears on another input or another grid stay apart."""
+from typing import Optional
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,11 +22,14 @@ GRID = (0.05, 128, 0, 255, torch.uint8)
 
 class Projections(torch.nn.Module):
     """Linears that each quantize and dequantize `x` themselves, as a converted graph does (one q/dq pair per
-    user): those with `grid[i]` 0 on GRID, 1 on another grid; the last one reads `x * 2` (another input)."""
+    user): those with `grid[i]` 0 on GRID, 1 on another grid; the last one reads `x * 2` (another input); those
+    with `requantized[i]` have their output quantized again."""
 
-    def __init__(self, dim: int, widths: list[int], biases: list[bool], grids: list[int], weight_bits: int = 8):
+    def __init__(self, dim: int, widths: list[int], biases: list[bool], grids: list[int], weight_bits: int = 8,
+                 requantized: Optional[list[bool]] = None):
         super().__init__()
         self.grids, limit = grids, 2 ** (weight_bits - 1)
+        self.requantized = requantized or [False] * len(widths)
         for i, (width, bias) in enumerate(zip(widths, biases)):
             self.register_buffer(f"w{i}", torch.randint(-limit, limit, (width, dim), dtype=torch.int8))
             self.register_buffer(f"s{i}", torch.rand(width) * 0.1 + 0.01)
@@ -44,7 +49,11 @@ class Projections(torch.nn.Module):
             xd = qd.dequantize_per_tensor(xq, *grid)
             w = qd.dequantize_per_channel(getattr(self, f"w{i}"), getattr(self, f"s{i}"), getattr(self, f"z{i}"), 0,
                                           -self.limit, self.limit - 1, torch.int8)
-            outs.append(torch.nn.functional.linear(xd, w, getattr(self, f"b{i}")).sum(-1))
+            out = torch.nn.functional.linear(xd, w, getattr(self, f"b{i}"))
+            if self.requantized[i]:  # as int8 attention's operands are: reshaped, transposed, quantized
+                out = out.reshape(*source.shape[:-1], -1).transpose(0, 1)
+                out = qd.dequantize_per_tensor(qd.quantize_per_tensor(out, *GRID), *GRID)
+            outs.append(out.sum(-1).flatten())
         return torch.stack(outs)
 
 
@@ -70,6 +79,20 @@ def test_merging_gives_the_same_outputs_and_one_linear_per_input_and_grid(dim, w
     torch.testing.assert_close(merged(x), gm(x), rtol=1e-5, atol=1e-4)
     if count == 0:
         assert merged is gm
+
+
+@settings(max_examples=10, deadline=None)
+@given(requantized=st.lists(st.booleans(), min_size=3, max_size=5), seed=st.integers(0, 2**16))
+def test_linears_whose_outputs_are_quantized_again_stay_apart(requantized, seed):
+    """Each keeps its own kernel, which writes the quantized output itself; the others on the input still merge."""
+    torch.manual_seed(seed)
+    x, n = torch.randn(2, 3, 6), len(requantized)
+    gm = torch.export.export(Projections(6, [4] * n, [True] * n, [0] * n, requantized=requantized).eval(),
+                             (x,)).module()
+    merged, count = merge_shared_input_linears(gm)
+    free = sum(not r for r in requantized[:-1])  # the last one reads another input
+    assert count == max(free - 1, 0) and _linears(merged) == n - count
+    torch.testing.assert_close(merged(x), gm(x), rtol=1e-5, atol=1e-4)
 
 
 def test_linears_with_different_weight_ranges_stay_apart():
