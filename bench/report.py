@@ -283,6 +283,15 @@ DOC_SECTIONS: list[DocSection] = [
                "timed against oneDNN per GEMM shape, every variant (FP32 compiled included) compiled that way; "
                "same machine: `bench/speed.py --models dit-s --batches 1,8 --rounds 12 --variants "
                "w8a8,w8a8-int8-attention --autotune`. The kernels chosen are in the run's `autotune_choices.txt`."),
+    DocSection("speed-int8-attention-qkv-apart/dit-s-b1-b8",
+               "Speed with int8 attention and its projections apart: DiT-S/2 on an AMX Xeon",
+               "The autotuned run again after `merge_linears` stopped merging linears whose outputs are quantized "
+               "again (int8 attention's Q, K and V: each now writes its uint8 operand from its own kernel); "
+               "same command, another day on the same machine (it ran slower: compare ratios only)."),
+    DocSection("speed-int8-attention-qkv-apart/dit-s-1024-b1",
+               "Speed with int8 attention and its projections apart: DiT-S/2 at 1024 tokens",
+               "`bench/speed.py --models dit-s-1024 --batches 1 --rounds 8 --variants w8a8,w8a8-int8-attention "
+               "--autotune`, same code and day."),
     DocSection("speed-b64-amx-vs-avx2/dit-s-amx", "Batch 64 on one machine, AMX and AVX2: DiT-S/2 on AMX",
                "W8A8 and W4A8 at batch 64 on the AMX Xeon with its own kernels, beside the next section's run on "
                "the same machine with every kernel capped to AVX2."),

@@ -3,6 +3,7 @@ attention / cross-attention) at a size that exports and compiles in seconds."""
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +94,19 @@ def module_threads(request):
         torch.set_num_threads(threads)
     yield
     torch.set_num_threads(previous)
+
+
+# The tests of the compile path (and the bench's) compile as users do, with inductor's C++ wrapper. Elsewhere
+# `compile_for_cpu` defaults to the Python one: the same kernels, called from Python, without the C++ build of a
+# wrapper that each compile of a graph with oneDNN weights repeats (~10 s on the tiny UNet).
+CPP_WRAPPER_TESTS = ("backends", "bench", "test_end_to_end.py")
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def python_wrapper_outside_the_compile_tests(request, monkeypatch):
+    if Path(request.path).relative_to(TESTS).parts[0] not in CPP_WRAPPER_TESTS:
+        monkeypatch.setattr("diffusion_ao.backends.x86.DEFAULT_CPP_WRAPPER", False)
 
 
 @pytest.fixture(scope="session")

@@ -140,6 +140,11 @@ def _require_float32_if_quantized(gm: torch.fx.GraphModule) -> None:
                          "torch_dtype=torch.float32), or run the converted graph without compiling it.")
 
 
+# `compile_for_cpu`'s wrapper where none is given: inductor's C++ one. Building it takes seconds per compile
+# (inductor's graph cache skips graphs with prepacked oneDNN weights, so every compile builds its wrapper again).
+DEFAULT_CPP_WRAPPER = True
+
+
 class _PostGradPass(CustomGraphPass):
     """Inductor's post-grad pass of every `compile_for_cpu` graph. It adds the graph's merged linears to inductor's
     counters each time it compiles the graph (and, through the counter deltas its cache keeps, each time it loads
@@ -169,7 +174,7 @@ class CompiledForCPU(torch.nn.Module):
             the graph has quantized linears.
     """
 
-    def __init__(self, model: torch.nn.Module, dynamic: bool | None = None, cpp_wrapper: bool = True,
+    def __init__(self, model: torch.nn.Module, dynamic: bool | None = None, cpp_wrapper: bool | None = None,
                  merge_linears: bool = True, autotune: bool = False) -> None:
         super().__init__()
         self.merged_linears = 0
@@ -181,7 +186,7 @@ class CompiledForCPU(torch.nn.Module):
                 model, self.merged_linears = merge_shared_input_linears(model)
             model, _ = clamp_narrow_grids(model)  # on a copy; inductor's fused int8 outputs saturate at 255
         self.model = model
-        self.cpp_wrapper = cpp_wrapper
+        self.cpp_wrapper = DEFAULT_CPP_WRAPPER if cpp_wrapper is None else cpp_wrapper
         self.autotune = autotune
         self._compiled = torch.compile(model, dynamic=dynamic)
 
@@ -194,7 +199,7 @@ class CompiledForCPU(torch.nn.Module):
             return self._compiled(*args, **kwargs)
 
 
-def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None, cpp_wrapper: bool = True,
+def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None, cpp_wrapper: bool | None = None,
                     merge_linears: bool = True, autotune: bool = False) -> torch.nn.Module:
     """Compiles a converted graph (or a floating-point one, for comparison) for the CPU.
 
@@ -205,7 +210,7 @@ def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None, cpp_wra
             `TimeGroupedGraph` gets each of its groups compiled (one set of int8 kernels per group).
         dynamic: passed to `torch.compile`; None lets dynamo decide after a batch-size change.
         cpp_wrapper: inductor's C++ wrapper instead of its Python one (see the module docstring): faster at small
-            batches; False gives inductor's default.
+            batches; False gives inductor's default; None (the default) `DEFAULT_CPP_WRAPPER`, True.
         merge_linears: run the int8 linears that read one quantized activation (Q, K, V) as one kernel
             (`passes.merge_linears`, exact up to float rounding; the compiled graph's `merged_linears` says how
             many); False keeps one kernel per layer.
