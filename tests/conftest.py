@@ -96,16 +96,17 @@ def module_threads(request):
     torch.set_num_threads(previous)
 
 
-# The tests of the compile path (and the bench's) compile as users do, with inductor's C++ wrapper. Elsewhere
-# `compile_for_cpu` defaults to the Python one: the same kernels, called from Python, without the C++ build of a
-# wrapper that each compile of a graph with oneDNN weights repeats (~10 s on the tiny UNet).
-CPP_WRAPPER_TESTS = ("backends", "bench", "test_end_to_end.py")
+# These tests compile as users do, with inductor's C++ wrapper: int8 attention, every kernel of a CIFAR-size UNet,
+# the end-to-end path and the bench. Elsewhere `compile_for_cpu` defaults to the Python one: the same kernels,
+# called from Python, without the C++ build of a wrapper that each compile of a graph with oneDNN weights repeats
+# (inductor's graph cache skips such graphs): on the tiny UNet, 20-37 s per compile against 11 s in one process.
+CPP_WRAPPER_TESTS = {"test_x86_attention.py", "test_x86_kernels.py", "bench", "test_end_to_end.py"}
 TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(autouse=True)
 def python_wrapper_outside_the_compile_tests(request, monkeypatch):
-    if Path(request.path).relative_to(TESTS).parts[0] not in CPP_WRAPPER_TESTS:
+    if not CPP_WRAPPER_TESTS & set(Path(request.path).relative_to(TESTS).parts):
         monkeypatch.setattr("diffusion_ao.backends.x86.DEFAULT_CPP_WRAPPER", False)
 
 
