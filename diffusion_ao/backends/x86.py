@@ -211,9 +211,9 @@ def compile_for_cpu(model: torch.nn.Module, dynamic: bool | None = None, cpp_wra
         dynamic: passed to `torch.compile`; None lets dynamo decide after a batch-size change.
         cpp_wrapper: inductor's C++ wrapper instead of its Python one (see the module docstring): faster at small
             batches; False gives inductor's default; None (the default) `DEFAULT_CPP_WRAPPER`, True.
-        merge_linears: run the int8 linears that read one quantized activation (Q, K, V) as one kernel
-            (`passes.merge_linears`, exact up to float rounding; the compiled graph's `merged_linears` says how
-            many); False keeps one kernel per layer.
+        merge_linears: run the int8 linears that read one quantized activation (Q, K, V) as one kernel, except
+            those whose outputs are quantized again, as int8 attention's are (`passes.merge_linears`, exact up to
+            float rounding; the compiled graph's `merged_linears` says how many); False keeps one kernel per layer.
         autotune: time inductor's own GEMM kernels against oneDNN's per GEMM shape and keep the faster (see the
             module docstring): faster at small batches on AMX / VNNI CPUs, a longer compile.
 
