@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from diffusion_ao.passes.analysis import SHAPE_OPS
+from diffusion_ao.passes.analysis import SHAPE_OPS, is_identity_cast
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -121,12 +121,6 @@ def _quantized_operand(node: Node) -> Optional[tuple[Node, float, int]]:
     return q, float(node.args[1]), int(node.args[2])
 
 
-def _is_identity_cast(node: Node) -> bool:
-    """A cast of a float32 tensor to float32 (the exported graph keeps diffusers' `.to(dtype)`)."""
-    return node.target == aten.to.dtype and node.args[1] == torch.float32 and \
-        node.args[0].meta.get("val", None) is not None and node.args[0].meta["val"].dtype == torch.float32
-
-
 def _is_uint8_quantize(node: Node) -> bool:
     return node.target == qd.quantize_per_tensor.default and node.args[5] == torch.uint8
 
@@ -143,7 +137,7 @@ def _output_quantize(sdpa: Node) -> Optional[tuple[list[Node], list[Node]]]:
         if len(users) != 1:
             return None
         (user,) = users
-        if (user.target not in SHAPE_OPS and not _is_identity_cast(user)) or user.args[0] is not node:
+        if (user.target not in SHAPE_OPS and not is_identity_cast(user)) or user.args[0] is not node:
             return None
         chain.append(user)
         node = user
@@ -247,8 +241,8 @@ def lower_attention_to_int8(gm: GraphModule, probability_peaks: dict[str, float]
 def int8_attention_lowering() -> Iterator[None]:
     """While active (`compile_for_cpu` compiles inside it), inductor counts each int8 attention op it lowers onto
     integer kernels (`integer_attention_here`) in `counters["inductor"][INT8_ATTENTION_COUNTER]`, and lowers it to
-    the op's CPU kernel where the template cannot run: torchao picks its template wherever the CPU has AMX tiles, but the
-    template's packing code is AVX-512 only and fails at run time when torch runs its AVX2 kernels
+    the op's CPU kernel where the template cannot run: torchao picks its template wherever the CPU has AMX tiles,
+    but the template's packing code is AVX-512 only and fails at run time when torch runs its AVX2 kernels
     (`ATEN_CPU_CAPABILITY=avx2` on an AMX CPU)."""
     from torch._dynamo.utils import counters
     import torch._inductor.lowering as inductor_lowering

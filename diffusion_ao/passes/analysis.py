@@ -33,6 +33,12 @@ LOW_RANK_META = "diffusion_ao_low_rank"
 EXPORT_PREFIX = "denoiser."  # export_denoiser wraps the model in a module whose attribute is `denoiser`
 
 
+def is_identity_cast(node: Node) -> bool:
+    """A cast of a float32 tensor to float32 (the exported graph keeps diffusers' `.to(dtype)`)."""
+    return node.target == aten.to.dtype and node.args[1] == torch.float32 and \
+        node.args[0].meta.get("val", None) is not None and node.args[0].meta["val"].dtype == torch.float32
+
+
 def module_path(node: Node) -> str:
     """The dotted path of the innermost module that produced `node`, as in `unet.named_modules()`."""
     stack = node.meta.get("nn_module_stack")

@@ -27,7 +27,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from diffusion_ao.graph import register_constant
-from diffusion_ao.passes.analysis import SHAPE_OPS, get_attr_tensor
+from diffusion_ao.passes.analysis import SHAPE_OPS, get_attr_tensor, is_identity_cast
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -73,11 +73,14 @@ def _bias(gm: GraphModule, linear: Node) -> Optional[torch.Tensor | bool]:
 
 
 def _requantized(node: Node) -> bool:
-    """Whether everything `node`'s output reaches through shape-only ops is a per-tensor quantize."""
+    """Whether everything `node`'s output reaches through shape-only ops (and float32 -> float32 casts, as the
+    int8 attention rewrite follows them; dtype assertions not counted) is a per-tensor quantize."""
     ends, frontier = [], [node]
     while frontier:
         for user in frontier.pop().users:
-            (frontier if user.target in SHAPE_OPS else ends).append(user)
+            if user.target == aten._assert_tensor_metadata.default:
+                continue
+            (frontier if user.target in SHAPE_OPS or is_identity_cast(user) else ends).append(user)
     return bool(ends) and all(user.target == qd.quantize_per_tensor.default for user in ends)
 
 
